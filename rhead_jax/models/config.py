@@ -1,0 +1,266 @@
+"""Model configuration: one keyword-only dataclass for the Llama-like decoder family.
+
+`ModelConfig.from_hf(config_dict)` reads a Hugging Face `config.json` in either layout
+(transformers 5: `rope_parameters`, `dtype`, `head_dim: null`; 4.x: `rope_theta`,
+`rope_scaling`, `torch_dtype`) and REFUSES any field that would change the computation and that
+we do not implement, naming the field. Fields known to be irrelevant to a forward pass are
+listed in `_IGNORED_FIELDS`; everything else must be understood.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Mapping
+
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "mixtral", "qwen2", "qwen3", "yi")
+ROPE_TYPES = ("default", "linear", "dynamic", "yarn", "llama3")
+
+
+class ConfigError(ValueError):
+    """A HF config.json that rhead_jax cannot represent faithfully."""
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class RopeConfig:
+    """Rotary embedding settings.
+
+    rope_type: one of ROPE_TYPES.
+    theta: base wavelength.
+    factor: scaling factor (linear, dynamic, yarn, llama3).
+    original_max_position_embeddings: pretraining context (yarn, llama3); for `dynamic` the
+      model's `max_position_embeddings` plays this role (as in transformers).
+    low_freq_factor, high_freq_factor: llama3 smoothing band.
+    beta_fast, beta_slow, mscale, mscale_all_dim, attention_factor, truncate: yarn.
+    """
+
+    rope_type: str = "default"
+    theta: float = 10000.0
+    factor: float = 1.0
+    original_max_position_embeddings: int | None = None
+    low_freq_factor: float | None = None
+    high_freq_factor: float | None = None
+    beta_fast: float | None = None
+    beta_slow: float | None = None
+    mscale: float | None = None
+    mscale_all_dim: float | None = None
+    attention_factor: float | None = None
+    truncate: bool = True
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ModelConfig:
+    """Shape and numerics of one Llama-like decoder.
+
+    Attributes:
+      vocab_size, hidden_size (d), intermediate_size (f), num_layers (L).
+      num_heads: query heads (H). num_kv_heads: key/value heads (K); H % K == 0 (GQA group G = H // K).
+      head_dim: D.
+      rms_norm_eps: RMSNorm epsilon.
+      max_position_embeddings: the model's context limit; longer inputs are refused.
+      rope: rotary settings.
+      qkv_bias: q/k/v projections carry biases (Qwen1.5/Qwen2). o_bias/mlp_bias: Llama's flags.
+      qk_norm: per-head RMSNorm on q and k before rope (Qwen3).
+      sliding_window: per-layer window (None = full attention on that layer); keys with
+        q_pos - k_pos >= window are masked, as transformers does.
+      num_experts, num_experts_per_tok: sparse MoE MLP (Mixtral) when num_experts > 0.
+      tie_word_embeddings: lm_head shares the embedding matrix (SmolLM2).
+      dtype: parameter/activation dtype name ("float32" or "bfloat16"); softmax is always fp32.
+    """
+
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float = 1e-6
+    max_position_embeddings: int = 4096
+    rope: RopeConfig = RopeConfig()
+    qkv_bias: bool = False
+    o_bias: bool = False
+    mlp_bias: bool = False
+    qk_norm: bool = False
+    sliding_window: tuple[int | None, ...] | None = None
+    num_experts: int = 0
+    num_experts_per_tok: int = 0
+    tie_word_embeddings: bool = False
+    dtype: str = "float32"
+    model_type: str = "llama"
+
+    def __post_init__(self):
+        if self.num_heads % self.num_kv_heads:
+            raise ConfigError(
+                f"num_attention_heads={self.num_heads} is not a multiple of "
+                f"num_key_value_heads={self.num_kv_heads}")
+        if self.sliding_window is not None and len(self.sliding_window) != self.num_layers:
+            raise ConfigError("sliding_window must give one entry per layer")
+
+    @property
+    def group_size(self) -> int:
+        return self.num_heads // self.num_kv_heads
+
+    @property
+    def is_moe(self) -> bool:
+        return self.num_experts > 0
+
+    def replace(self, **kw) -> "ModelConfig":
+        return dataclasses.replace(self, **kw)
+
+    @classmethod
+    def from_hf(cls, hf: Mapping[str, Any], *, dtype: str | None = None) -> "ModelConfig":
+        return _from_hf(dict(hf), dtype=dtype)
+
+
+# Fields that never change a single forward pass (training, generation defaults, bookkeeping).
+_IGNORED_FIELDS = frozenset({
+    "_name_or_path", "architectures", "auto_map", "transformers_version", "model_type",
+    "bos_token_id", "eos_token_id", "pad_token_id", "sep_token_id", "decoder_start_token_id",
+    "torch_dtype", "dtype", "use_cache", "initializer_range", "attention_dropout", "hidden_dropout",
+    "embd_pdrop", "resid_pdrop", "pretraining_tp", "output_router_logits", "router_aux_loss_coef",
+    "router_jitter_noise", "tokenizer_class", "return_dict", "output_hidden_states",
+    "output_attentions", "torchscript", "use_return_dict", "is_encoder_decoder", "chunk_size_feed_forward",
+    "tie_encoder_decoder", "id2label", "label2id", "problem_type", "prefix", "task_specific_params",
+    "is_decoder", "add_cross_attention", "cross_attention_hidden_size", "finetuning_task",
+    "pruned_heads", "max_length", "min_length", "do_sample", "num_beams", "temperature", "top_k",
+    "top_p", "repetition_penalty", "length_penalty", "no_repeat_ngram_size", "typical_p",
+    "early_stopping", "num_return_sequences", "bad_words_ids", "diversity_penalty",
+    "num_beam_groups", "remove_invalid_values", "forced_bos_token_id", "forced_eos_token_id",
+    "exponential_decay_length_penalty", "suppress_tokens", "begin_suppress_tokens",
+    "encoder_no_repeat_ngram_size", "output_scores", "return_dict_in_generate", "tf_legacy_loss",
+    "use_bfloat16", "chat_template", "quantization_config_ignored", "pad_vocab_size_multiple",
+    "use_mup", "is_llama_config", "tp_plan", "base_model_tp_plan", "base_model_pp_plan",
+    "max_window_layers",  # only read together with use_sliding_window / layer_types
+    "model_name", "sliding_window_pattern",
+})
+
+# Fields we read (possibly only to check they are benign).
+_HANDLED_FIELDS = frozenset({
+    "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+    "num_key_value_heads", "head_dim", "rms_norm_eps", "max_position_embeddings", "rope_theta",
+    "rope_scaling", "rope_parameters", "attention_bias", "mlp_bias", "hidden_act",
+    "tie_word_embeddings", "sliding_window", "use_sliding_window", "layer_types",
+    "num_local_experts", "num_experts_per_tok", "partial_rotary_factor",
+})
+
+_ROPE_FIELDS = {
+    "default": {"rope_type", "type", "rope_theta"},
+    "linear": {"rope_type", "type", "rope_theta", "factor"},
+    "dynamic": {"rope_type", "type", "rope_theta", "factor"},
+    "yarn": {"rope_type", "type", "rope_theta", "factor", "original_max_position_embeddings",
+             "beta_fast", "beta_slow", "mscale", "mscale_all_dim", "attention_factor", "truncate"},
+    "llama3": {"rope_type", "type", "rope_theta", "factor", "original_max_position_embeddings",
+               "low_freq_factor", "high_freq_factor"},
+}
+
+
+def _rope_from_hf(hf: dict) -> RopeConfig:
+    params = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
+    if not isinstance(params, Mapping):
+        raise ConfigError(f"rope_parameters must be a mapping, got {params!r}")
+    if params and all(isinstance(v, Mapping) for v in params.values()):
+        raise ConfigError(
+            "per-layer-type rope_parameters are not supported (field 'rope_parameters' is nested by "
+            "layer type); use a model with a single rope configuration")
+    rope_type = params.get("rope_type", params.get("type", "default"))
+    if rope_type not in _ROPE_FIELDS:
+        raise ConfigError(
+            f"unsupported rope_type {rope_type!r} (field 'rope_parameters.rope_type' / "
+            f"'rope_scaling.type'); supported: {', '.join(ROPE_TYPES)}")
+    unknown = set(params) - _ROPE_FIELDS[rope_type]
+    if unknown:
+        raise ConfigError(
+            f"rope field(s) {sorted(unknown)} are not understood for rope_type {rope_type!r}; "
+            f"known: {sorted(_ROPE_FIELDS[rope_type])}")
+    theta = params.get("rope_theta", hf.get("rope_theta", 10000.0))
+    if hf.get("partial_rotary_factor", 1.0) != 1.0:
+        raise ConfigError("partial_rotary_factor != 1 is not supported (field 'partial_rotary_factor')")
+    orig = params.get("original_max_position_embeddings")
+    if rope_type in ("yarn", "llama3") and orig is None:
+        orig = hf.get("max_position_embeddings")
+    factor = params.get("factor", 1.0)
+    if rope_type == "yarn" and factor is None:
+        factor = hf["max_position_embeddings"] / orig
+    return RopeConfig(
+        rope_type=rope_type, theta=float(theta), factor=float(factor if factor is not None else 1.0),
+        original_max_position_embeddings=orig,
+        low_freq_factor=params.get("low_freq_factor"), high_freq_factor=params.get("high_freq_factor"),
+        beta_fast=params.get("beta_fast"), beta_slow=params.get("beta_slow"),
+        mscale=params.get("mscale"), mscale_all_dim=params.get("mscale_all_dim"),
+        attention_factor=params.get("attention_factor"), truncate=bool(params.get("truncate", True)))
+
+
+def _sliding_windows(hf: dict, num_layers: int) -> tuple[int | None, ...] | None:
+    mt = hf.get("model_type")
+    window = hf.get("sliding_window")
+    layer_types = hf.get("layer_types")
+    if mt in ("qwen2", "qwen3"):
+        if not hf.get("use_sliding_window", False):
+            if layer_types and any(t != "full_attention" for t in layer_types):
+                raise ConfigError("field 'layer_types' asks for sliding attention but use_sliding_window "
+                                  "is false; this combination is not supported")
+            return None
+        if window is None:
+            raise ConfigError("use_sliding_window is true but field 'sliding_window' is null")
+        if layer_types is None:
+            mwl = hf.get("max_window_layers", num_layers)
+            layer_types = ["sliding_attention" if i >= mwl else "full_attention" for i in range(num_layers)]
+    elif layer_types is None:
+        return (window,) * num_layers if window else None
+    if layer_types is not None:
+        if len(layer_types) != num_layers:
+            raise ConfigError(f"field 'layer_types' has {len(layer_types)} entries for {num_layers} layers")
+        bad = set(layer_types) - {"full_attention", "sliding_attention"}
+        if bad:
+            raise ConfigError(f"field 'layer_types' holds unsupported attention types {sorted(bad)}")
+        if "sliding_attention" in layer_types and not window:
+            raise ConfigError("field 'layer_types' asks for sliding attention but 'sliding_window' is null")
+        wins = tuple(window if t == "sliding_attention" else None for t in layer_types)
+        return wins if any(w is not None for w in wins) else None
+    return None
+
+
+def _from_hf(hf: dict, *, dtype: str | None) -> ModelConfig:
+    mt = hf.get("model_type")
+    if mt not in SUPPORTED_MODEL_TYPES:
+        raise ConfigError(
+            f"unsupported architecture: model_type={mt!r} (field 'model_type'); supported: "
+            f"{', '.join(SUPPORTED_MODEL_TYPES)}")
+    known = _IGNORED_FIELDS | _HANDLED_FIELDS
+    if mt == "mixtral":
+        known = known | {"num_local_experts", "num_experts_per_tok"}
+    unknown = sorted(k for k in hf if k not in known)
+    # Mistral/Mixtral configs may carry 'rope_scaling': null etc.: null values never change anything.
+    unknown = [k for k in unknown if hf[k] is not None]
+    if unknown:
+        raise ConfigError(
+            f"config field(s) {unknown} are not understood by rhead_jax for model_type={mt!r}; they may "
+            "change the computation, so the model is refused. If a field is harmless, add it to "
+            "rhead_jax.models.config._IGNORED_FIELDS.")
+    act = hf.get("hidden_act", "silu")
+    if act not in ("silu", "swish"):
+        raise ConfigError(f"unsupported activation hidden_act={act!r}; only 'silu' is implemented")
+    if hf.get("quantization_config") is not None:
+        raise ConfigError("quantized checkpoints (field 'quantization_config') are not supported")
+    num_heads = hf["num_attention_heads"]
+    hidden = hf["hidden_size"]
+    head_dim = hf.get("head_dim") or hidden // num_heads
+    num_layers = hf["num_hidden_layers"]
+    attention_bias = bool(hf.get("attention_bias", False))
+    qkv_bias = mt == "qwen2" or attention_bias
+    num_experts = int(hf.get("num_local_experts", 0) or 0) if mt == "mixtral" else 0
+    if dtype is None:
+        dtype = str(hf.get("dtype") or hf.get("torch_dtype") or "float32")
+        dtype = {"float16": "bfloat16"}.get(dtype, dtype)  # no fp16 path: bf16 has the range
+    if dtype not in ("float32", "bfloat16"):
+        raise ConfigError(f"unsupported dtype {dtype!r}; use float32 or bfloat16")
+    return ModelConfig(
+        vocab_size=hf["vocab_size"], hidden_size=hidden, intermediate_size=hf["intermediate_size"],
+        num_layers=num_layers, num_heads=num_heads,
+        num_kv_heads=hf.get("num_key_value_heads") or num_heads, head_dim=head_dim,
+        rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+        max_position_embeddings=int(hf.get("max_position_embeddings", 4096)),
+        rope=_rope_from_hf(hf), qkv_bias=qkv_bias, o_bias=attention_bias and mt != "qwen2",
+        mlp_bias=bool(hf.get("mlp_bias", False)), qk_norm=mt == "qwen3",
+        sliding_window=_sliding_windows(hf, num_layers),
+        num_experts=num_experts, num_experts_per_tok=int(hf.get("num_experts_per_tok", 0) or 0) if num_experts else 0,
+        tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)), dtype=dtype, model_type=mt)

@@ -1,0 +1,308 @@
+"""The Llama-like decoder as a pure function of (params, inputs), declared as a Flax linen module.
+
+One decoder covers Llama-2/3, Mistral (sliding window), Mixtral (sparse MoE), Yi (Llama), Qwen1.5/2
+(q/k/v biases), Qwen3 (q/k RMSNorm) and SmolLM2 (tied embeddings). Layers are stacked on a leading
+axis and run with `lax.scan`, so compile time does not grow with depth.
+
+Parameter tree (L layers, d model, f MLP, H/K query/kv heads, D head dim, E experts, V vocab):
+
+    embed            [V, d]
+    layers/attn_norm [L, d]        layers/mlp_norm [L, d]
+    layers/q         [L, d, H, D]  layers/q_bias [L, H, D]   (qkv_bias)
+    layers/k, v      [L, d, K, D]  layers/k_bias, v_bias [L, K, D]
+    layers/o         [L, H, D, d]  layers/o_bias [L, d]      (o_bias)
+    layers/q_norm, k_norm [L, D]                             (qk_norm)
+    dense MLP: layers/gate, up [L, d, f], down [L, f, d]     (+ *_bias with mlp_bias)
+    MoE MLP:   layers/router [L, d, E], gate, up [L, E, d, f], down [L, E, f, d]
+    final_norm [d]
+    lm_head    [d, V]                                        (absent with tied embeddings)
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import flax.linen as nn
+import flax.struct
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from rhead_jax.models.attention import (NO_WINDOW, AttentionOptions, chunked_attention,
+                                        dense_attention)
+from rhead_jax.models.config import ModelConfig
+from rhead_jax.models.rope import apply_rope, rope_cos_sin
+
+Params = Any
+MASK_MODES = ("zero", "uniform")
+
+
+# ----------------------------------------------------------------------------- capture & cache
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class CaptureSpec:
+    """What attention to capture (opt-in; nothing by default).
+
+    top_k: for the NEWEST query of each row (the last token of the call), per layer and query
+      head, the top-k cache slots by attention weight and those weights, computed over all keys.
+    full_probs: the full probabilities [L, B, H, T, S] for every query (short sequences only).
+    """
+
+    top_k: int = 0
+    full_probs: bool = False
+
+    @property
+    def enabled(self) -> bool:
+        return self.top_k > 0 or self.full_probs
+
+
+@flax.struct.dataclass
+class Captures:
+    """Captured attention. topk_*: [L, B, H, k] (slot indices / fp32 weights); probs: [L, B, H, T, S]."""
+
+    topk_index: jax.Array | None = None
+    topk_weight: jax.Array | None = None
+    probs: jax.Array | None = None
+
+
+@flax.struct.dataclass
+class KVCache:
+    """Static-shape KV cache.
+
+    k, v: [L, B, S, K, D]. pos: [B, S] int32 position held in each slot (-1: empty/padding).
+    length: [B] int32, the next slot each row writes to.
+    """
+
+    k: jax.Array
+    v: jax.Array
+    pos: jax.Array
+    length: jax.Array
+
+    @property
+    def size(self) -> int:
+        return self.k.shape[2]
+
+
+def init_cache(cfg: ModelConfig, batch: int, size: int, *, dtype=None) -> KVCache:
+    dtype = dtype or jnp.dtype(cfg.dtype)
+    shape = (cfg.num_layers, batch, size, cfg.num_kv_heads, cfg.head_dim)
+    return KVCache(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype),
+                   pos=jnp.full((batch, size), -1, jnp.int32), length=jnp.zeros((batch,), jnp.int32))
+
+
+# ----------------------------------------------------------------------------- params
+
+
+class Decoder(nn.Module):
+    """Declares the parameter tree; `__call__` is `forward` on those params."""
+
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, tokens, positions, cache, **kw):
+        c = self.cfg
+        L, d, f, H, K, D, V = (c.num_layers, c.hidden_size, c.intermediate_size, c.num_heads,
+                               c.num_kv_heads, c.head_dim, c.vocab_size)
+        dt = jnp.dtype(c.dtype)
+        w, ones, zeros = nn.initializers.normal(0.02), nn.initializers.ones, nn.initializers.zeros
+        layers = {"attn_norm": ((L, d), ones), "mlp_norm": ((L, d), ones),
+                  "q": ((L, d, H, D), w), "k": ((L, d, K, D), w), "v": ((L, d, K, D), w),
+                  "o": ((L, H, D, d), w)}
+        if c.qkv_bias:
+            layers |= {"q_bias": ((L, H, D), zeros), "k_bias": ((L, K, D), zeros),
+                       "v_bias": ((L, K, D), zeros)}
+        if c.o_bias:
+            layers["o_bias"] = ((L, d), zeros)
+        if c.qk_norm:
+            layers |= {"q_norm": ((L, D), ones), "k_norm": ((L, D), ones)}
+        if c.is_moe:
+            E = c.num_experts
+            layers |= {"router": ((L, d, E), w), "gate": ((L, E, d, f), w), "up": ((L, E, d, f), w),
+                       "down": ((L, E, f, d), w)}
+        else:
+            layers |= {"gate": ((L, d, f), w), "up": ((L, d, f), w), "down": ((L, f, d), w)}
+            if c.mlp_bias:
+                layers |= {"gate_bias": ((L, f), zeros), "up_bias": ((L, f), zeros),
+                           "down_bias": ((L, d), zeros)}
+        params = {"embed": self.param("embed", w, (V, d), dt),
+                  "layers": {n: self.param(f"layers_{n}", init, shape, dt)
+                             for n, (shape, init) in layers.items()},
+                  "final_norm": self.param("final_norm", ones, (d,), dt)}
+        if not c.tie_word_embeddings:
+            params["lm_head"] = self.param("lm_head", w, (d, V), dt)
+        return forward(params, c, tokens, positions, cache, **kw)
+
+
+def _nest(flat: dict) -> dict:
+    """Flax's flat names ('layers_q') -> the nested tree documented above."""
+    out: dict = {"layers": {}}
+    for name, value in flat.items():
+        if name.startswith("layers_"):
+            out["layers"][name[len("layers_"):]] = value
+        else:
+            out[name] = value
+    return out
+
+
+def init_params(cfg: ModelConfig, rng: jax.Array) -> Params:
+    """Random params (tests, dry runs). Real weights come from rhead_jax.checkpoints."""
+    tokens = jnp.zeros((1, 1), jnp.int32)
+    variables = Decoder(cfg).init(rng, tokens, tokens, None, logits="none")
+    return _nest(variables["params"])
+
+
+def param_shapes(cfg: ModelConfig) -> Params:
+    """The parameter template as ShapeDtypeStructs, without allocating anything."""
+    return jax.eval_shape(lambda: init_params(cfg, jax.random.PRNGKey(0)))
+
+
+# ----------------------------------------------------------------------------- forward
+
+
+def rms_norm(x, weight, eps):
+    """transformers' RMSNorm: normalize in fp32, cast back, then scale."""
+    xf = x.astype(jnp.float32)
+    xf = xf * lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
+    return weight * xf.astype(x.dtype)
+
+
+def _mlp(lp, h, cfg: ModelConfig):
+    if not cfg.is_moe:
+        g = jnp.einsum("btd,df->btf", h, lp["gate"])
+        u = jnp.einsum("btd,df->btf", h, lp["up"])
+        if cfg.mlp_bias:
+            g, u = g + lp["gate_bias"], u + lp["up_bias"]
+        y = jnp.einsum("btf,fd->btd", jax.nn.silu(g) * u, lp["down"])
+        return y + lp["down_bias"] if cfg.mlp_bias else y
+    # Sparse MoE, transformers' Mixtral routing: softmax over all experts in fp32, keep the top-k,
+    # renormalize (= softmax over the selected logits). Experts are evaluated densely and combined
+    # with zero weight for unselected ones: exact, and shardable along the expert axis.
+    logits = jnp.einsum("btd,de->bte", h, lp["router"]).astype(jnp.float32)
+    probs = jax.nn.softmax(logits, axis=-1)
+    top_w, top_i = lax.top_k(probs, cfg.num_experts_per_tok)
+    top_w = top_w / top_w.sum(-1, keepdims=True)
+    weights = jnp.sum(jax.nn.one_hot(top_i, cfg.num_experts, dtype=jnp.float32) * top_w[..., None], axis=-2)
+    g = jnp.einsum("btd,edf->btef", h, lp["gate"])
+    u = jnp.einsum("btd,edf->btef", h, lp["up"])
+    y = jnp.einsum("btef,efd->bted", jax.nn.silu(g) * u, lp["down"])
+    return jnp.einsum("bted,bte->btd", y.astype(jnp.float32), weights).astype(h.dtype)
+
+
+def _write_rows(cache_l, new, slots):
+    """cache_l [B, S, ...] <- new [B, T, ...] at per-row slot offsets [B]."""
+    return jax.vmap(lambda c, u, s: lax.dynamic_update_slice_in_dim(c, u, s, axis=0))(cache_l, new, slots)
+
+
+def check_head_mask(cfg: ModelConfig, head_mask) -> None:
+    expected = (cfg.num_layers, cfg.num_heads)
+    if head_mask is not None and tuple(head_mask.shape) != expected:
+        raise ValueError(
+            f"head_mask has shape {tuple(head_mask.shape)}, expected [num_layers, num_query_heads] = "
+            f"{list(expected)} (one value per QUERY head, also under GQA)")
+
+
+def forward(params: Params, cfg: ModelConfig, tokens, positions, cache: KVCache | None = None, *,
+            head_mask=None, mask_mode: str = "zero", capture: CaptureSpec = CaptureSpec(),
+            logits: str = "all", attn: AttentionOptions = AttentionOptions()):
+    """Run the decoder on new tokens, appending them to the cache.
+
+    Args:
+      tokens, positions: [B, T] int. Padding goes at the END of a row, with position -1.
+      cache: KVCache; row b writes its tokens at slots cache.length[b] + t. None: a fresh cache
+        just large enough for `tokens` (a plain forward pass).
+      head_mask: [L, H] float or None. mask_mode "zero": head h's attention output is multiplied
+        by the value (0 removes it); "uniform": its pre-softmax scores are multiplied by the value
+        (0 = attends uniformly over visible keys, the original paper's ablation).
+      capture: what attention to return (see CaptureSpec).
+      logits: "all" -> [B, T, V]; "last" -> [B, V] at each row's last real token; "none".
+
+    Returns:
+      (logits fp32 or None, new KVCache, Captures)
+    """
+    B, T = tokens.shape
+    c = cfg
+    if mask_mode not in MASK_MODES:
+        raise ValueError(f"mask_mode must be one of {MASK_MODES}, got {mask_mode!r}")
+    check_head_mask(c, head_mask)
+    if cache is None:
+        size = -(-T // min(attn.k_chunk, T)) * min(attn.k_chunk, T)
+        cache = init_cache(c, B, size)
+    dt = jnp.dtype(c.dtype)
+    K, G, D = c.num_kv_heads, c.group_size, c.head_dim
+    scale = D ** -0.5
+    slots = cache.length
+    valid = positions >= 0
+    n_valid = valid.sum(-1).astype(jnp.int32)
+    new_pos = _write_rows(cache.pos, jnp.where(valid, positions, -1).astype(jnp.int32), slots)
+    cos, sin = rope_cos_sin(c, positions)
+    windows = jnp.asarray([w or NO_WINDOW for w in (c.sliding_window or (None,) * c.num_layers)], jnp.int32)
+    hm = (jnp.ones((c.num_layers, c.num_heads), jnp.float32) if head_mask is None
+          else jnp.asarray(head_mask, jnp.float32))
+    want_last_row = capture.top_k > 0 and not capture.full_probs
+    last_idx = jnp.maximum(n_valid - 1, 0)
+
+    def layer(carry, xs):
+        x, k_all, v_all = carry
+        lp, window, hm_l, i = xs
+        h = rms_norm(x, lp["attn_norm"], c.rms_norm_eps)
+        q = jnp.einsum("btd,dhk->bthk", h, lp["q"])
+        k = jnp.einsum("btd,dnk->btnk", h, lp["k"])
+        v = jnp.einsum("btd,dnk->btnk", h, lp["v"])
+        if c.qkv_bias:
+            q, k, v = q + lp["q_bias"], k + lp["k_bias"], v + lp["v_bias"]
+        if c.qk_norm:
+            q, k = rms_norm(q, lp["q_norm"], c.rms_norm_eps), rms_norm(k, lp["k_norm"], c.rms_norm_eps)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        k_all = k_all.at[i].set(_write_rows(k_all[i], k.astype(k_all.dtype), slots))
+        v_all = v_all.at[i].set(_write_rows(v_all[i], v.astype(v_all.dtype), slots))
+        kc, vc = k_all[i], v_all[i]
+        q = q.reshape(B, T, K, G, D)
+        hm_kg = hm_l.reshape(K, G)
+        score_scale = hm_kg if mask_mode == "uniform" else None
+        cap = {}
+        if T == 1 or capture.full_probs:
+            out, p = dense_attention(q, kc, vc, positions, new_pos, window=window, scale=scale,
+                                     score_scale=score_scale)
+            if capture.full_probs:
+                cap["probs"] = p.reshape(B, c.num_heads, T, -1)
+            last_p = jnp.take_along_axis(p, last_idx[:, None, None, None, None], axis=3)[:, :, :, 0]
+        else:
+            out = chunked_attention(q, kc, vc, positions, new_pos, slots, window=window, scale=scale,
+                                    score_scale=score_scale, opts=attn)
+            last_p = None
+            if want_last_row:  # the newest query's row over all keys: O(S), never T x S
+                q_last = jnp.take_along_axis(q, last_idx[:, None, None, None, None], axis=1)
+                pos_last = jnp.take_along_axis(positions, last_idx[:, None], axis=1)
+                _, p1 = dense_attention(q_last, kc, vc, pos_last, new_pos, window=window, scale=scale,
+                                        score_scale=score_scale)
+                last_p = p1[:, :, :, 0]
+        if capture.top_k > 0:
+            w_top, i_top = lax.top_k(last_p.reshape(B, c.num_heads, -1), capture.top_k)
+            cap["topk_index"], cap["topk_weight"] = i_top.astype(jnp.int32), w_top
+        if mask_mode == "zero":
+            out = out * hm_kg[:, :, None].astype(out.dtype)
+        o = jnp.einsum("btkgd,kgdm->btm", out.astype(dt), lp["o"].reshape(K, G, D, -1))
+        if c.o_bias:
+            o = o + lp["o_bias"]
+        x = x + o
+        x = x + _mlp(lp, rms_norm(x, lp["mlp_norm"], c.rms_norm_eps), c)
+        return (x, k_all, v_all), cap
+
+    x = params["embed"][tokens].astype(dt)
+    xs = (params["layers"], windows, hm, jnp.arange(c.num_layers))
+    (x, k_all, v_all), caps = lax.scan(layer, (x, cache.k, cache.v), xs)
+    new_cache = KVCache(k=k_all, v=v_all, pos=new_pos, length=cache.length + n_valid)
+    captures = Captures(topk_index=caps.get("topk_index"), topk_weight=caps.get("topk_weight"),
+                        probs=caps.get("probs"))
+
+    if logits == "none":
+        return None, new_cache, captures
+    if logits == "last":
+        x = jnp.take_along_axis(x, last_idx[:, None, None], axis=1)[:, 0]
+    elif logits != "all":
+        raise ValueError(f"logits must be 'all', 'last' or 'none', got {logits!r}")
+    x = rms_norm(x, params["final_norm"], c.rms_norm_eps)
+    head = params["embed"].T if c.tie_word_embeddings else params["lm_head"]
+    out = jnp.einsum("...d,dv->...v", x, head, preferred_element_type=jnp.float32)
+    return out, new_cache, captures
