@@ -1,0 +1,175 @@
+"""Greedy generation as one jitted program: chunked prefill, then a `lax.while_loop` of decode steps
+that captures, at every step, each head's top-k attended cache slots for the newest query.
+
+Protocol (the original's, ORIGINAL.md §4): prefill every prompt token but the last; each decode
+step feeds one token (first the last prompt token, then each generated one), takes the argmax of
+the logits as the next token and records the attention of that step's query.
+"""
+from __future__ import annotations
+
+import dataclasses
+from functools import partial
+from typing import Sequence
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from rhead_jax.models.attention import AttentionOptions
+from rhead_jax.models.config import ModelConfig
+from rhead_jax.models.decoder import CaptureSpec, KVCache, check_head_mask, forward, init_cache
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class GenerateSpec:
+    """Static settings of a generation call.
+
+    max_new_tokens: decode-step cap (the original: 50).
+    stop_tokens: ids that end a row after the step that produced them (newline, EOS).
+    top_k: attended slots captured per head and step (0: no capture; scoring needs 1).
+    mask_mode: "zero" or "uniform", for both head masks (see decoder.forward).
+    prefill_chunk: tokens per prefill call; bounds activation memory at long contexts.
+    attn: attention tile sizes.
+    """
+
+    max_new_tokens: int = 50
+    stop_tokens: tuple[int, ...] = ()
+    top_k: int = 1
+    mask_mode: str = "zero"
+    prefill_chunk: int = 2048
+    attn: AttentionOptions = AttentionOptions()
+
+
+@flax.struct.dataclass
+class Generation:
+    """tokens [B, N] (-1 after a row stopped); num_tokens [B];
+    topk_index / topk_weight [B, N, L, H, k]: cache slots (= prompt indices for slots < prompt
+    length) and weights of each head's most-attended keys at each step (-1 / 0 after stop)."""
+
+    tokens: jax.Array
+    num_tokens: jax.Array
+    topk_index: jax.Array | None
+    topk_weight: jax.Array | None
+
+
+def cache_size_for(prompt_len: int, spec: GenerateSpec) -> int:
+    """Cache slots for a padded prompt length and its generation, rounded up to the key chunk.
+
+    Writes land at slot `length[b]` and must fit whole (XLA clamps an out-of-range update, which
+    would shift it), so there is room for one full prefill chunk after the longest prompt.
+    """
+    need = prompt_len + max(spec.max_new_tokens, min(spec.prefill_chunk, prompt_len))
+    ck = spec.attn.k_chunk
+    return -(-need // ck) * ck
+
+
+def prefill(params, cfg: ModelConfig, tokens, positions, cache: KVCache, *, chunk: int,
+            head_mask=None, mask_mode="zero", attn=AttentionOptions()) -> KVCache:
+    """Append tokens [B, T] (padding at row ends, position -1) to the cache, `chunk` at a time."""
+    B, T = tokens.shape
+    chunk = min(chunk, T)
+    n = -(-T // chunk)
+    pad = n * chunk - T
+    tokens = jnp.pad(tokens, ((0, 0), (0, pad)))
+    positions = jnp.pad(positions, ((0, 0), (0, pad)), constant_values=-1)
+    tokens = tokens.reshape(B, n, chunk).swapaxes(0, 1)
+    positions = positions.reshape(B, n, chunk).swapaxes(0, 1)
+
+    def step(cache, xs):
+        tok, pos = xs
+        _, cache, _ = forward(params, cfg, tok, pos, cache, head_mask=head_mask, mask_mode=mask_mode,
+                              logits="none", attn=attn)
+        return cache, None
+
+    cache, _ = lax.scan(step, cache, (tokens, positions))
+    return cache
+
+
+@partial(jax.jit, static_argnames=("cfg", "spec", "prefill_width"))
+def generate(params, cfg: ModelConfig, prompts, prompt_lens, cache: KVCache, *, spec: GenerateSpec,
+             prefill_width: int, prefill_mask=None, decode_mask=None) -> tuple[Generation, KVCache]:
+    """Greedy generation for a batch of prompts sharing one padded shape.
+
+    Args:
+      prompts: [B, P] int32 prompt ids, padded at the end. prompt_lens: [B].
+      cache: row b already holds the first cache.length[b] prompt tokens (0 for a fresh cache from
+        `init_cache`; more when a shared prefix was prefilled once, see rhead_jax.sweep).
+      prefill_width: static; >= max_b(prompt_lens[b] - 1 - cache.length[b]). The prefill processes
+        this many tokens per row, so a shared prefix saves its FLOPs.
+      prefill_mask / decode_mask: [L, H] head masks for the two phases (None: no masking).
+    """
+    B, P = prompts.shape
+    if cache.size < cache_size_for(P, spec):
+        raise ValueError(f"cache has {cache.size} slots; prompts of padded length {P} need "
+                         f"cache_size_for(P, spec) = {cache_size_for(P, spec)}")
+    start = cache.length
+    n_prefill = prompt_lens - 1 - start
+    t = jnp.arange(prefill_width)
+    src = jnp.clip(start[:, None] + t, 0, P - 1)
+    rest = jnp.take_along_axis(prompts, src, axis=1)
+    rest_pos = jnp.where(t[None] < n_prefill[:, None], start[:, None] + t, -1)
+    cache = prefill(params, cfg, rest, rest_pos, cache, chunk=spec.prefill_chunk,
+                    head_mask=prefill_mask, mask_mode=spec.mask_mode, attn=spec.attn)
+
+    N, k = spec.max_new_tokens, spec.top_k
+    L, H = cfg.num_layers, cfg.num_heads
+    stops = jnp.asarray(spec.stop_tokens or (-2,), jnp.int32)
+    first = jnp.take_along_axis(prompts, (prompt_lens - 1)[:, None], axis=1)[:, 0]
+    capture = CaptureSpec(top_k=k)
+
+    def cond(c):
+        step, _, _, done, *_ = c
+        return (step < N) & ~jnp.all(done)
+
+    def body(c):
+        step, cache, tok, done, out, n_tok, cap_i, cap_w = c
+        pos = (prompt_lens - 1 + step)[:, None]
+        logits, cache, caps = forward(params, cfg, tok[:, None], pos, cache, head_mask=decode_mask,
+                                      mask_mode=spec.mask_mode, capture=capture, attn=spec.attn)
+        nxt = jnp.argmax(logits[:, 0], axis=-1).astype(jnp.int32)
+        out = out.at[:, step].set(jnp.where(done, -1, nxt))
+        if k:
+            live = ~done[:, None, None, None]
+            cap_i = cap_i.at[:, step].set(jnp.where(live, caps.topk_index.swapaxes(0, 1), -1))
+            cap_w = cap_w.at[:, step].set(jnp.where(live, caps.topk_weight.swapaxes(0, 1), 0.0))
+        n_tok = n_tok + (~done).astype(jnp.int32)
+        done = done | jnp.isin(nxt, stops)
+        return step + 1, cache, nxt, done, out, n_tok, cap_i, cap_w
+
+    init = (jnp.int32(0), cache, first, jnp.zeros((B,), bool), jnp.full((B, N), -1, jnp.int32),
+            jnp.zeros((B,), jnp.int32), jnp.full((B, N, L, H, k), -1, jnp.int32),
+            jnp.zeros((B, N, L, H, k), jnp.float32))
+    _, cache, _, _, out, n_tok, cap_i, cap_w = lax.while_loop(cond, body, init)
+    gen = Generation(tokens=out, num_tokens=n_tok, topk_index=cap_i if k else None,
+                     topk_weight=cap_w if k else None)
+    return gen, cache
+
+
+def pad_prompts(prompts: Sequence[Sequence[int]], multiple: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    """Right-pad token lists to one [B, P] int32 array (P rounded up to `multiple`) and their lengths."""
+    lens = np.array([len(p) for p in prompts], np.int32)
+    P = -(-int(lens.max()) // multiple) * multiple
+    out = np.zeros((len(prompts), P), np.int32)
+    for i, p in enumerate(prompts):
+        out[i, :len(p)] = p
+    return out, lens
+
+
+def greedy_generate(params, cfg: ModelConfig, prompts: Sequence[Sequence[int]], *,
+                    spec: GenerateSpec = GenerateSpec(), prefill_mask=None, decode_mask=None) -> Generation:
+    """Convenience wrapper: pad a list of prompts, allocate a cache, generate."""
+    check_head_mask(cfg, prefill_mask)
+    check_head_mask(cfg, decode_mask)
+    arr, lens = pad_prompts(prompts)
+    longest = int(lens.max())
+    if longest + spec.max_new_tokens > cfg.max_position_embeddings:
+        raise ValueError(
+            f"prompt of {longest} tokens + {spec.max_new_tokens} new tokens exceeds the model's "
+            f"max_position_embeddings={cfg.max_position_embeddings}; use shorter contexts")
+    cache = init_cache(cfg, len(prompts), cache_size_for(arr.shape[1], spec))
+    width = max(longest - 1, 1)
+    gen, _ = generate(params, cfg, jnp.asarray(arr), jnp.asarray(lens), cache, spec=spec,
+                      prefill_width=width, prefill_mask=prefill_mask, decode_mask=decode_mask)
+    return gen
