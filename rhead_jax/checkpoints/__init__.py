@@ -1,0 +1,63 @@
+"""Checkpoint import: HF directories (safetensors) and llama GGUF files, no torch on this path."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from rhead_jax.checkpoints.safetensors_io import CheckpointError
+from rhead_jax.models.config import ModelConfig
+
+DEFAULT_MODEL = "default"
+
+
+@dataclass
+class LoadedModel:
+    """A model ready for the sweep: config, params, tokenizer and where they came from."""
+
+    cfg: ModelConfig
+    params: Any
+    tokenizer: Any
+    directory: Path
+    name: str
+
+
+def resolve_model_dir(path: str) -> Path:
+    """'default' -> the embedded SmolLM2-135M-Instruct (converted once from its GGUF); a .gguf
+    file -> its converted HF directory in the cache; otherwise a HF checkpoint directory."""
+    from rhead_jax.checkpoints import gguf_import
+
+    if path in ("", DEFAULT_MODEL):
+        return gguf_import.default_model_dir()
+    p = Path(path).expanduser()
+    if p.suffix == ".gguf":
+        if not p.exists():
+            raise CheckpointError(f"GGUF file {p} does not exist")
+        out = gguf_import.cache_root() / p.stem
+        if not gguf_import.is_converted_dir(out):
+            gguf_import.convert_gguf_to_hf(p, out)
+        return out
+    if not p.is_dir():
+        raise CheckpointError(
+            f"model path {p} is not a directory; give a HF checkpoint directory (config.json + "
+            "*.safetensors), a .gguf file, or 'default' for the embedded SmolLM2-135M-Instruct")
+    return p
+
+
+def load_tokenizer(directory: str | Path):
+    import transformers
+
+    try:
+        return transformers.AutoTokenizer.from_pretrained(str(directory), local_files_only=True)
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"cannot load a tokenizer from {directory} ({e}); the directory needs "
+                              "tokenizer.json or the tokenizer files of its model") from e
+
+
+def load_model(path: str = DEFAULT_MODEL, *, dtype: str | None = None, shardings=None) -> LoadedModel:
+    from rhead_jax.checkpoints.hf import load_params
+
+    directory = resolve_model_dir(path)
+    cfg, params = load_params(directory, dtype=dtype, shardings=shardings)
+    return LoadedModel(cfg=cfg, params=params, tokenizer=load_tokenizer(directory), directory=directory,
+                       name=directory.name)

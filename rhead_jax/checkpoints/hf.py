@@ -21,7 +21,10 @@ from rhead_jax.models.decoder import param_shapes
 
 
 def load_hf_config(directory: str | Path) -> dict:
-    path = Path(directory) / "config.json"
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise CheckpointError(f"checkpoint directory {directory} does not exist (or is not a directory)")
+    path = directory / "config.json"
     if not path.exists():
         raise CheckpointError(f"{path} not found: a HF checkpoint directory needs config.json")
     try:
@@ -38,10 +41,13 @@ def load_config(directory: str | Path, *, dtype: str | None = None) -> ModelConf
 LayerGetter = Callable[[TensorStore, str], np.ndarray]
 
 
-def _layer_getters(cfg: ModelConfig, store: TensorStore) -> dict[str, LayerGetter]:
+def _layer_getters(cfg: ModelConfig, store: TensorStore) -> tuple[dict[str, LayerGetter], set[str]]:
+    """The getters, and the per-layer tensor names (after 'model.layers.N.') they read."""
     d, H, K, D, f = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.intermediate_size
+    read: set[str] = set()
 
     def t(name, fn=lambda w: w):
+        read.add(name)
         return lambda s, pre: fn(s.get(pre + name))
 
     g: dict[str, LayerGetter] = {
@@ -66,10 +72,11 @@ def _layer_getters(cfg: ModelConfig, store: TensorStore) -> dict[str, LayerGette
         if cfg.mlp_bias:
             g |= {"gate_bias": t("mlp.gate_proj.bias"), "up_bias": t("mlp.up_proj.bias"),
                   "down_bias": t("mlp.down_proj.bias")}
-        return g
+        return g, read
     E = cfg.num_experts
     if "model.layers.0.block_sparse_moe.gate.weight" in store:  # legacy per-expert layout
         def experts(w_name):
+            read.update(f"block_sparse_moe.experts.{e}.{w_name}.weight" for e in range(E))
             return lambda s, pre: np.stack(
                 [s.get(f"{pre}block_sparse_moe.experts.{e}.{w_name}.weight").T for e in range(E)])
         g |= {"router": t("block_sparse_moe.gate.weight", np.transpose),
@@ -79,15 +86,13 @@ def _layer_getters(cfg: ModelConfig, store: TensorStore) -> dict[str, LayerGette
               "gate": t("mlp.experts.gate_up_proj", lambda w: w[:, :f, :].transpose(0, 2, 1)),
               "up": t("mlp.experts.gate_up_proj", lambda w: w[:, f:, :].transpose(0, 2, 1)),
               "down": t("mlp.experts.down_proj", lambda w: w.transpose(0, 2, 1))}
-    return g
+    return g, read
 
 
-def _consumed_names(cfg: ModelConfig, store: TensorStore) -> set[str]:
+def _consumed_names(cfg: ModelConfig, layer_names: set[str]) -> set[str]:
     """Names of checkpoint tensors the getters read (for the 'unused tensor' check)."""
     used = {"model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"}  # tied: lm_head ignored
-    for n in store.names():
-        if n.startswith("model.layers."):
-            used.add(n)  # validated per layer by the getters' shape checks
+    used.update(f"model.layers.{i}.{n}" for i in range(cfg.num_layers) for n in layer_names)
     return used
 
 
@@ -112,10 +117,10 @@ def load_params(directory: str | Path, cfg: ModelConfig | None = None, *, dtype:
         cfg = cfg.replace(dtype=dtype)
     store = TensorStore(directory)
     template = param_shapes(cfg)
-    getters = _layer_getters(cfg, store)
+    getters, layer_names = _layer_getters(cfg, store)
 
-    unknown = [n for n in store.names() if n not in _consumed_names(cfg, store)
-               and not n.endswith("rotary_emb.inv_freq")]
+    consumed = _consumed_names(cfg, layer_names)
+    unknown = [n for n in store.names() if n not in consumed and not n.endswith("rotary_emb.inv_freq")]
     if unknown:
         raise CheckpointError(
             f"checkpoint {directory} holds tensors this architecture does not use, e.g. {unknown[:5]}; "

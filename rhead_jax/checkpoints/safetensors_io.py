@@ -34,16 +34,22 @@ class TensorInfo:
 
 def read_header(path: Path) -> dict[str, TensorInfo]:
     try:
+        size = path.stat().st_size
         with open(path, "rb") as f:
             raw = f.read(8)
             if len(raw) != 8:
                 raise CheckpointError(f"{path}: too short to be a safetensors file")
             (n,) = struct.unpack("<Q", raw)
+            if 8 + n > size:  # e.g. a git-lfs pointer or an HTML page: do not try to read n bytes
+                raise CheckpointError(
+                    f"{path}: header length {n} exceeds the file size {size}; not a safetensors file "
+                    "(a git-lfs pointer or a truncated download?); re-download or re-convert it")
             header = json.loads(f.read(n))
+        if not isinstance(header, dict):
+            raise CheckpointError(f"{path}: safetensors header is not a JSON object")
     except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{path}: not a readable safetensors file ({e}); re-download or re-convert it") from e
     out = {}
-    size = path.stat().st_size
     for name, meta in header.items():
         if name == "__metadata__":
             continue

