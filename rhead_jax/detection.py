@@ -125,9 +125,16 @@ def build_shared_prefix(model: LoadedModel, instances: Sequence[Instance], spec:
 
 
 def run_batch(model: LoadedModel, instances: Sequence[Instance], spec: GenerateSpec, *,
-              pad_multiple: int, shared: SharedPrefix | None = None, prefill_mask=None,
-              decode_mask=None) -> list[dict[str, Any]]:
-    """Generate and score one batch of instances (all of one length); one dict per instance."""
+              pad_multiple: int, batch_size: int | None = None, shared: SharedPrefix | None = None,
+              prefill_mask=None, decode_mask=None) -> list[dict[str, Any]]:
+    """Generate and score one batch of instances (all of one length); one dict per instance.
+
+    A short batch is padded to `batch_size` rows (repeating its last instance, results dropped)
+    so every batch of a length shares one compiled program.
+    """
+    real = len(instances)
+    if batch_size is not None and real < batch_size:
+        instances = list(instances) + [instances[-1]] * (batch_size - real)
     B = len(instances)
     lens = np.array([i.num_prompt_tokens for i in instances], np.int32)
     P = _round_up(int(lens.max()), pad_multiple)
@@ -149,7 +156,7 @@ def run_batch(model: LoadedModel, instances: Sequence[Instance], spec: GenerateS
                                             jnp.asarray(span[:, 0]), jnp.asarray(span[:, 1])))
     tokens, n_tok = np.asarray(gen.tokens), np.asarray(gen.num_tokens)
     out = []
-    for b, inst in enumerate(instances):
+    for b, inst in enumerate(instances[:real]):
         generated = tokens[b, :n_tok[b]].tolist()
         response = model.tokenizer.decode(generated, skip_special_tokens=True).strip()
         recall = rouge1_recall(inst.answer, response)
@@ -287,7 +294,8 @@ def run_sweep(config, workdir: str, *, model: LoadedModel | None = None, is_writ
     for b in todo:
         t = time.time()
         batch = [instances[i] for i in batches[b]]
-        results = run_batch(model, batch, spec, pad_multiple=config.sweep.pad_multiple, shared=shared)
+        results = run_batch(model, batch, spec, pad_multiple=config.sweep.pad_multiple,
+                            batch_size=config.sweep.batch_size, shared=shared)
         store.write(b, results)
         timings["batches_s"] += time.time() - t
         bar.update(len(batch))

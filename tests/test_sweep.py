@@ -1,0 +1,193 @@
+"""The sweep end to end on a tiny random model with SmolLM2's tokenizer: outputs, shared-prefix
+exactness, resume after a kill, config and input errors."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import transformers
+
+from rhead_jax import detection
+from rhead_jax.checkpoints import load_model
+from rhead_jax.checkpoints.gguf_import import default_model_dir
+from rhead_jax.sweep_config import default_config, validate
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    """A 2-layer random llama with SmolLM2's real tokenizer (vocab 49152)."""
+    d = tmp_path_factory.mktemp("tiny_sweep") / "tiny-smol"
+    src = default_model_dir()
+    d.mkdir(parents=True)
+    for f in src.iterdir():
+        if f.name.startswith("tokenizer") or f.name in ("special_tokens_map.json", "generation_config.json"):
+            shutil.copy(f, d / f.name)
+    cfg = transformers.LlamaConfig(vocab_size=49152, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+                                   tie_word_embeddings=True)
+    torch.manual_seed(0)
+    transformers.LlamaForCausalLM(cfg).save_pretrained(d)
+    return d
+
+
+def _config(model_dir, **sweep):
+    c = default_config()
+    c.model.path = str(model_dir)
+    c.model.name = "tiny"
+    c.sweep.lengths = [300, 400]
+    c.sweep.depths = [0, 50, 100]
+    c.sweep.batch_size = 4
+    c.sweep.max_new_tokens = 6
+    c.sweep.prefill_chunk = 128
+    c.sweep.q_chunk = 64
+    c.sweep.k_chunk = 64
+    c.sweep.pad_multiple = 32
+    for k, v in sweep.items():
+        setattr(c.sweep, k, v)
+    return validate(c)
+
+
+@pytest.fixture(scope="module")
+def model(tiny_dir):
+    return load_model(str(tiny_dir))
+
+
+@pytest.fixture(scope="module")
+def reference_run(tiny_dir, model, tmp_path_factory):
+    wd = tmp_path_factory.mktemp("ref")
+    summary = detection.run_sweep(_config(tiny_dir), str(wd), model=model)
+    return wd, summary
+
+
+def _read(wd, name):
+    return (Path(wd) / name).read_bytes()
+
+
+def test_outputs_in_the_original_format(reference_run, model):
+    wd, summary = reference_run
+    hs = json.loads(_read(wd, "head_scores.json"))
+    L, H = model.cfg.num_layers, model.cfg.num_heads
+    assert list(hs) == [f"{l}-{h}" for l in range(L) for h in range(H)]
+    results = [json.loads(line) for line in _read(wd, "results.jsonl").splitlines()]
+    assert [r["key"] for r in results] == [f"L{n}_D{d}_N{i}" for n in (300, 400) for d in (0, 50, 100) for i in range(3)]
+    kept = [r for r in results if r["kept"]]
+    assert all(len(v) == len(kept) for v in hs.values())
+    for r in results:
+        assert r["span"][1] > r["span"][0] and len(r["scores"]) == L and len(r["scores"][0]) == H
+        assert 0 <= r["rouge1_recall"] <= 1
+    assert summary["tests"] == 18 and summary["heads"] == L * H
+    assert json.loads(_read(wd, "summary.json"))["tests"] == 18
+
+
+def test_shared_prefix_gives_identical_results(tiny_dir, model, reference_run, tmp_path):
+    wd, _ = reference_run
+    detection.run_sweep(_config(tiny_dir, share_prefix=False), str(tmp_path), model=model)
+    ours = [json.loads(x) for x in _read(tmp_path, "results.jsonl").splitlines()]
+    ref = [json.loads(x) for x in _read(wd, "results.jsonl").splitlines()]
+    assert any(r["shared_prefix_tokens"] > 100 for r in ref)  # sharing really happened
+    for a, b in zip(ours, ref):
+        assert a["shared_prefix_tokens"] == 0
+        a.pop("shared_prefix_tokens"), b.pop("shared_prefix_tokens")
+        assert a == b
+    assert _read(tmp_path, "head_scores.json") == _read(wd, "head_scores.json")
+
+
+def _config_file(tmp_path, model_dir) -> Path:
+    f = tmp_path / "tiny_config.py"
+    f.write_text(f"""
+from rhead_jax.sweep_config import default_config
+def get_config():
+    c = default_config()
+    c.model.path = {str(model_dir)!r}
+    c.model.name = "tiny"
+    c.sweep.lengths = [300, 400]
+    c.sweep.depths = [0, 50, 100]
+    c.sweep.batch_size = 4
+    c.sweep.max_new_tokens = 6
+    c.sweep.prefill_chunk = 128
+    c.sweep.q_chunk = 64
+    c.sweep.k_chunk = 64
+    c.sweep.pad_multiple = 32
+    return c
+""")
+    return f
+
+
+def _sweep_cmd(config_file, workdir, *extra):
+    return [sys.executable, "-m", "rhead_jax.sweep", f"--config={config_file}", f"--workdir={workdir}", *extra]
+
+
+def test_killed_sweep_resumes_to_identical_output(tiny_dir, reference_run, tmp_path):
+    ref_wd, _ = reference_run
+    cfg_file = _config_file(tmp_path, tiny_dir)
+    wd = tmp_path / "wd"
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    proc = subprocess.Popen(_sweep_cmd(cfg_file, wd), cwd=REPO, env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    first = wd / "batches" / "batch_00000.json"
+    deadline = time.time() + 300
+    while not first.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    assert first.exists(), "the sweep wrote no batch before the deadline"
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (wd / "head_scores.json").exists()  # killed mid-sweep
+    done = sorted(p.name for p in (wd / "batches").glob("batch_*.json"))
+    assert len(done) < 6
+    out = subprocess.run(_sweep_cmd(cfg_file, wd), cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert f"{6 - len(done)} to run ({len(done)} already done)" in out.stderr
+    for name in ("head_scores.json", "results.jsonl", "summary.json"):
+        assert _read(wd, name) == _read(ref_wd, name), name
+    assert not list(wd.rglob(".*tmp*"))  # no half-written files left behind
+
+
+def test_resume_with_a_different_config_is_refused(tiny_dir, model, reference_run):
+    wd, _ = reference_run
+    with pytest.raises(ValueError, match="different configuration"):
+        detection.run_sweep(_config(tiny_dir, max_new_tokens=7), str(wd), model=model)
+
+
+def test_unknown_config_key_lists_valid_ones(tiny_dir, tmp_path):
+    cfg_file = _config_file(tmp_path, tiny_dir)
+    out = subprocess.run(_sweep_cmd(cfg_file, tmp_path / "wd", "--config.sweep.lenghts=[1]"), cwd=REPO,
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode != 0 and "lenghts" in out.stderr
+    c = default_config()
+    c.unlock()
+    c.sweep.bogus = 1
+    with pytest.raises(ValueError, match=r"unknown config key\(s\) \['sweep.bogus'\]; valid keys: .*sweep.lengths"):
+        validate(c)
+
+
+def test_bare_config_name_resolves_to_repo_configs():
+    from rhead_jax.cli import resolve_config_argv
+
+    argv = resolve_config_argv(["prog", "--config", "smollm2_135m.py", "--config=smollm2_135m"])
+    assert argv[2] == str(REPO / "configs" / "smollm2_135m.py")
+    assert argv[3] == "--config=" + str(REPO / "configs" / "smollm2_135m.py")
+
+
+def test_length_over_max_positions_fails_before_work(tiny_dir, model, tmp_path):
+    with pytest.raises(ValueError, match="max_position_embeddings=1024"):
+        detection.run_sweep(_config(tiny_dir, lengths=[300, 1020]), str(tmp_path), model=model)
+    assert not (tmp_path / "batches").exists()
+
+
+def test_stop_tokens(model):
+    tok = model.tokenizer
+    faithful = detection.stop_tokens(tok, faithful=True)
+    default = detection.stop_tokens(tok, faithful=False)
+    assert all(tok.decode([i]) == "\n" for i in faithful) and faithful
+    assert set(faithful) < set(default) and tok.eos_token_id in default
+    assert any(tok.decode([i]) == "\n\n" for i in default)
