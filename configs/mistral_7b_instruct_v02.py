@@ -1,0 +1,19 @@
+"""Mistral-7B-Instruct-v0.2 — the paper's detection grid (ORIGINAL.md §1: 20 lengths 1K-50K x 10 depths x needles).
+
+Run on a TPU VM: python -m rhead_jax.sweep --config mistral_7b_instruct_v02.py --config.model.path=/path/to/Mistral-7B-Instruct-v0.2 --workdir gs://...
+"""
+from rhead_jax.sweep_config import default_config, paper_grid
+
+
+def get_config():
+    c = paper_grid(default_config())
+    c.model.path = "checkpoints/Mistral-7B-Instruct-v0.2"   # a local HF directory (config.json + *.safetensors)
+    c.model.name = "Mistral-7B-Instruct-v0.2"
+    c.model.dtype = "bfloat16"
+    c.model.chat = True
+    c.sweep.batch_size = 8
+    c.sweep.prefill_chunk = 4096
+    c.mesh.data = -1
+    c.mesh.model = 1
+    c.mesh.expert = 1
+    return c

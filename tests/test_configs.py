@@ -1,0 +1,30 @@
+"""Every shipped config loads, validates and names a paper grid or the small default grid."""
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+from rhead_jax.needle.grid import paper_depths, paper_lengths
+from rhead_jax.sweep_config import validate
+
+CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.py"))
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.stem)
+def test_config_validates(path):
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    c = validate(module.get_config())
+    if path.stem == "smollm2_135m":
+        assert list(c.sweep.lengths) == [500, 1000, 2000] and list(c.sweep.depths) == [0, 50, 100]
+    else:
+        assert list(c.sweep.lengths) == paper_lengths() and list(c.sweep.depths) == paper_depths()
+
+
+def test_all_paper_models_have_a_config():
+    names = {p.stem for p in CONFIGS}
+    assert {"llama2_7b_80k", "llama2_13b_64k", "mistral_7b_v02", "mistral_7b_instruct_v02", "mixtral_8x7b",
+            "yi_6b_200k", "yi34b", "qwen15_14b", "qwen15_14b_chat", "smollm2_135m"} <= names
