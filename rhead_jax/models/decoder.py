@@ -189,11 +189,6 @@ def _mlp(lp, h, cfg: ModelConfig):
     return jnp.einsum("bted,bte->btd", y.astype(jnp.float32), weights).astype(h.dtype)
 
 
-def _write_rows(cache_l, new, slots):
-    """cache_l [B, S, ...] <- new [B, T, ...] at per-row slot offsets [B]."""
-    return jax.vmap(lambda c, u, s: lax.dynamic_update_slice_in_dim(c, u, s, axis=0))(cache_l, new, slots)
-
-
 def check_head_mask(cfg: ModelConfig, head_mask) -> None:
     expected = (cfg.num_layers, cfg.num_heads)
     if head_mask is not None and tuple(head_mask.shape) != expected:
@@ -234,11 +229,14 @@ def forward(params: Params, cfg: ModelConfig, tokens, positions, cache: KVCache 
     slots = cache.length
     valid = positions >= 0
     n_valid = valid.sum(-1).astype(jnp.int32)
-    new_pos = _write_rows(cache.pos, jnp.where(valid, positions, -1).astype(jnp.int32), slots)
+    new_pos = cache.pos.at[jnp.arange(B)[:, None], slots[:, None] + jnp.arange(T)[None]].set(
+        jnp.where(valid, positions, -1).astype(jnp.int32), mode="drop")
     cos, sin = rope_cos_sin(c, positions)
     windows = jnp.asarray([w or NO_WINDOW for w in (c.sliding_window or (None,) * c.num_layers)], jnp.int32)
     hm = (jnp.ones((c.num_layers, c.num_heads), jnp.float32) if head_mask is None
           else jnp.asarray(head_mask, jnp.float32))
+    rows = jnp.arange(B)[:, None]
+    write_at = slots[:, None] + jnp.arange(T)[None]          # [B, T] slot of each new token
     want_last_row = capture.top_k > 0 and not capture.full_probs
     last_idx = jnp.maximum(n_valid - 1, 0)
 
@@ -254,8 +252,9 @@ def forward(params: Params, cfg: ModelConfig, tokens, positions, cache: KVCache 
         if c.qk_norm:
             q, k = rms_norm(q, lp["q_norm"], c.rms_norm_eps), rms_norm(k, lp["k_norm"], c.rms_norm_eps)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        k_all = k_all.at[i].set(_write_rows(k_all[i], k.astype(k_all.dtype), slots))
-        v_all = v_all.at[i].set(_write_rows(v_all[i], v.astype(v_all.dtype), slots))
+        # scatter just the new rows into the carried cache (in place inside loops)
+        k_all = k_all.at[i, rows, write_at].set(k.astype(k_all.dtype), mode="drop")
+        v_all = v_all.at[i, rows, write_at].set(v.astype(v_all.dtype), mode="drop")
         kc, vc = k_all[i], v_all[i]
         q = q.reshape(B, T, K, G, D)
         hm_kg = hm_l.reshape(K, G)

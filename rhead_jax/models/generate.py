@@ -57,10 +57,10 @@ class Generation:
 def cache_size_for(prompt_len: int, spec: GenerateSpec) -> int:
     """Cache slots for a padded prompt length and its generation, rounded up to the key chunk.
 
-    Writes land at slot `length[b]` and must fit whole (XLA clamps an out-of-range update, which
-    would shift it), so there is room for one full prefill chunk after the longest prompt.
+    Padding tokens past the end are dropped by the scatter that writes the cache, so only real
+    tokens need a slot.
     """
-    need = prompt_len + max(spec.max_new_tokens, min(spec.prefill_chunk, prompt_len))
+    need = prompt_len + spec.max_new_tokens
     ck = spec.attn.k_chunk
     return -(-need // ck) * ck
 
