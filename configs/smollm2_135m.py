@@ -9,5 +9,5 @@ def get_config():
     c.model.chat = True
     c.sweep.lengths = [500, 1000, 2000]
     c.sweep.depths = [0, 50, 100]
-    c.sweep.batch_size = 9
+    c.sweep.batch_size = 3            # one (length, depth) cell: rows share their prefill width
     return c

@@ -52,3 +52,17 @@ def get_config():
 def default_workdir(config, what: str) -> str:
     name = config.model.name or Path(str(config.model.path)).name or "default"
     return os.path.join("workdir", f"{what}_{name}")
+
+
+def maybe_initialize_distributed() -> None:
+    """jax.distributed.initialize() per the --distributed / --coordinator_address flags."""
+    f = flags.FLAGS
+    if f.coordinator_address:
+        import jax
+
+        jax.distributed.initialize(coordinator_address=f.coordinator_address, num_processes=f.num_processes,
+                                   process_id=f.process_id)
+    elif f.distributed:
+        import jax
+
+        jax.distributed.initialize()

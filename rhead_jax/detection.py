@@ -17,7 +17,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
-from functools import partial
 from typing import Any, Sequence
 
 import jax
@@ -29,8 +28,9 @@ from tqdm.auto import tqdm
 from rhead_jax import io, scoring
 from rhead_jax.checkpoints import LoadedModel
 from rhead_jax.models.attention import AttentionOptions
-from rhead_jax.models.decoder import KVCache, init_cache
-from rhead_jax.models.generate import GenerateSpec, cache_size_for, generate, prefill
+from rhead_jax.models.decoder import KVCache
+from rhead_jax.models.generate import GenerateSpec, cache_size_for
+from rhead_jax.runner import Runner
 from rhead_jax.needle.grid import build_grid
 from rhead_jax.needle.haystack import load_haystack, load_needles
 from rhead_jax.needle.prompts import Instance
@@ -86,23 +86,17 @@ class SharedPrefix:
     reference: str               # key of the reference instance
     tokens: int                  # tokens prefilled for the reference
 
-    def rows(self, keys: Sequence[str], size: int) -> KVCache:
+    def rows(self, keys: Sequence[str], size: int, runner: Runner) -> KVCache:
         """A [B]-row cache of `size` slots whose row b holds its instance's shared prefix."""
-        starts = jnp.asarray([self.lengths[k] for k in keys], jnp.int32)
-        B = len(keys)
-        k, v = self.cache.k[:, :, :size], self.cache.v[:, :, :size]
-        shape = (k.shape[0], B) + k.shape[2:]
-        k, v = jnp.broadcast_to(k, shape), jnp.broadcast_to(v, shape)
-        slot = jnp.arange(size)[None]
-        pos = jnp.where(slot < starts[:, None], slot, -1).astype(jnp.int32)
-        return KVCache(k=k, v=v, pos=pos, length=starts)
-
-
-_prefill_jit = jax.jit(prefill, static_argnames=("cfg", "chunk", "mask_mode", "attn"))
+        return runner.rows(self.cache, np.array([self.lengths[k] for k in keys], np.int32), size)
 
 
 def build_shared_prefix(model: LoadedModel, instances: Sequence[Instance], spec: GenerateSpec,
-                        cache_size: int) -> SharedPrefix:
+                        cache_size: int, head_mask=None, *, runner: Runner | None = None) -> SharedPrefix:
+    """The shared prefix of `instances`. `head_mask` [L, H] (None: unmasked) must be the PREFILL
+    mask of the batches that use it (`run_batch(prefill_mask=...)`): masked heads change the
+    prefix's keys and values in later layers."""
+    runner = runner or Runner(model.cfg, model.params)
     ref = max(instances, key=lambda i: (i.needle_pos, i.length, i.depth))
     ref_ids = np.asarray(ref.prompt_ids)
     lengths = {}
@@ -110,14 +104,13 @@ def build_shared_prefix(model: LoadedModel, instances: Sequence[Instance], spec:
         ids = np.asarray(inst.prompt_ids)
         lengths[inst.key] = min(common_prefix(ids, ref_ids), len(ids) - 1)
     n = max(lengths.values())
-    cache = init_cache(model.cfg, 1, cache_size)
+    cache = runner.init_cache(1, cache_size)
     if n > 0:
         width = _round_up(n, spec.prefill_chunk) if n > spec.prefill_chunk else n
         toks = np.zeros((1, width), np.int32)
         toks[0, :n] = ref_ids[:n]
         pos = np.where(np.arange(width) < n, np.arange(width), -1)[None].astype(np.int32)
-        cache = _prefill_jit(model.params, model.cfg, jnp.asarray(toks), jnp.asarray(pos), cache,
-                             chunk=spec.prefill_chunk, mask_mode=spec.mask_mode, attn=spec.attn)
+        cache = runner.prefill(toks, pos, cache, spec, head_mask=head_mask)
     return SharedPrefix(cache=cache, lengths=lengths, reference=ref.key, tokens=n)
 
 
@@ -126,15 +119,19 @@ def build_shared_prefix(model: LoadedModel, instances: Sequence[Instance], spec:
 
 def run_batch(model: LoadedModel, instances: Sequence[Instance], spec: GenerateSpec, *,
               pad_multiple: int, batch_size: int | None = None, shared: SharedPrefix | None = None,
-              prefill_mask=None, decode_mask=None) -> list[dict[str, Any]]:
+              prefill_mask=None, decode_mask=None, runner: Runner | None = None,
+              keep_attention: bool = False) -> list[dict[str, Any]]:
     """Generate and score one batch of instances (all of one length); one dict per instance.
 
     A short batch is padded to `batch_size` rows (repeating its last instance, results dropped)
-    so every batch of a length shares one compiled program.
+    so every batch of a length shares one compiled program. keep_attention adds each test's
+    captured top-1 slots and weights ([steps, L, H]) to its dict (tests, notebooks).
     """
+    runner = runner or Runner(model.cfg, model.params)
     real = len(instances)
-    if batch_size is not None and real < batch_size:
-        instances = list(instances) + [instances[-1]] * (batch_size - real)
+    rows = _round_up(max(batch_size or real, real), runner.data_size)
+    if real < rows:
+        instances = list(instances) + [instances[-1]] * (rows - real)
     B = len(instances)
     lens = np.array([i.num_prompt_tokens for i in instances], np.int32)
     P = _round_up(int(lens.max()), pad_multiple)
@@ -143,14 +140,14 @@ def run_batch(model: LoadedModel, instances: Sequence[Instance], spec: GenerateS
         prompts[b, :lens[b]] = inst.prompt_ids
     size = cache_size_for(P, spec)
     if shared is not None:
-        cache = shared.rows([i.key for i in instances], size)
+        cache = shared.rows([i.key for i in instances], size, runner)
         starts = np.array([shared.lengths[i.key] for i in instances])
     else:
-        cache = init_cache(model.cfg, B, size)
+        cache = runner.init_cache(B, size)
         starts = np.zeros(B, np.int64)
     width = _round_up(max(int((lens - 1 - starts).max()), 1), pad_multiple)
-    gen, _ = generate(model.params, model.cfg, jnp.asarray(prompts), jnp.asarray(lens), cache, spec=spec,
-                      prefill_width=width, prefill_mask=prefill_mask, decode_mask=decode_mask)
+    gen = runner.generate(prompts, lens, cache, spec=spec, prefill_width=width, prefill_mask=prefill_mask,
+                          decode_mask=decode_mask)
     span = np.array([i.span for i in instances], np.int32)
     counts = np.asarray(scoring.copy_counts(gen.topk_index, gen.tokens, jnp.asarray(prompts),
                                             jnp.asarray(span[:, 0]), jnp.asarray(span[:, 1])))
@@ -170,6 +167,9 @@ def run_batch(model: LoadedModel, instances: Sequence[Instance], spec: GenerateS
             "copy_counts": counts[b].tolist(),
             "scores": [[scoring.original_float(int(c), span_len) for c in row] for row in counts[b]],
         })
+        if keep_attention:
+            out[-1]["top_slot"] = np.asarray(gen.topk_index[b, :n_tok[b], ..., 0]).tolist()
+            out[-1]["top_weight"] = np.asarray(gen.topk_weight[b, :n_tok[b], ..., 0]).tolist()
     return out
 
 
@@ -260,18 +260,49 @@ def format_summary(name: str, summary: dict, results: Sequence[dict]) -> str:
     return "\n".join(lines)
 
 
-def run_sweep(config, workdir: str, *, model: LoadedModel | None = None, is_writer: bool = True) -> dict:
-    """Run (or resume) the sweep of `config` into `workdir`; returns the summary dict."""
+def mesh_from_config(config):
+    """None (one device, no sharding) unless config.mesh asks for more than one device."""
+    sizes = dict(config.mesh)
+    if all(v == 1 for v in sizes.values()):
+        return None
+    from rhead_jax.sharding import make_mesh
+
+    return make_mesh(sizes)
+
+
+def _barrier(name: str) -> None:
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
+
+
+def run_sweep(config, workdir: str, *, model: LoadedModel | None = None) -> dict:
+    """Run (or resume) the sweep of `config` into `workdir`; returns the summary dict.
+
+    On several hosts every process runs the same batches (the mesh spans them all) and process 0
+    alone writes files.
+    """
     from rhead_jax.checkpoints import load_model
 
     t0 = time.time()
+    mesh = mesh_from_config(config)
     if model is None:
-        model = load_model(config.model.path, dtype=config.model.dtype)
+        model = load_model(config.model.path, dtype=config.model.dtype, mesh=mesh)
+    elif mesh is not None:
+        from rhead_jax.sharding import shard_params
+
+        model = dataclasses.replace(model, params=shard_params(model.params, model.cfg, mesh))
+    runner = Runner(model.cfg, model.params, mesh)
+    is_writer = jax.process_index() == 0
+    if mesh is not None:
+        logging.info("mesh %s over %d devices (%d processes)", dict(mesh.shape), mesh.size, jax.process_count())
     name = config.model.name or model.name
     instances = plan_instances(config, model)
     spec = generate_spec(config, model.tokenizer)
     batches = make_batches(instances, config.sweep.batch_size)
     store = ResultStore(workdir, config.to_json(sort_keys=True, indent=1), writer=is_writer)
+    _barrier("sweep_start")
     todo = [b for b in range(len(batches)) if not store.done(b)]
     logging.info("%s: %d instances in %d batches, %d to run (%d already done)", name, len(instances),
                  len(batches), len(todo), len(batches) - len(todo))
@@ -281,7 +312,7 @@ def run_sweep(config, workdir: str, *, model: LoadedModel | None = None, is_writ
     if todo and config.sweep.share_prefix:
         t = time.time()
         max_p = max(_round_up(i.num_prompt_tokens, config.sweep.pad_multiple) for i in instances)
-        shared = build_shared_prefix(model, instances, spec, cache_size_for(max_p, spec))
+        shared = build_shared_prefix(model, instances, spec, cache_size_for(max_p, spec), runner=runner)
         jax.block_until_ready(shared.cache.k)
         timings["shared_prefix_s"] = time.time() - t
         saved = sum(shared.lengths.values())
@@ -295,13 +326,14 @@ def run_sweep(config, workdir: str, *, model: LoadedModel | None = None, is_writ
         t = time.time()
         batch = [instances[i] for i in batches[b]]
         results = run_batch(model, batch, spec, pad_multiple=config.sweep.pad_multiple,
-                            batch_size=config.sweep.batch_size, shared=shared)
+                            batch_size=config.sweep.batch_size, shared=shared, runner=runner)
         store.write(b, results)
         timings["batches_s"] += time.time() - t
         bar.update(len(batch))
         logging.info("batch %d/%d (length %d, %d tests) in %.1fs", b + 1, len(batches), batch[0].length,
                      len(batch), time.time() - t)
     bar.close()
+    _barrier("sweep_batches_done")
 
     results = [r for b in range(len(batches)) for r in store.read(b)]
     hs = head_scores_from(results, model.cfg.num_layers, model.cfg.num_heads)

@@ -17,11 +17,18 @@ from rhead_jax import cli
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Output directory (local path or gs://...); resumable.")
+flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() (multi-host TPU pods: "
+                  "every host runs the same command; settings come from the TPU environment).")
+flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (multi-process without a TPU "
+                    "environment, e.g. two local processes); implies --distributed.")
+flags.DEFINE_integer("num_processes", None, "Number of processes (with --coordinator_address).")
+flags.DEFINE_integer("process_id", None, "This process's index (with --coordinator_address).")
 cli.define_config_flag()
 
 
 def main(argv):
     del argv
+    cli.maybe_initialize_distributed()
     config = cli.get_config()
     workdir = FLAGS.workdir or cli.default_workdir(config, "sweep")
     logging.info("workdir: %s", workdir)

@@ -54,10 +54,16 @@ def load_tokenizer(directory: str | Path):
                               "tokenizer.json or the tokenizer files of its model") from e
 
 
-def load_model(path: str = DEFAULT_MODEL, *, dtype: str | None = None, shardings=None) -> LoadedModel:
-    from rhead_jax.checkpoints.hf import load_params
+def load_model(path: str = DEFAULT_MODEL, *, dtype: str | None = None, mesh=None) -> LoadedModel:
+    """Load a model; with a mesh, each process reads only the param slices its devices hold."""
+    from rhead_jax.checkpoints.hf import load_config, load_params
 
     directory = resolve_model_dir(path)
+    shardings = None
+    if mesh is not None:
+        from rhead_jax.sharding import param_shardings
+
+        shardings = param_shardings(load_config(directory, dtype=dtype), mesh)
     cfg, params = load_params(directory, dtype=dtype, shardings=shardings)
     return LoadedModel(cfg=cfg, params=params, tokenizer=load_tokenizer(directory), directory=directory,
                        name=directory.name)

@@ -1,0 +1,64 @@
+"""Run the same tiny sweep on several meshes of simulated CPU devices and print per-test results.
+
+    XLA_FLAGS=--xla_force_host_platform_device_count=8 python -m tests.helpers.sharded_check \
+        --model_dir DIR --workroot DIR --meshes 1,1,1 8,1,1 2,4,1 1,8,1
+
+Prints one JSON line: {mesh: {"sweep": [[key, generated, copy_counts], ...], "top_slot": ...,
+"top_weight": ...}} for the test to compare.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+from rhead_jax import detection  # noqa: E402
+from rhead_jax.checkpoints import load_model  # noqa: E402
+from rhead_jax.sweep_config import default_config, validate  # noqa: E402
+
+
+def tiny_config(model_dir: str, mesh: tuple[int, int, int]):
+    c = default_config()
+    c.model.path, c.model.name = model_dir, "tiny"
+    c.sweep.lengths, c.sweep.depths = [300], [0, 50, 100]
+    c.sweep.batch_size, c.sweep.max_new_tokens = 8, 5
+    c.sweep.prefill_chunk, c.sweep.q_chunk, c.sweep.k_chunk, c.sweep.pad_multiple = 128, 64, 64, 32
+    c.mesh.data, c.mesh.model, c.mesh.expert = mesh
+    return validate(c)
+
+
+def main():
+    from absl import logging
+
+    logging.set_verbosity(logging.INFO)
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model_dir", required=True)
+    ap.add_argument("--workroot", required=True)
+    ap.add_argument("--meshes", nargs="+", required=True)
+    args = ap.parse_args()
+    out = {}
+    for m in args.meshes:
+        mesh = tuple(int(x) for x in m.split(","))
+        config = tiny_config(args.model_dir, mesh)
+        model = load_model(args.model_dir, mesh=detection.mesh_from_config(config))
+        wd = os.path.join(args.workroot, "mesh_" + m.replace(",", "x"))
+        detection.run_sweep(config, wd, model=model)
+        with open(os.path.join(wd, "results.jsonl")) as f:
+            rows = [json.loads(line) for line in f]
+        # the captured attention itself, straight from one batch on this mesh
+        from rhead_jax.runner import Runner
+
+        runner = Runner(model.cfg, model.params, detection.mesh_from_config(config))
+        instances = detection.plan_instances(config, model)
+        spec = detection.generate_spec(config, model.tokenizer)
+        batch = detection.run_batch(model, instances[:4], spec, pad_multiple=32, batch_size=8, runner=runner,
+                                    keep_attention=True)
+        out[m] = {"sweep": [[r["key"], r["generated"], r["copy_counts"]] for r in rows],
+                  "top_slot": [r["top_slot"] for r in batch], "top_weight": [r["top_weight"] for r in batch]}
+    print("RESULT " + json.dumps(out))
+
+
+if __name__ == "__main__":
+    main()
