@@ -20,7 +20,6 @@ import time
 from typing import Any, Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from absl import logging
 from tqdm.auto import tqdm
@@ -149,9 +148,9 @@ def run_batch(model: LoadedModel, instances: Sequence[Instance], spec: GenerateS
     gen = runner.generate(prompts, lens, cache, spec=spec, prefill_width=width, prefill_mask=prefill_mask,
                           decode_mask=decode_mask)
     span = np.array([i.span for i in instances], np.int32)
-    counts = np.asarray(scoring.copy_counts(gen.topk_index, gen.tokens, jnp.asarray(prompts),
-                                            jnp.asarray(span[:, 0]), jnp.asarray(span[:, 1])))
-    tokens, n_tok = np.asarray(gen.tokens), np.asarray(gen.num_tokens)
+    # outputs are replicated (readable on every host); score on this host's device
+    top, tokens, n_tok = np.asarray(gen.topk_index), np.asarray(gen.tokens), np.asarray(gen.num_tokens)
+    counts = np.asarray(scoring.copy_counts(top, tokens, prompts, span[:, 0], span[:, 1]))
     out = []
     for b, inst in enumerate(instances[:real]):
         generated = tokens[b, :n_tok[b]].tolist()
@@ -168,7 +167,7 @@ def run_batch(model: LoadedModel, instances: Sequence[Instance], spec: GenerateS
             "scores": [[scoring.original_float(int(c), span_len) for c in row] for row in counts[b]],
         })
         if keep_attention:
-            out[-1]["top_slot"] = np.asarray(gen.topk_index[b, :n_tok[b], ..., 0]).tolist()
+            out[-1]["top_slot"] = top[b, :n_tok[b], ..., 0].tolist()
             out[-1]["top_weight"] = np.asarray(gen.topk_weight[b, :n_tok[b], ..., 0]).tolist()
     return out
 
