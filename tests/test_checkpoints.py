@@ -494,3 +494,20 @@ def test_tiny_model_configs_parse(tiny_model_dir):
     assert load_config(tiny_model_dir("mistral_window")).sliding_window == (5, 5, 5)
     assert load_config(tiny_model_dir("mistral")).sliding_window is None
     assert load_config(tiny_model_dir("qwen2")).sliding_window is None
+
+
+# --------------------------------------------------------------------------- orbax round trip
+
+
+def test_orbax_save_and_restore_roundtrip(tiny_model_dir, tmp_path):
+    import jax
+    import numpy as np
+
+    from rhead_jax.checkpoints.orbax_io import restore_params, save_params
+
+    cfg, params = load_params(tiny_model_dir("mixtral"))
+    save_params(tmp_path / "ckpt", params, cfg)
+    cfg2, restored = restore_params(tmp_path / "ckpt")
+    assert cfg2 == cfg
+    for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(restored)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

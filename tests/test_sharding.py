@@ -22,6 +22,9 @@ def _run_meshes(model_dir, workroot, meshes):
                          capture_output=True, text=True, timeout=900)
     assert out.returncode == 0, out.stderr[-3000:]
     line = next(l for l in out.stdout.splitlines() if l.startswith("RESULT "))
+    for m in meshes:
+        if m != "1,1,1":
+            assert f"ORBAX_OK {m}" in out.stdout  # sharded params restored from orbax into the mesh
     return json.loads(line[len("RESULT "):]), out.stderr
 
 

@@ -55,6 +55,22 @@ def main():
         spec = detection.generate_spec(config, model.tokenizer)
         batch = detection.run_batch(model, instances[:4], spec, pad_multiple=32, batch_size=8, runner=runner,
                                     keep_attention=True)
+        # orbax: save the sharded params, restore straight into this mesh's shardings
+        mesh_obj = detection.mesh_from_config(config)
+        if mesh_obj is not None:
+            import jax
+            import numpy as np
+
+            from rhead_jax.checkpoints.orbax_io import restore_params, save_params
+            from rhead_jax.sharding import param_shardings
+
+            save_params(os.path.join(wd, "orbax"), model.params, model.cfg)
+            sh = param_shardings(model.cfg, mesh_obj)
+            _, restored = restore_params(os.path.join(wd, "orbax"), shardings=sh)
+            for a, b, s_ in zip(jax.tree.leaves(model.params), jax.tree.leaves(restored), jax.tree.leaves(sh)):
+                assert b.sharding == s_, (b.sharding, s_)
+                np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+            print(f"ORBAX_OK {m}", flush=True)
         out[m] = {"sweep": [[r["key"], r["generated"], r["copy_counts"]] for r in rows],
                   "top_slot": [r["top_slot"] for r in batch], "top_weight": [r["top_weight"] for r in batch]}
     print("RESULT " + json.dumps(out))
