@@ -71,7 +71,6 @@ class TensorStore:
         self.infos: dict[str, TensorInfo] = {}
         for f in files:
             self.infos.update(read_header(f))
-        self._maps: dict[Path, np.memmap] = {}
 
     def _shard_files(self) -> list[Path]:
         d = self.directory
@@ -105,13 +104,13 @@ class TensorStore:
         return self.infos[name].shape
 
     def get(self, name: str) -> np.ndarray:
-        """A read-only memory-mapped view of one tensor (slice it to read only part)."""
+        """A read-only memory-mapped view of one tensor (slice it to read only part).
+
+        Each call maps just this tensor's bytes; the mapping goes away with the last view, so a
+        loader that copies out its slices keeps only those in memory (sharded loading).
+        """
         if name not in self.infos:
             raise CheckpointError(f"tensor {name!r} is not in the checkpoint at {self.directory}")
         info = self.infos[name]
-        mm = self._maps.get(info.file)
-        if mm is None:
-            mm = self._maps[info.file] = np.memmap(info.file, dtype=np.uint8, mode="r")
         count = int(np.prod(info.shape, dtype=np.int64))
-        flat = np.frombuffer(mm, dtype=info.dtype, count=count, offset=info.offset)
-        return flat.reshape(info.shape)
+        return np.memmap(info.file, dtype=info.dtype, mode="r", offset=info.offset, shape=(count,)).reshape(info.shape)
