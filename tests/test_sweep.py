@@ -40,19 +40,16 @@ def tiny_dir(tmp_path_factory):
     return d
 
 
+# the tiny grid: 2 lengths x 3 depths x the 3 bundled needles = 18 tests in 6 batches
+TINY_SWEEP = dict(lengths=[300, 400], depths=[0, 50, 100], batch_size=4, max_new_tokens=6, prefill_chunk=128,
+                  q_chunk=64, k_chunk=64, pad_multiple=32)
+
+
 def _config(model_dir, **sweep):
     c = default_config()
     c.model.path = str(model_dir)
     c.model.name = "tiny"
-    c.sweep.lengths = [300, 400]
-    c.sweep.depths = [0, 50, 100]
-    c.sweep.batch_size = 4
-    c.sweep.max_new_tokens = 6
-    c.sweep.prefill_chunk = 128
-    c.sweep.q_chunk = 64
-    c.sweep.k_chunk = 64
-    c.sweep.pad_multiple = 32
-    for k, v in sweep.items():
+    for k, v in {**TINY_SWEEP, **sweep}.items():
         setattr(c.sweep, k, v)
     return validate(c)
 
@@ -108,16 +105,9 @@ def _config_file(tmp_path, model_dir) -> Path:
 from rhead_jax.sweep_config import default_config
 def get_config():
     c = default_config()
-    c.model.path = {str(model_dir)!r}
-    c.model.name = "tiny"
-    c.sweep.lengths = [300, 400]
-    c.sweep.depths = [0, 50, 100]
-    c.sweep.batch_size = 4
-    c.sweep.max_new_tokens = 6
-    c.sweep.prefill_chunk = 128
-    c.sweep.q_chunk = 64
-    c.sweep.k_chunk = 64
-    c.sweep.pad_multiple = 32
+    c.model.path, c.model.name = {str(model_dir)!r}, "tiny"
+    for k, v in {TINY_SWEEP!r}.items():
+        setattr(c.sweep, k, v)
     return c
 """)
     return f
