@@ -321,12 +321,14 @@ def run_sweep(config, workdir: str, *, model: LoadedModel | None = None) -> dict
 
     bar = tqdm(total=len(instances), initial=len(instances) - sum(len(batches[b]) for b in todo),
                desc=f"sweep {name}", unit="test")
+    computed: dict[int, list[dict]] = {}  # this run's batches: non-writer hosts need no shared disk
     for b in todo:
         t = time.time()
         batch = [instances[i] for i in batches[b]]
         results = run_batch(model, batch, spec, pad_multiple=config.sweep.pad_multiple,
                             batch_size=config.sweep.batch_size, shared=shared, runner=runner)
         store.write(b, results)
+        computed[b] = results
         timings["batches_s"] += time.time() - t
         bar.update(len(batch))
         logging.info("batch %d/%d (length %d, %d tests) in %.1fs", b + 1, len(batches), batch[0].length,
@@ -334,7 +336,7 @@ def run_sweep(config, workdir: str, *, model: LoadedModel | None = None) -> dict
     bar.close()
     _barrier("sweep_batches_done")
 
-    results = [r for b in range(len(batches)) for r in store.read(b)]
+    results = [r for b in range(len(batches)) for r in (computed[b] if b in computed else store.read(b))]
     hs = head_scores_from(results, model.cfg.num_layers, model.cfg.num_heads)
     summary = summarize(results, hs)
     if is_writer:
