@@ -22,7 +22,7 @@ from rhead_jax.models.generate import Generation, GenerateSpec, generate, genera
 def _rows(cache: KVCache, starts, size: int) -> KVCache:
     """[B]-row cache of `size` slots from a 1-row cache: row b keeps slots < starts[b]."""
     B = starts.shape[0]
-    k, v = cache.k[:, :, :size], cache.v[:, :, :size]
+    k, v = cache.k[:, :, :, :size], cache.v[:, :, :, :size]
     shape = (k.shape[0], B) + k.shape[2:]
     slot = jnp.arange(size)[None]
     pos = jnp.where(slot < starts[:, None], slot, -1).astype(jnp.int32)

@@ -68,8 +68,8 @@ RULES: dict[str, str | None] = {
     "cache_seq": None,
 }
 
-CACHE_AXES = {"k": ("layers", "batch", "cache_seq", "kv_heads", "head_dim"),
-              "v": ("layers", "batch", "cache_seq", "kv_heads", "head_dim"),
+CACHE_AXES = {"k": ("layers", "batch", "kv_heads", "cache_seq", "head_dim"),
+              "v": ("layers", "batch", "kv_heads", "cache_seq", "head_dim"),
               "pos": ("batch", "cache_seq"), "length": ("batch",)}
 
 _logged: set = set()

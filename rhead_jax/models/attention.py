@@ -1,7 +1,8 @@
 """One attention implementation with options: GQA over a KV cache, head masking, capture.
 
 Shapes: B batch, T new queries, S cache slots, K kv heads, G query heads per kv head (H = K*G),
-D head dim. Query head h is (k, g) with h = k * G + g, as transformers' `repeat_kv` orders them.
+D head dim. Queries are [B, T, K, G, D]; keys and values [B, K, S, D], the layout both attention
+matmuls read without transposes. Query head h is (k, g) with h = k * G + g, as transformers' `repeat_kv` orders them.
 
 Two execution paths, one semantics:
 - dense: scores [B, K, G, T, S] at once. Used for single-token decode steps (T == 1) and when
@@ -42,8 +43,9 @@ def _visible(q_pos, k_pos, window):
 
 
 def _scores(q, k, scale, score_scale):
-    """Pre-mask scores [B, K, G, Tq, Sk] in fp32; `score_scale` [K, G] multiplies them (uniform mask)."""
-    s = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32) * scale
+    """Pre-mask scores [B, K, G, Tq, Sk] in fp32 from q [B, Tq, K, G, D] and k [B, K, Sk, D];
+    `score_scale` [K, G] multiplies them (uniform mask)."""
+    s = jnp.einsum("btkgd,bksd->bkgts", q, k, preferred_element_type=jnp.float32) * scale
     if score_scale is not None:
         s = s * score_scale[None, :, :, None, None]
     return s
@@ -54,7 +56,7 @@ def dense_attention(q, k, v, q_pos, k_pos, *, window, scale, score_scale=None):
     s = _scores(q, k, scale, score_scale)
     s = jnp.where(_visible(q_pos, k_pos, window)[:, None, None], s, NEG_INF)
     p = jax.nn.softmax(s, axis=-1)
-    out = jnp.einsum("bkgts,bskd->btkgd", p.astype(v.dtype), v)
+    out = jnp.einsum("bkgts,bksd->btkgd", p.astype(v.dtype), v)
     return out, p
 
 
@@ -66,7 +68,7 @@ def chunked_attention(q, k, v, q_pos, k_pos, q_slot0, *, window, scale, score_sc
     package builds), which lets the loop skip key chunks the mask hides entirely.
     """
     B, T, K, G, D = q.shape
-    S = k.shape[1]
+    S = k.shape[2]
     cq, ck = min(opts.q_chunk, T), min(opts.k_chunk, S)
     if S % ck:
         raise ValueError(f"cache length {S} must be a multiple of the key chunk {ck}")
@@ -88,8 +90,8 @@ def chunked_attention(q, k, v, q_pos, k_pos, q_slot0, *, window, scale, score_sc
 
         def body(j, carry):
             m, l, acc = carry
-            kc = lax.dynamic_slice_in_dim(k, j * ck, ck, axis=1)
-            vc = lax.dynamic_slice_in_dim(v, j * ck, ck, axis=1)
+            kc = lax.dynamic_slice_in_dim(k, j * ck, ck, axis=2)
+            vc = lax.dynamic_slice_in_dim(v, j * ck, ck, axis=2)
             kpc = lax.dynamic_slice_in_dim(k_pos, j * ck, ck, axis=1)
             s = _scores(qc, kc, scale, score_scale)
             s = jnp.where(_visible(qpc, kpc, window)[:, None, None], s, NEG_INF)
@@ -98,7 +100,7 @@ def chunked_attention(q, k, v, q_pos, k_pos, q_slot0, *, window, scale, score_sc
             p = jnp.exp(s - m_new[..., None])
             l = l * corr + p.sum(-1)
             acc = acc * corr[..., None] + jnp.einsum(
-                "bkgts,bskd->bkgtd", p.astype(v.dtype), vc, preferred_element_type=jnp.float32)
+                "bkgts,bksd->bkgtd", p.astype(v.dtype), vc, preferred_element_type=jnp.float32)
             return m_new, l, acc
 
         init = (jnp.full((B, K, G, cq), NEG_INF, jnp.float32), jnp.zeros((B, K, G, cq), jnp.float32),

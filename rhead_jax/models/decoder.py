@@ -70,7 +70,7 @@ class Captures:
 class KVCache:
     """Static-shape KV cache.
 
-    k, v: [L, B, S, K, D]. pos: [B, S] int32 position held in each slot (-1: empty/padding).
+    k, v: [L, B, K, S, D] (the layout attention reads without copies). pos: [B, S] int32 position held in each slot (-1: empty/padding).
     length: [B] int32, the next slot each row writes to.
     """
 
@@ -81,12 +81,12 @@ class KVCache:
 
     @property
     def size(self) -> int:
-        return self.k.shape[2]
+        return self.k.shape[3]
 
 
 def init_cache(cfg: ModelConfig, batch: int, size: int, *, dtype=None) -> KVCache:
     dtype = dtype or jnp.dtype(cfg.dtype)
-    shape = (cfg.num_layers, batch, size, cfg.num_kv_heads, cfg.head_dim)
+    shape = (cfg.num_layers, batch, cfg.num_kv_heads, size, cfg.head_dim)
     return KVCache(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype),
                    pos=jnp.full((batch, size), -1, jnp.int32), length=jnp.zeros((batch,), jnp.int32))
 
@@ -253,8 +253,9 @@ def forward(params: Params, cfg: ModelConfig, tokens, positions, cache: KVCache 
             q, k = rms_norm(q, lp["q_norm"], c.rms_norm_eps), rms_norm(k, lp["k_norm"], c.rms_norm_eps)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         # scatter just the new rows into the carried cache (in place inside loops)
-        k_all = k_all.at[i, rows, write_at].set(k.astype(k_all.dtype), mode="drop")
-        v_all = v_all.at[i, rows, write_at].set(v.astype(v_all.dtype), mode="drop")
+        # [i, b, :, slot, :] <- [B, T, K, D] (advanced indices first, as numpy orders them)
+        k_all = k_all.at[i, rows, :, write_at].set(k.astype(k_all.dtype), mode="drop")
+        v_all = v_all.at[i, rows, :, write_at].set(v.astype(v_all.dtype), mode="drop")
         kc, vc = k_all[i], v_all[i]
         q = q.reshape(B, T, K, G, D)
         hm_kg = hm_l.reshape(K, G)

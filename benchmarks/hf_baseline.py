@@ -1,0 +1,119 @@
+"""A straightforward HF-transformers (PyTorch) implementation of the ORIGINAL detection method.
+
+ORIGINAL.md sections 4-5, with the structure of the paper's `retrieval_head_detection.py`:
+batch 1, one instance at a time; one prefill forward over every prompt token but the last
+(`use_cache=True`); then a greedy loop of at most `max_new_tokens` steps, each feeding ONE token
+with `past_key_values` and `output_attentions=True`; per step, for every layer, the top-1 key of
+the newest query's attention row of each head (`topk(1)`, as the original; vectorized over the
+heads of a layer) and the copy test in Python loops (`+= 1 / n`, a Python float sum starting at
+int 0, as the original). It stops after a step whose token is in `stop_tokens` (the same set our
+GenerateSpec uses; that step's copy test still counts).
+
+Used by benchmarks.sweep_vs_hf; runs on the prompt ids of rhead_jax Instances, so tokenization
+is not part of the comparison.
+"""
+from __future__ import annotations
+
+import time
+from typing import Sequence
+
+
+def load_hf_model(directory):
+    import torch
+    import transformers
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        str(directory), dtype=torch.float32, attn_implementation="eager", local_files_only=True)
+    model.eval()
+    return model
+
+
+def retrieval_calculate(attentions, retrieval_score, token: int, prompt_ids: Sequence[int],
+                        start: int, end: int) -> None:
+    """The original's copy test for one decode step (top-1), in place on retrieval_score[l][h]."""
+    n = end - start
+    for layer_idx in range(len(attentions)):
+        # [1, H, 1, keys] -> newest query's row per head; top-1 like the original's .topk(1)
+        _, idx = attentions[layer_idx][0, :, -1].topk(1)
+        idx = idx[:, 0].tolist()
+        row = retrieval_score[layer_idx]
+        for head_idx in range(len(idx)):
+            i = idx[head_idx]
+            if start <= i < end and token == prompt_ids[i]:
+                row[head_idx] += 1 / n
+
+
+def run_instance(model, tokenizer, inst, *, max_new_tokens: int, stop_tokens: Sequence[int]) -> dict:
+    """Prefill + greedy decode + copy test + ROUGE gate for one Instance; times each phase."""
+    import torch
+
+    from rhead_jax.needle.rouge import keep_test, rouge1_recall
+
+    cfg = model.config
+    L, H = cfg.num_hidden_layers, cfg.num_attention_heads
+    prompt_ids = [int(t) for t in inst.prompt_ids]
+    start, end = int(inst.span[0]), int(inst.span[1])
+    stops = set(int(s) for s in stop_tokens)
+    score = [[0 for _ in range(H)] for _ in range(L)]
+    generated: list[int] = []
+    t_decode = t_score = 0.0
+    with torch.inference_mode():
+        ids = torch.tensor([prompt_ids], dtype=torch.long)
+        t0 = time.perf_counter()
+        out = model(input_ids=ids[:, :-1], use_cache=True, return_dict=True)
+        past = out.past_key_values
+        t_prefill = time.perf_counter() - t0
+        inp = ids[:, -1]
+        for _ in range(max_new_tokens):
+            t0 = time.perf_counter()
+            out = model(input_ids=inp.view(1, 1), past_key_values=past, use_cache=True,
+                        output_attentions=True, return_dict=True)
+            past = out.past_key_values
+            inp = out.logits[0, -1].argmax()
+            token = int(inp.item())
+            t1 = time.perf_counter()
+            generated.append(token)
+            retrieval_calculate(out.attentions, score, token, prompt_ids, start, end)
+            t2 = time.perf_counter()
+            t_decode += t1 - t0
+            t_score += t2 - t1
+            if token in stops:
+                break
+        del past, out
+    t0 = time.perf_counter()
+    response = tokenizer.decode(generated, skip_special_tokens=True).strip()
+    recall = rouge1_recall(inst.answer, response)
+    kept = keep_test(recall)
+    t_score += time.perf_counter() - t0
+    return {"key": inst.key, "length": inst.length, "depth": inst.depth, "needle_index": inst.needle_index,
+            "prompt_tokens": len(prompt_ids), "span": [start, end], "generated": generated,
+            "response": response, "rouge1_recall": recall, "kept": kept, "scores": score,
+            "time_prefill_s": t_prefill, "time_decode_s": t_decode, "time_score_s": t_score,
+            "steps": len(generated)}
+
+
+def thread_probe(model, inst, threads: int, steps: int = 5) -> dict:
+    """Prefill + `steps` decode steps (with attentions) of one instance under `threads` torch
+    threads; the caller restores its thread count. On a loaded machine OpenMP's barriers make
+    multi-threaded torch much slower than one thread, which this exposes."""
+    import torch
+
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        with torch.inference_mode():
+            ids = torch.tensor([[int(t) for t in inst.prompt_ids]], dtype=torch.long)
+            t0 = time.perf_counter()
+            out = model(input_ids=ids[:, :-1], use_cache=True, return_dict=True)
+            prefill_s = time.perf_counter() - t0
+            past, inp = out.past_key_values, ids[:, -1]
+            t0 = time.perf_counter()
+            for _ in range(steps):
+                out = model(input_ids=inp.view(1, 1), past_key_values=past, use_cache=True,
+                            output_attentions=True, return_dict=True)
+                past = out.past_key_values
+                inp = out.logits[0, -1].argmax()
+            step_s = (time.perf_counter() - t0) / steps
+    finally:
+        torch.set_num_threads(old)
+    return {"threads": threads, "prefill_s": prefill_s, "step_s": step_s, "prompt_tokens": ids.shape[1]}
