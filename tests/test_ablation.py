@@ -1,0 +1,428 @@
+"""Masking ablations (rhead_jax.ablation / rhead_jax.ablate / rhead_jax.qa) on a tiny random model
+with SmolLM2's tokenizer: mask specs, head masks, runs against the unmasked sweep, outputs, resume,
+the failure taxonomy and the QA / CoT metrics."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import transformers
+
+from rhead_jax import ablation, detection, qa
+from rhead_jax.ablation import MaskSpec, build_head_mask, classify_response, parse_mask_spec
+from rhead_jax.checkpoints import load_model
+from rhead_jax.checkpoints.gguf_import import default_model_dir
+from rhead_jax.needle.haystack import SAN_FRANCISCO_NEEDLES_PATH
+
+REPO = Path(__file__).resolve().parents[1]
+L, H = 2, 4
+# hand-made head scores of the tiny model: 3 retrieval heads (> 0.1), 5 others
+SCORES = {"0-0": [0.9, 0.7], "0-1": [0.0, 0.0], "0-2": [0.05, 0.1], "0-3": [0.3, 0.5],
+          "1-0": [0.0, 0.02], "1-1": [0.2, 0.2], "1-2": [0.0, 0.0], "1-3": [0.1, 0.1]}
+RETRIEVAL = {(0, 0), (0, 3), (1, 1)}
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    """A 2-layer random llama (4 query heads, 2 kv heads) with SmolLM2's real tokenizer."""
+    d = tmp_path_factory.mktemp("tiny_ablate") / "tiny-smol"
+    src = default_model_dir()
+    d.mkdir(parents=True)
+    for f in src.iterdir():
+        if f.name.startswith("tokenizer") or f.name in ("special_tokens_map.json", "generation_config.json"):
+            shutil.copy(f, d / f.name)
+    cfg = transformers.LlamaConfig(vocab_size=49152, hidden_size=32, intermediate_size=64, num_hidden_layers=L,
+                                   num_attention_heads=H, num_key_value_heads=2, max_position_embeddings=1024,
+                                   tie_word_embeddings=True, initializer_range=0.5)  # large: heads matter
+    torch.manual_seed(0)
+    transformers.LlamaForCausalLM(cfg).save_pretrained(d)
+    return d
+
+
+@pytest.fixture(scope="module")
+def model(tiny_dir):
+    return load_model(str(tiny_dir))
+
+
+@pytest.fixture(scope="module")
+def scores_file(tmp_path_factory):
+    p = tmp_path_factory.mktemp("scores") / "head_scores.json"
+    p.write_text(json.dumps(SCORES))
+    return p
+
+
+SWEEP = dict(lengths=[300], depths=[0, 50, 100], batch_size=3, max_new_tokens=6, prefill_chunk=128,
+             q_chunk=64, k_chunk=64, pad_multiple=32)
+
+
+def _config(model_dir, scores="", *, mode="zero", phase="all", **ablate):
+    c = ablation.ablation_config()
+    c.model.path = str(model_dir)
+    c.model.name = "tiny"
+    c.needles = str(SAN_FRANCISCO_NEEDLES_PATH)
+    for k, v in SWEEP.items():
+        setattr(c.sweep, k, v)
+    c.mask.mode, c.mask.phase = mode, phase
+    c.ablation.scores = str(scores)
+    for k, v in ablate.items():
+        setattr(c.ablation, k, tuple(v) if isinstance(v, list) else v)
+    return ablation.validate_config(c)
+
+
+# ----------------------------------------------------------------------------------- mask specs
+def test_parse_mask_spec():
+    assert parse_mask_spec("none") == [] and parse_mask_spec("top:0", SCORES) == []
+    assert parse_mask_spec("top:2", SCORES) == [(0, 0), (0, 3)]  # best first
+    assert parse_mask_spec("list:16-19,11-15") == [(16, 19), (11, 15)]
+    assert MaskSpec.parse(" random:3 ") == MaskSpec("random", 3)
+    assert MaskSpec.parse("list:1-2,0-3").text == "list:1-2,0-3"
+    for bad, msg in [("bottom:3", "unknown mask spec"), ("top:x", "integer"), ("top:-1", ">= 0"),
+                     ("list:1-2,3", "malformed head"), ("list:1-2,1-2", "more than once"), ("", "unknown mask")]:
+        with pytest.raises(ValueError, match=msg):
+            MaskSpec.parse(bad)
+    with pytest.raises(ValueError, match="needs a head-score file"):
+        parse_mask_spec("top:2")
+    with pytest.raises(ValueError, match="only 8 heads"):
+        parse_mask_spec("top:9", SCORES)
+    with pytest.raises(ValueError, match=r"only 5 heads score <= 0.1"):
+        parse_mask_spec("random:6", SCORES)
+    with pytest.raises(ValueError, match=r"out of range for the model's 2 layers x 4 query heads"):
+        parse_mask_spec("list:0-1,2-0", num_layers=L, num_heads=H)
+
+
+def test_random_heads_exclude_retrieval_heads_and_are_deterministic():
+    pool = set(ablation.random_pool(SCORES))
+    assert pool == {(0, 1), (0, 2), (1, 0), (1, 2), (1, 3)}  # 1-3 scores exactly 0.1: <= threshold
+    draws = {}
+    for seed in range(20):
+        a = parse_mask_spec("random:3", SCORES, seed=seed)
+        assert a == parse_mask_spec("random:3", SCORES, seed=seed)  # once per seed
+        assert len(set(a)) == 3 and set(a) <= pool and not set(a) & RETRIEVAL
+        assert set(parse_mask_spec("random:2", SCORES, seed=seed)) <= set(a)  # nested in k
+        draws[seed] = tuple(a)
+    assert len(set(draws.values())) > 1  # seeds matter
+
+
+def test_build_head_mask():
+    cfg = type("Cfg", (), {"num_layers": L, "num_heads": H})()
+    m = build_head_mask(cfg, [(0, 1), (1, 3)])
+    assert m.shape == (L, H) and m.dtype == np.float32
+    assert m[0, 1] == 0 and m[1, 3] == 0 and m.sum() == L * H - 2
+    assert (build_head_mask((L, H), []) == 1).all()
+    with pytest.raises(ValueError, match="out of range"):
+        build_head_mask(cfg, [(2, 0)])
+    assert ablation.phase_masks(m, "decode")[0] is None and ablation.phase_masks(m, "all")[0] is m
+
+
+def test_scores_file_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist; run `python -m rhead_jax.sweep"):
+        ablation.load_scores(tmp_path / "nope.json")
+    for text, msg in [("{", "not valid JSON"), ("[]", "non-empty JSON object"), ('{"a-b": [1]}', "malformed head"),
+                      ('{"0-1": 3}', "list of numbers")]:
+        p = tmp_path / "s.json"
+        p.write_text(text)
+        with pytest.raises(ValueError, match=msg):
+            ablation.load_scores(p)
+    with pytest.raises(ValueError, match="from a different model"):
+        ablation.check_scores({"0-0": [1], "5-0": [1]}, L, H, "x.json")
+
+
+def test_config_schema_and_errors(tiny_dir, tmp_path):
+    f = tmp_path / "cfg.py"
+    f.write_text("from rhead_jax.sweep_config import default_config\n"
+                 "def get_config():\n    c = default_config()\n    c.sweep.lengths = [300]\n    return c\n")
+    c = ablation.get_config(str(f))  # a plain sweep config gains the mask and ablation sections
+    assert c.sweep.lengths == [300] and c.mask.mode == "zero" and c.mask.phase == "all"
+    assert c.ablation.mask == "top:20"
+    c.mask.mode = "random"
+    with pytest.raises(ValueError, match="config.mask.mode must be one of"):
+        ablation.validate_config(c)
+    c = ablation.get_config(str(f))
+    c.ablation.bogus = 1
+    with pytest.raises(ValueError, match=r"unknown config key\(s\) \['ablation.bogus'\]; valid keys: .*mask.phase"):
+        ablation.validate_config(c)
+    with pytest.raises(ValueError, match="unknown task"):
+        ablation.parse_task("squad")
+    with pytest.raises(ValueError, match="unknown mask spec"):
+        _config(tiny_dir, mask="heads:3")
+
+
+# ----------------------------------------------------------------------------------- runs
+@pytest.fixture(scope="module")
+def sweep_k_run(tiny_dir, model, scores_file, tmp_path_factory):
+    wd = tmp_path_factory.mktemp("ablate_k")
+    res = ablation.run_ablation(_config(tiny_dir, scores_file, mask="top:2", sweep_k=[0, 2], seeds=[0, 1]),
+                                str(wd), model=model)
+    return wd, res
+
+
+def test_none_equals_the_unmasked_sweep(tiny_dir, model, sweep_k_run, tmp_path):
+    wd, res = sweep_k_run
+    sweep_cfg = _config(tiny_dir)
+    plain = ml_plain(sweep_cfg)
+    detection.run_sweep(plain, str(tmp_path), model=model)
+    ref = {r["key"]: r for r in map(json.loads, (tmp_path / "results.jsonl").read_text().splitlines())}
+    none = res["runs"]["none"]["instances"]
+    assert len(none) == len(ref) == 3
+    for r in none:
+        assert r["response"] == ref[r["key"]]["response"]
+        assert r["rouge1_recall"] == ref[r["key"]]["rouge1_recall"]
+    assert res["baseline"]["accuracy"] == pytest.approx(np.mean([r["rouge1_recall"] for r in ref.values()]))
+
+
+def ml_plain(c):
+    """The sweep's part of an ablation config (what rhead_jax.sweep would run)."""
+    from rhead_jax.sweep_config import default_config, validate
+
+    d = default_config()
+    for k in d.keys():
+        ablation.merge_config(d, {k: c[k]})
+    return validate(d)
+
+
+def test_results_schema_heatmaps_and_sweep_k(sweep_k_run):
+    wd, res = sweep_k_run
+    on_disk = json.loads((wd / "results.json").read_text())
+    assert on_disk["accuracy"] == res["accuracy"] and 0 <= res["accuracy"] <= 1
+    assert res["mask"] == {"spec": "top:2", "mode": "zero", "phase": "all"}
+    assert res["masked_heads"] == [[0, 0], [0, 3]]
+    assert {(c["length"], c["depth"]) for c in res["accuracy_by_cell"]} == {(300, 0), (300, 50), (300, 100)}
+    assert sum(res["categories"].values()) == res["tests"] == 3
+    assert set(res["groups"]) == {"none", "top:2", "random:2"}
+    assert set(res["runs"]) == {"none", "top2", "random2-seed0", "random2-seed1"}
+    rnd = res["groups"]["random:2"]
+    assert len(rnd["masked_heads"]) == 2 and all(not {tuple(h) for h in hs} & RETRIEVAL for hs in rnd["masked_heads"])
+    assert rnd["accuracy"] == pytest.approx(np.mean(list(rnd["accuracy_by_run"].values())))
+    for inst in res["runs"]["top2"]["instances"]:
+        assert inst["category"] in ablation.CATEGORIES and 0 <= inst["rouge1_recall"] <= 1
+        assert {"key", "length", "depth", "response", "content_recall", "haystack_copy"} <= set(inst)
+    t = res["sweep_k"]
+    assert t["k"] == [0, 2] and t["top"][0] == t["random"][0] == res["baseline"]["accuracy"]
+    assert t["top"][1] == res["groups"]["top:2"]["accuracy"]
+    csv = (wd / "sweep_k.csv").read_text().splitlines()
+    assert csv[0].startswith("k,top_accuracy,random_accuracy_mean,random_accuracy_std,random_seed0,random_seed1")
+    assert len(csv) == 3 and "| 2 |" in (wd / "sweep_k.md").read_text()
+    for name in ("heatmap_none.png", "heatmap_top2.png", "heatmap_random2.png", "sweep_k.png"):
+        assert (wd / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
+    html = (wd / "report.html").read_text()
+    assert "Fig. 1 style" in html and "top-k vs random" in html and html.count("data:image/png") >= 4
+    assert (wd / "runs" / "niah" / "zero-all" / "top2" / "batches" / "batch_00000.json").exists()
+    assert not list(wd.rglob(".*tmp*"))
+
+
+def test_masking_all_heads_changes_responses(tiny_dir, model, sweep_k_run, tmp_path):
+    _, res = sweep_k_run
+    every = "list:" + ",".join(f"{l}-{h}" for l in range(L) for h in range(H))
+    out = ablation.run_ablation(_config(tiny_dir, mask=every, baseline=False), str(tmp_path), model=model)
+    masked = {r["key"]: r["generated"] for r in out["runs"][next(iter(out["runs"]))]["instances"]}
+    plain = {r["key"]: r["generated"] for r in res["runs"]["none"]["instances"]}
+    assert masked != plain
+    assert out["masked_heads"] == [[l, h] for l in range(L) for h in range(H)]
+
+
+def test_uniform_decode_and_zero_all_both_run(tiny_dir, model, scores_file, sweep_k_run, tmp_path):
+    _, zero = sweep_k_run
+    uni = ablation.run_ablation(_config(tiny_dir, scores_file, mode="uniform", phase="decode", mask="top:2",
+                                        baseline=False), str(tmp_path), model=model)
+    assert uni["mask"] == {"spec": "top:2", "mode": "uniform", "phase": "decode"}
+    assert 0 <= uni["accuracy"] <= 1 and (tmp_path / "runs" / "niah" / "uniform-decode" / "top2").is_dir()
+    # the original's ablation changes answers differently from zero/all (same heads, same grid)
+    assert ([r["generated"] for r in uni["runs"]["top2"]["instances"]]
+            != [r["generated"] for r in zero["runs"]["top2"]["instances"]])
+
+
+def test_resume_after_completion_is_a_no_op(tiny_dir, model, scores_file, sweep_k_run, monkeypatch):
+    wd, _ = sweep_k_run
+    before = {p.name: p.read_bytes() for p in wd.glob("runs/niah/zero-all/*/batches/*.json")}
+    results = (wd / "results.json").read_bytes()
+
+    def boom(*a, **k):
+        raise AssertionError("a finished run was recomputed")
+
+    monkeypatch.setattr(ablation.NiahTask, "run", boom)
+    ablation.run_ablation(_config(tiny_dir, scores_file, mask="top:2", sweep_k=[0, 2], seeds=[0, 1]), str(wd),
+                          model=model)
+    assert (wd / "results.json").read_bytes() == results
+    assert {p.name: p.read_bytes() for p in wd.glob("runs/niah/zero-all/*/batches/*.json")} == before
+    # a subset (top:2 alone) is answered from the same runs
+    res = ablation.run_ablation(_config(tiny_dir, scores_file, mask="top:2"), str(wd), model=model)
+    assert set(res["runs"]) == {"none", "top2"}
+    # a run whose settings changed is refused, not mixed
+    with pytest.raises(ValueError, match="different configuration"):
+        _changed_run(tiny_dir, scores_file, wd, model)
+
+
+def _changed_run(tiny_dir, scores_file, wd, model):
+    c = _config(tiny_dir, scores_file, mask="top:2")
+    c.sweep.max_new_tokens = 7
+    ablation.run_ablation(c, str(wd), model=model)
+
+
+def test_errors_before_any_work(tiny_dir, model, scores_file, tmp_path):
+    with pytest.raises(ValueError, match="no head-score file given"):
+        ablation.run_ablation(_config(tiny_dir, mask="top:2"), str(tmp_path), model=model)
+    with pytest.raises(ValueError, match=r"random:6: only 5 heads"):
+        ablation.run_ablation(_config(tiny_dir, scores_file, mask="random:6"), str(tmp_path), model=model)
+    with pytest.raises(ValueError, match=r"top:9: the head-score file has only 8 heads"):
+        ablation.run_ablation(_config(tiny_dir, scores_file, mask="top:2", sweep_k=[9]), str(tmp_path),
+                              model=model)
+    with pytest.raises(ValueError, match="out of range"):
+        ablation.run_ablation(_config(tiny_dir, mask="list:3-0"), str(tmp_path), model=model)
+    assert not (tmp_path / "runs").exists()
+
+
+# ----------------------------------------------------------------------------------- taxonomy
+ANSWER = "eat a sandwich and sit in Dolores Park on a sunny day"
+HAYSTACK = ["Give me the liberty to know, to utter, and to argue freely according to conscience, above "
+            "all liberties. And though all the winds of doctrine were let loose to play upon the earth."]
+
+
+@pytest.mark.parametrize("response,category", [
+    ("Eat a sandwich and sit in Dolores Park on a sunny day.", "correct"),
+    ("The best thing is to eat a sandwich and sit in Dolores Park on a sunny day!", "correct"),
+    ("", "empty"),
+    ("  ...  ", "empty"),
+    ("Eat a sandwich in Dolores Park.", "incomplete"),         # 4 of 7 content words
+    ("Sit in the park on a sunny day.", "incomplete"),
+    ("the liberty to know, to utter, and to argue freely", "wrong_extraction"),
+    ("All the winds of doctrine were let loose.", "wrong_extraction"),
+    ("Visit the Golden Gate Bridge and ride a cable car.", "hallucination"),
+    ("Eat sushi at the pier.", "hallucination"),              # 1 of 7 content words, nothing copied
+    ("The best thing to do is to eat your meals.", "hallucination"),  # a lone answer word
+    ("The best thing to do in San Francisco is to eat a sandwich.", "incomplete"),  # a 3-word fragment
+    ("Go there on a sunny day.", "incomplete"),
+    ("Sit in a park.", "hallucination"),                      # 2 of 7 content words, no 3-word fragment
+])
+def test_taxonomy(response, category):
+    out = classify_response(response, ANSWER, haystack=HAYSTACK)
+    assert out["category"] == category, out
+    if category == "wrong_extraction":
+        assert out["haystack_copy"] and out["copied_words"] >= 5
+
+
+def test_taxonomy_details():
+    out = classify_response("Eat a sandwich in Dolores Park.", ANSWER, haystack=HAYSTACK)
+    assert out["content_recall"] == pytest.approx(4 / 7) and out["haystack_copy"] is None
+    # the n-gram length is a parameter; 4 consecutive copied words are not enough at the default 5
+    assert classify_response("to utter and to", ANSWER, haystack=HAYSTACK)["category"] == "hallucination"
+    assert classify_response("to utter and to", ANSWER, haystack=HAYSTACK, ngram=4)["category"] == "wrong_extraction"
+
+
+# ----------------------------------------------------------------------------------- QA / CoT
+def test_squad_normalization_and_metrics():
+    assert qa.normalize_answer("The  Cat, sat!") == "cat sat"
+    assert qa.normalize_answer("An apple a day") == "apple day"
+    assert qa.exact_match("the Marta Voss.", "Marta Voss") == 1.0
+    assert qa.exact_match("Marta", "Marta Voss") == 0.0
+    assert qa.f1_score("Marta", "Marta Voss") == pytest.approx(2 / 3)
+    assert qa.f1_score("keeper Marta Voss", ["nobody", "Marta Voss"]) == pytest.approx(0.8)
+    assert qa.f1_score("", "") == 1.0 and qa.f1_score("a", "cat") == 0.0  # "a" normalizes to empty
+    assert qa.f1_score("cat cat", "cat") == pytest.approx(2 / 3)
+
+
+def test_cot_number_extraction():
+    assert qa.extract_number("3 + 4 = 7. Then 7 * 2 = 14. The answer is 14.") == 14
+    assert qa.extract_number("The answer is $1,250.50, since 3 items") == 1250.5
+    assert qa.extract_number("So we get 12 rolls left") == 12
+    assert qa.extract_number("#### -3") == -3
+    assert qa.extract_number("no numbers here") is None
+    assert qa.score_response("cot", "The answer is 12.", {"answer": 12})["correct"] == 1.0
+    assert qa.score_response("cot", "The answer is 12.", {"answer": "13"})["correct"] == 0.0
+
+
+def test_bundled_task_files_load():
+    items = qa.load_tasks(qa.QA_TASKS_PATH, "qa")
+    assert len(items) >= 5 and all(any(a in it["context"] for a in it["answers"]) for it in items)
+    assert len(qa.load_tasks(qa.COT_TASKS_PATH, "cot")) >= 5
+
+
+def test_task_file_errors(tmp_path):
+    p = tmp_path / "t.jsonl"
+    p.write_text('{"question": "q", "answer": "a"}\n')
+    with pytest.raises(ValueError, match="line 1: missing field"):
+        qa.load_tasks(p, "qa")
+    p.write_text('{"question": "q", "answer": "many"}\n')
+    with pytest.raises(ValueError, match="must be a number"):
+        qa.load_tasks(p, "cot")
+    with pytest.raises(FileNotFoundError):
+        qa.load_tasks(tmp_path / "none.jsonl", "qa")
+
+
+def test_qa_and_cot_tasks_with_masking(tiny_dir, model, tmp_path):
+    res = ablation.run_ablation(_config(tiny_dir, mask="list:0-0,1-1", task=f"qa:{qa.QA_TASKS_PATH}",
+                                        qa_max_new_tokens=4), str(tmp_path / "qa"), model=model)
+    assert res["task"].startswith("qa:") and set(res["metrics"]) == {"em", "f1"}
+    assert res["baseline"]["metrics"].keys() == {"em", "f1"} and res["accuracy"] == res["metrics"]["f1"]
+    inst = res["runs"]["list2-" + MaskSpec.parse("list:0-0,1-1").slug.split("-")[1]]["instances"]
+    assert len(inst) == 6 and {"em", "f1", "response"} <= set(inst[0])
+    cot = ablation.run_ablation(_config(tiny_dir, mask="none", task=f"cot:{qa.COT_TASKS_PATH}",
+                                        cot_max_new_tokens=3), str(tmp_path / "cot"), model=model)
+    assert set(cot["metrics"]) == {"accuracy"} and len(cot["runs"]["none"]["instances"]) == 6
+    assert (tmp_path / "qa" / "report.html").exists()
+
+
+# ----------------------------------------------------------------------------------- CLI
+def _config_file(tmp_path, tiny_dir):
+    f = tmp_path / "tiny_config.py"
+    f.write_text(f"""
+from rhead_jax.sweep_config import default_config
+def get_config():
+    c = default_config()
+    c.model.path = {str(tiny_dir)!r}
+    c.model.name = "tiny"
+    c.needles = {str(SAN_FRANCISCO_NEEDLES_PATH)!r}
+    c.sweep.lengths = [300]
+    c.sweep.depths = [0, 50, 100]
+    c.sweep.batch_size = 3
+    c.sweep.max_new_tokens = 6
+    c.sweep.prefill_chunk = 128
+    c.sweep.q_chunk = 64
+    c.sweep.k_chunk = 64
+    c.sweep.pad_multiple = 32
+    return c
+""")
+    return f
+
+
+def test_config_flag_wraps_any_sweep_config(tiny_dir, tmp_path):
+    from absl import flags
+    from ml_collections import config_flags
+
+    def parse(argv):
+        fv = flags.FlagValues()
+        config_flags.DEFINE_config_file("config", None, "", flag_values=fv, lock_config=True, sys_argv=argv)
+        fv(argv)
+        return fv.config
+
+    c = parse(ablation.wrap_config_argv(["prog", "--config", str(_config_file(tmp_path, tiny_dir)),
+                                         "--config.mask.mode=uniform", "--config.ablation.seeds=(1,2)"]))
+    c = ablation.validate_config(c)
+    assert c.mask.mode == "uniform" and c.mask.phase == "all" and list(c.ablation.seeds) == [1, 2]
+    assert c.model.name == "tiny" and c.sweep.lengths == [300]
+    bare = ablation.wrap_config_argv(["prog", "--config=smollm2_135m.py"])[1]
+    assert bare.endswith("ablation.py:" + str(REPO / "configs" / "smollm2_135m.py"))
+    with pytest.raises(Exception, match="bogus"):
+        parse(ablation.wrap_config_argv(["prog", "--config", str(tmp_path / "tiny_config.py"), "--config.mask.bogus=1"]))
+
+
+@pytest.mark.slow  # a subprocess: JAX start-up and compilation again (~15 s)
+def test_cli_end_to_end(tiny_dir, scores_file, tmp_path):
+    f = _config_file(tmp_path, tiny_dir)
+    wd = tmp_path / "wd"
+    cmd = [sys.executable, "-m", "rhead_jax.ablate", "--config", str(f), f"--workdir={wd}", f"--scores={scores_file}",
+           "--mask", "random:2", "--seed", "3", "--config.mask.mode=uniform", "--config.mask.phase=decode",
+           "--config.ablation.baseline=False"]
+    out = subprocess.run(cmd, cwd=REPO, env={**os.environ, "JAX_PLATFORMS": "cpu"}, capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    res = json.loads((wd / "results.json").read_text())
+    assert res["mask"] == {"spec": "random:2", "mode": "uniform", "phase": "decode"} and res["seeds"] == [3]
+    assert res["masked_heads"] == [[list(h) for h in parse_mask_spec("random:2", SCORES, seed=3)]]
+    assert list(res["runs"]) == ["random2-seed3"] and "random:2: accuracy" in out.stdout
