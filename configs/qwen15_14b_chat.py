@@ -7,6 +7,8 @@ from rhead_jax.sweep_config import default_config, paper_grid
 
 def get_config():
     c = paper_grid(default_config())
+    # a 32K-context model: the paper lengths it can hold (+ 50 generated tokens)
+    c.sweep.lengths = tuple(n for n in c.sweep.lengths if n <= 32768 - 50)
     c.model.path = "checkpoints/Qwen1.5-14B-Chat"   # a local HF directory (config.json + *.safetensors)
     c.model.name = "Qwen1.5-14B-Chat"
     c.model.dtype = "bfloat16"

@@ -22,7 +22,7 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
     tmp.write_text(text)
-    tmp.rename(path)  # atomic on POSIX; on GCS a finished object write is all-or-nothing
+    tmp.replace(path)  # atomic on POSIX (overwrites); on GCS a finished object write is all-or-nothing
 
 
 def atomic_write_json(path: str | os.PathLike, obj: Any, **dump_kw) -> None:

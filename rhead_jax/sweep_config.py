@@ -21,8 +21,9 @@ def default_config() -> ml_collections.ConfigDict:
     c.needles = ""           # JSONL of {needle, question, real_needle}; "" = the bundled default set
     c.haystack = ""          # a .txt file or a directory of .txt files; "" = bundled Areopagitica
     c.sweep = ml_collections.ConfigDict(dict(
-        lengths=[500, 1000, 2000],   # context lengths in tokens
-        depths=[0, 50, 100],         # needle depths in percent (0-100)
+        # tuples: config_flags overrides them from the command line, --config.sweep.lengths="(500,1000)"
+        lengths=(500, 1000, 2000),   # context lengths in tokens
+        depths=(0, 50, 100),         # needle depths in percent (0-100)
         faithful=False,              # reproduce every detection QUIRK of ORIGINAL.md
         max_new_tokens=50,           # decode-step cap (the original's 50)
         batch_size=8,                # instances of one length decoded together (the data axis)
@@ -42,8 +43,8 @@ def default_config() -> ml_collections.ConfigDict:
 
 def paper_grid(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     """The paper's grid (ORIGINAL.md §1): 20 lengths 1K-50K x 10 depths x the needles."""
-    c.sweep.lengths = paper_lengths()
-    c.sweep.depths = paper_depths()
+    c.sweep.lengths = tuple(paper_lengths())
+    c.sweep.depths = tuple(paper_depths())
     return c
 
 

@@ -134,12 +134,21 @@ def test_killed_sweep_resumes_to_identical_output(tiny_dir, reference_run, tmp_p
     assert not (wd / "head_scores.json").exists()  # killed mid-sweep
     done = sorted(p.name for p in (wd / "batches").glob("batch_*.json"))
     assert len(done) < 6
-    out = subprocess.run(_sweep_cmd(cfg_file, wd), cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    # resume with an explicit command-line override of a tuple field (same values, so same config)
+    out = subprocess.run(_sweep_cmd(cfg_file, wd, "--config.sweep.lengths=(300,400)"), cwd=REPO, env=env,
+                         capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-2000:]
     assert f"{6 - len(done)} to run ({len(done)} already done)" in out.stderr
     for name in ("head_scores.json", "results.jsonl", "summary.json"):
         assert _read(wd, name) == _read(ref_wd, name), name
     assert not list(wd.rglob(".*tmp*"))  # no half-written files left behind
+
+
+def test_rerunning_a_finished_sweep_rewrites_identical_files(tiny_dir, model, reference_run):
+    wd, _ = reference_run
+    before = {n: _read(wd, n) for n in ("head_scores.json", "results.jsonl", "summary.json")}
+    detection.run_sweep(_config(tiny_dir), str(wd), model=model)  # nothing to run; files replaced
+    assert before == {n: _read(wd, n) for n in before}
 
 
 def test_resume_with_a_different_config_is_refused(tiny_dir, model, reference_run):
