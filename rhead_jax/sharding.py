@@ -94,7 +94,16 @@ def make_mesh(mesh_config: Mapping[str, int], devices=None) -> Mesh:
     if math.prod(sizes) != n:
         raise ValueError(f"mesh {dict(zip(MESH_AXES, sizes))} needs {math.prod(sizes)} devices, "
                          f"{n} are available; set config.mesh sizes whose product is {n} (or use -1)")
-    return jax.make_mesh(tuple(sizes), MESH_AXES, axis_types=(AxisType.Auto,) * 3, devices=devices)
+    axis_types = (AxisType.Auto,) * 3
+    try:
+        return jax.make_mesh(tuple(sizes), MESH_AXES, axis_types=axis_types, devices=devices)
+    except (ValueError, NotImplementedError, AssertionError) as e:
+        # e.g. model=8 on a 4x4x4 torus: let an axis span several physical axes
+        from jax.experimental import mesh_utils
+
+        logging.warning("jax.make_mesh(%s) failed (%s); splitting physical axes instead", sizes, e)
+        grid = mesh_utils.create_device_mesh(tuple(sizes), devices, allow_split_physical_axes=True)
+        return Mesh(grid, MESH_AXES, axis_types=axis_types)
 
 
 def logical_to_spec(axes, shape, mesh: Mesh, *, what: str = "") -> P:
