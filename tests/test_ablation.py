@@ -139,7 +139,7 @@ def test_config_schema_and_errors(tiny_dir, tmp_path):
     f.write_text("from rhead_jax.sweep_config import default_config\n"
                  "def get_config():\n    c = default_config()\n    c.sweep.lengths = [300]\n    return c\n")
     c = ablation.get_config(str(f))  # a plain sweep config gains the mask and ablation sections
-    assert c.sweep.lengths == [300] and c.mask.mode == "zero" and c.mask.phase == "all"
+    assert tuple(c.sweep.lengths) == (300,) and c.mask.mode == "zero" and c.mask.phase == "all"
     assert c.ablation.mask == "top:20"
     c.mask.mode = "random"
     with pytest.raises(ValueError, match="config.mask.mode must be one of"):
@@ -405,7 +405,7 @@ def test_config_flag_wraps_any_sweep_config(tiny_dir, tmp_path):
                                          "--config.mask.mode=uniform", "--config.ablation.seeds=(1,2)"]))
     c = ablation.validate_config(c)
     assert c.mask.mode == "uniform" and c.mask.phase == "all" and list(c.ablation.seeds) == [1, 2]
-    assert c.model.name == "tiny" and c.sweep.lengths == [300]
+    assert c.model.name == "tiny" and tuple(c.sweep.lengths) == (300,)
     bare = ablation.wrap_config_argv(["prog", "--config=smollm2_135m.py"])[1]
     assert bare.endswith("ablation.py:" + str(REPO / "configs" / "smollm2_135m.py"))
     with pytest.raises(Exception, match="bogus"):
