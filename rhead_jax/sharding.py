@@ -18,7 +18,7 @@ from absl import logging
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 from rhead_jax.models.config import ModelConfig
-from rhead_jax.models.decoder import Captures, KVCache, param_shapes
+from rhead_jax.models.decoder import KVCache, param_shapes
 from rhead_jax.models.generate import Generation
 
 MESH_AXES = ("data", "model", "expert")
@@ -182,4 +182,4 @@ def generation_shardings(mesh: Mesh) -> Generation:
 
 
 __all__ = ["make_mesh", "param_shardings", "cache_shardings", "batch_sharding", "replicated", "put_global",
-           "shard_params", "describe", "generation_shardings", "RULES", "PARAM_AXES", "Captures"]
+           "shard_params", "describe", "generation_shardings", "RULES", "PARAM_AXES"]

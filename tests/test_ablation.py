@@ -5,21 +5,18 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
-import transformers
 
 from rhead_jax import ablation, detection, qa
 from rhead_jax.ablation import MaskSpec, build_head_mask, classify_response, parse_mask_spec
 from rhead_jax.checkpoints import load_model
-from rhead_jax.checkpoints.gguf_import import default_model_dir
 from rhead_jax.needle.haystack import SAN_FRANCISCO_NEEDLES_PATH
+from tests.helpers.tiny_smol import make_tiny_smol
 
 REPO = Path(__file__).resolve().parents[1]
 L, H = 2, 4
@@ -32,18 +29,9 @@ RETRIEVAL = {(0, 0), (0, 3), (1, 1)}
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory):
     """A 2-layer random llama (4 query heads, 2 kv heads) with SmolLM2's real tokenizer."""
-    d = tmp_path_factory.mktemp("tiny_ablate") / "tiny-smol"
-    src = default_model_dir()
-    d.mkdir(parents=True)
-    for f in src.iterdir():
-        if f.name.startswith("tokenizer") or f.name in ("special_tokens_map.json", "generation_config.json"):
-            shutil.copy(f, d / f.name)
-    cfg = transformers.LlamaConfig(vocab_size=49152, hidden_size=32, intermediate_size=64, num_hidden_layers=L,
-                                   num_attention_heads=H, num_key_value_heads=2, max_position_embeddings=1024,
-                                   tie_word_embeddings=True, initializer_range=0.5)  # large: heads matter
-    torch.manual_seed(0)
-    transformers.LlamaForCausalLM(cfg).save_pretrained(d)
-    return d
+    return make_tiny_smol(tmp_path_factory.mktemp("tiny_ablate") / "tiny-smol", sharpen=False, hidden_size=32,
+                          intermediate_size=64, num_hidden_layers=L, num_attention_heads=H,
+                          initializer_range=0.5)  # large: heads matter
 
 
 @pytest.fixture(scope="module")

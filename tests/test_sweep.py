@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -12,13 +11,11 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
-import transformers
 
 from rhead_jax import detection
 from rhead_jax.checkpoints import load_model
-from rhead_jax.checkpoints.gguf_import import default_model_dir
 from rhead_jax.sweep_config import default_config, validate
+from tests.helpers.tiny_smol import make_tiny_smol
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -26,18 +23,8 @@ REPO = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory):
     """A 2-layer random llama with SmolLM2's real tokenizer (vocab 49152)."""
-    d = tmp_path_factory.mktemp("tiny_sweep") / "tiny-smol"
-    src = default_model_dir()
-    d.mkdir(parents=True)
-    for f in src.iterdir():
-        if f.name.startswith("tokenizer") or f.name in ("special_tokens_map.json", "generation_config.json"):
-            shutil.copy(f, d / f.name)
-    cfg = transformers.LlamaConfig(vocab_size=49152, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
-                                   tie_word_embeddings=True)
-    torch.manual_seed(0)
-    transformers.LlamaForCausalLM(cfg).save_pretrained(d)
-    return d
+    return make_tiny_smol(tmp_path_factory.mktemp("tiny_sweep") / "tiny-smol", sharpen=False, hidden_size=32,
+                          intermediate_size=64, num_attention_heads=4)
 
 
 # the tiny grid: 2 lengths x 3 depths x the 3 bundled needles = 18 tests in 6 batches
