@@ -4,8 +4,11 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip install -q --disable-pip-version-check
 WORKDIR ?= workdir/sweep_SmolLM2-135M-Instruct
+SMOKE ?= workdir/smoke
+# the smoke grid: one length, two depths (the README's sweep command, smaller)
+SMOKE_GRID := --config.sweep.lengths='(500,)' --config.sweep.depths='(0,100)'
 
-.PHONY: install install-test sweep test test-fast test-slow clean
+.PHONY: install install-test sweep smoke test test-fast test-slow clean
 
 $(VENV)/.venv:
 	$(PYTHON) -m venv $(VENV)
@@ -29,6 +32,17 @@ install-test: $(VENV)/.installed-test
 
 sweep: install
 	$(PY) -m rhead_jax.sweep --config smollm2_135m.py --workdir $(WORKDIR)
+
+# What a user (or a TPU VM) has: `pip install -e .` and the default model, no torch, no test extras.
+# CI runs this first in its own venv (VENV=.venv-user): a runtime dependency missing from setup.py
+# fails here, before torch (installed for the tests) can hide it.
+smoke: install
+	$(PY) -c "import importlib.util as u, sys; sys.exit('error: torch is installed in $(VENV); smoke needs a venv without it' if u.find_spec('torch') else 0)"
+	rm -rf $(SMOKE)
+	$(PY) -m rhead_jax.sweep --config smollm2_135m.py $(SMOKE_GRID) --workdir $(SMOKE)/sweep
+	$(PY) -m rhead_jax.ablate --config smollm2_135m.py $(SMOKE_GRID) --scores $(SMOKE)/sweep/head_scores.json \
+	    --mask top:5 --workdir $(SMOKE)/ablate
+	$(PY) -m rhead_jax.analyze $(SMOKE)/sweep/head_scores.json --results $(SMOKE)/sweep/results.jsonl --out $(SMOKE)/analyze
 
 test-fast: install-test
 	$(PY) -m pytest -q

