@@ -377,7 +377,7 @@ def main(argv=None) -> int:
         config.sweep.faithful = True
     if args.no_share_prefix:
         config.sweep.share_prefix = False
-    from rhead_jax.sweep_config import validate
+    from rhead_jax.config import validate
     validate(config)
 
     import jax

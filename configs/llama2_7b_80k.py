@@ -2,7 +2,7 @@
 
 Run on a TPU VM: python -m rhead_jax.sweep --config llama2_7b_80k.py --config.model.path=/path/to/llama-2-7b-80k --workdir gs://...
 """
-from rhead_jax.sweep_config import default_config, paper_grid
+from rhead_jax.config import default_config, paper_grid
 
 
 def get_config():

@@ -2,7 +2,7 @@
 
 Run on a TPU VM: python -m rhead_jax.sweep --config mistral_7b_instruct_v02.py --config.model.path=/path/to/Mistral-7B-Instruct-v0.2 --workdir gs://...
 """
-from rhead_jax.sweep_config import default_config, paper_grid
+from rhead_jax.config import default_config, paper_grid
 
 
 def get_config():

@@ -2,7 +2,7 @@
 
 Run on a TPU VM: python -m rhead_jax.sweep --config mistral_7b_v02.py --config.model.path=/path/to/Mistral-7B-v0.2-hf --workdir gs://...
 """
-from rhead_jax.sweep_config import default_config, paper_grid
+from rhead_jax.config import default_config, paper_grid
 
 
 def get_config():

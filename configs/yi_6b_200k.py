@@ -2,7 +2,7 @@
 
 Run on a TPU VM: python -m rhead_jax.sweep --config yi_6b_200k.py --config.model.path=/path/to/Yi-6B-200K --workdir gs://...
 """
-from rhead_jax.sweep_config import default_config, paper_grid
+from rhead_jax.config import default_config, paper_grid
 
 
 def get_config():

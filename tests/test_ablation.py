@@ -124,7 +124,7 @@ def test_scores_file_errors(tmp_path):
 
 def test_config_schema_and_errors(tiny_dir, tmp_path):
     f = tmp_path / "cfg.py"
-    f.write_text("from rhead_jax.sweep_config import default_config\n"
+    f.write_text("from rhead_jax.config import default_config\n"
                  "def get_config():\n    c = default_config()\n    c.sweep.lengths = [300]\n    return c\n")
     c = ablation.get_config(str(f))  # a plain sweep config gains the mask and ablation sections
     assert tuple(c.sweep.lengths) == (300,) and c.mask.mode == "zero" and c.mask.phase == "all"
@@ -167,7 +167,7 @@ def test_none_equals_the_unmasked_sweep(tiny_dir, model, sweep_k_run, tmp_path):
 
 def ml_plain(c):
     """The sweep's part of an ablation config (what rhead_jax.sweep would run)."""
-    from rhead_jax.sweep_config import default_config, validate
+    from rhead_jax.config import default_config, validate
 
     d = default_config()
     for k in d.keys():
@@ -360,7 +360,7 @@ def test_qa_and_cot_tasks_with_masking(tiny_dir, model, tmp_path):
 def _config_file(tmp_path, tiny_dir):
     f = tmp_path / "tiny_config.py"
     f.write_text(f"""
-from rhead_jax.sweep_config import default_config
+from rhead_jax.config import default_config
 def get_config():
     c = default_config()
     c.model.path = {str(tiny_dir)!r}

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from rhead_jax.needle.grid import paper_depths, paper_lengths
-from rhead_jax.sweep_config import validate
+from rhead_jax.config import validate
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.py"))
 

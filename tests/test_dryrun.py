@@ -17,7 +17,7 @@ import pytest
 from rhead_jax import dryrun, presets, sharding
 from rhead_jax.models.config import ModelConfig
 from rhead_jax.models.decoder import param_shapes
-from rhead_jax.sweep_config import default_config
+from rhead_jax.config import default_config
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((REPO / "configs").glob("*.py"))

@@ -13,7 +13,7 @@ from tests.helpers.tiny_smol import make_tiny_smol
 REPO = Path(__file__).resolve().parents[1]
 
 CONFIG = """
-from rhead_jax.sweep_config import default_config
+from rhead_jax.config import default_config
 def get_config():
     c = default_config()
     c.model.path, c.model.name = {model!r}, "tiny"

@@ -14,7 +14,7 @@ import pytest
 
 from rhead_jax import detection
 from rhead_jax.checkpoints import load_model
-from rhead_jax.sweep_config import default_config, validate
+from rhead_jax.config import default_config, validate
 from tests.helpers.tiny_smol import make_tiny_smol
 
 REPO = Path(__file__).resolve().parents[1]
@@ -89,7 +89,7 @@ def test_shared_prefix_gives_identical_results(tiny_dir, model, reference_run, t
 def _config_file(tmp_path, model_dir) -> Path:
     f = tmp_path / "tiny_config.py"
     f.write_text(f"""
-from rhead_jax.sweep_config import default_config
+from rhead_jax.config import default_config
 def get_config():
     c = default_config()
     c.model.path, c.model.name = {str(model_dir)!r}, "tiny"

@@ -16,7 +16,7 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 from rhead_jax import detection  # noqa: E402
 from rhead_jax.checkpoints import load_model  # noqa: E402
-from rhead_jax.sweep_config import default_config, validate  # noqa: E402
+from rhead_jax.config import default_config, validate  # noqa: E402
 
 
 def tiny_config(model_dir: str, mesh: tuple[int, int, int]):

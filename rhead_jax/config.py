@@ -1,0 +1,180 @@
+"""The one configuration schema of every command: each knob has one home, one default and a comment.
+
+Files in configs/ (one per model, data only) start from `default_config()` and set values; every
+command (sweep, ablate, the dry run, the benchmarks) reads the same schema through
+`rhead_jax.cli`, and `validate()` refuses keys that are not in it, listing the valid ones.
+
+A bare config name (`--config yi34b.py`, `--config yi34b`) is looked up in the configs shipped with
+the package (`rhead_jax.configs`, the repository's configs/ folder installed as package data), so
+it resolves in a checkout and after `pip install` alike.
+"""
+from __future__ import annotations
+
+import importlib.resources
+from pathlib import Path
+
+import ml_collections
+
+from rhead_jax.errors import UserError
+from rhead_jax.needle.grid import paper_depths, paper_lengths
+
+RETRIEVAL_THRESHOLD = 0.1   # a head whose mean score exceeds this is a retrieval head (the paper)
+MASK_MODES = ("zero", "uniform")
+MASK_PHASES = ("all", "decode")
+DTYPES = ("float32", "bfloat16")
+# the sections a detection sweep's results depend on: pinned in its workdir (sweep_config.json)
+SWEEP_SECTIONS = ("haystack", "mesh", "model", "needles", "sweep")
+
+
+def default_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.model = ml_collections.ConfigDict(dict(
+        path="default",      # HF checkpoint dir, a .gguf file, or "default" (embedded SmolLM2-135M-Instruct)
+        dtype="float32",     # "float32" or "bfloat16" params/activations; softmax is always fp32
+        chat=True,           # wrap prompts in the tokenizer's chat template (instruct/chat models)
+        name="",             # label used in logs and summaries; "" = the checkpoint dir name
+    ))
+    c.needles = ""           # JSONL of {needle, question, real_needle}; "" = the bundled default set
+    c.haystack = ""          # a .txt file or a directory of .txt files; "" = bundled Areopagitica
+    c.sweep = ml_collections.ConfigDict(dict(
+        # tuples: config_flags overrides them from the command line, --config.sweep.lengths="(500,1000)"
+        lengths=(500, 1000, 2000),   # context lengths in tokens
+        depths=(0, 50, 100),         # needle depths in percent (0-100)
+        faithful=False,              # reproduce every detection QUIRK of ORIGINAL.md
+        max_new_tokens=50,           # decode-step cap (the original's 50)
+        batch_size=8,                # instances of one length decoded together (the data axis)
+        share_prefix=True,           # prefill the common haystack prefix once per grid
+        prefill_chunk=1024,          # tokens per prefill call: bounds activation memory
+        q_chunk=512,                 # attention query tile
+        k_chunk=512,                 # attention key tile (cache sizes are multiples of it)
+        pad_multiple=64,             # prompt / prefill widths rounded up to this: fewer recompiles
+    ))
+    c.mesh = ml_collections.ConfigDict(dict(
+        data=1,                      # devices along the instance (batch) axis; -1 = the rest
+        model=1,                     # devices along heads / MLP
+        expert=1,                    # devices along MoE experts
+    ))
+    c.mask = ml_collections.ConfigDict(dict(   # head masking (rhead_jax.ablate)
+        mode="zero",         # "zero": masked head's output x 0; "uniform": its attention becomes uniform
+        phase="all",         # "all": prefill and decode; "decode": decode steps only (the original)
+    ))
+    c.ablation = ml_collections.ConfigDict(dict(  # rhead_jax.ablate; its flags override these
+        scores="",           # head-score file {"L-H": [scores]} (a sweep's head_scores.json); top:/random: need it
+        mask="top:20",       # top:K | random:K | list:L-H,L-H,... | none
+        seeds=(0,),          # random:K: one draw per seed, results averaged over seeds ('(0,1,2)' on the CLI)
+        sweep_k=(),          # e.g. (0, 5, 10, 20): accuracy vs number of masked heads, top-k vs random
+        baseline=True,       # also run with no head masked (the reference accuracy)
+        task="niah",         # "niah" (config.sweep's grid) | "qa:PATH" | "cot:PATH" (rhead_jax.qa)
+        threshold=RETRIEVAL_THRESHOLD,  # random heads come from heads with mean score <= this
+        extraction_ngram=5,  # taxonomy: this many consecutive response words found in the haystack
+        qa_max_new_tokens=32,    # decode cap for qa: tasks (stops at a newline or EOS)
+        cot_max_new_tokens=256,  # decode cap for cot: tasks (stops at EOS only)
+    ))
+    return c
+
+
+def paper_grid(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """The paper's grid (ORIGINAL.md §1): 20 lengths 1K-50K x 10 depths x the needles."""
+    c.sweep.lengths = tuple(paper_lengths())
+    c.sweep.depths = tuple(paper_depths())
+    return c
+
+
+def key_paths(d, prefix: str = "") -> set[str]:
+    """Every dotted key of a ConfigDict (sections and leaves)."""
+    out = set()
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        out.add(key)
+        if isinstance(v, ml_collections.ConfigDict):
+            out |= key_paths(v, key + ".")
+    return out
+
+
+def valid_keys() -> list[str]:
+    return sorted(key_paths(default_config()))
+
+
+def check_keys(keys) -> None:
+    """Refuse dotted keys outside the schema (a config file's or command-line overrides')."""
+    valid = set(valid_keys())
+    unknown = sorted(k for k in keys if k not in valid)
+    if unknown:
+        raise UserError(f"unknown config key(s) {', '.join(unknown)}; valid keys: {', '.join(valid_keys())}")
+
+
+def _ints(values, what: str, *, minimum: int | None = None) -> None:
+    vals = list(values)
+    if not all(isinstance(v, int) and not isinstance(v, bool) for v in vals) or (
+            minimum is not None and any(v < minimum for v in vals)):
+        bound = f" >= {minimum}" if minimum is not None else ""
+        raise UserError(f"{what} must list integers{bound}, got {vals}")
+
+
+def validate(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """Refuse unknown keys and bad values, naming the key and the fix; returns `c`."""
+    check_keys(key_paths(c))
+    missing = sorted(set(valid_keys()) - key_paths(c))
+    if missing:
+        raise UserError(f"config lacks key(s) {', '.join(missing)}: start config files from "
+                        "rhead_jax.config.default_config()")
+    s = c.sweep
+    if not s.lengths or not s.depths:
+        raise UserError("config.sweep.lengths and config.sweep.depths must be non-empty")
+    if any(not 0 <= d <= 100 for d in s.depths):
+        raise UserError(f"config.sweep.depths are percentages in [0, 100], got {list(s.depths)}")
+    for k in ("max_new_tokens", "batch_size", "prefill_chunk", "q_chunk", "k_chunk", "pad_multiple"):
+        if not isinstance(s[k], int) or s[k] < 1:
+            raise UserError(f"config.sweep.{k} must be an integer >= 1, got {s[k]!r}")
+    if c.model.dtype not in DTYPES:
+        raise UserError(f"config.model.dtype must be float32 or bfloat16, got {c.model.dtype!r}")
+    if c.mask.mode not in MASK_MODES:
+        raise UserError(f"config.mask.mode must be one of {MASK_MODES}, got {c.mask.mode!r}")
+    if c.mask.phase not in MASK_PHASES:
+        raise UserError(f"config.mask.phase must be one of {MASK_PHASES}, got {c.mask.phase!r}")
+    a = c.ablation
+    seeds = list(a.seeds)
+    if not seeds:
+        raise UserError("config.ablation.seeds must be a non-empty list of integers, got []")
+    _ints(seeds, "config.ablation.seeds")
+    if len(set(seeds)) != len(seeds):
+        raise UserError(f"config.ablation.seeds has duplicates: {seeds}")
+    _ints(a.sweep_k, "config.ablation.sweep_k", minimum=0)
+    if not 0 <= float(a.threshold):
+        raise UserError(f"config.ablation.threshold must be >= 0, got {a.threshold}")
+    if a.extraction_ngram < 2:
+        raise UserError(f"config.ablation.extraction_ngram must be >= 2, got {a.extraction_ngram}")
+    if a.qa_max_new_tokens < 1 or a.cot_max_new_tokens < 1:
+        raise UserError("config.ablation.qa_max_new_tokens and cot_max_new_tokens must be >= 1")
+    return c
+
+
+def sweep_json(c: ml_collections.ConfigDict) -> str:
+    """What a detection sweep's results depend on, as the JSON pinned in its workdir."""
+    return ml_collections.ConfigDict({k: c[k] for k in SWEEP_SECTIONS}).to_json(sort_keys=True, indent=1)
+
+
+# ----------------------------------------------------------------------------- config files
+
+
+def shipped_configs() -> dict[str, Path]:
+    """{name: path} of the config files shipped with the package (the repository's configs/)."""
+    root = importlib.resources.files("rhead_jax.configs")
+    return {p.name[:-3]: Path(str(p)) for p in root.iterdir()
+            if p.name.endswith(".py") and not p.name.startswith("_")}
+
+
+def resolve_config_path(value: str) -> str:
+    """A config file's path: as given when it exists, else a shipped config by (bare) name.
+
+    `value` may carry config_flags' `:arg` suffix, which is kept."""
+    path, sep, rest = value.partition(":")
+    if Path(path).expanduser().is_file():
+        return value
+    shipped = shipped_configs()
+    name = Path(path).name.removesuffix(".py")
+    if path and Path(path).name == path or path.startswith("configs/"):
+        if name in shipped:
+            return str(shipped[name]) + sep + rest
+    raise UserError(f"config file {path!r} not found; give a path to a config file or one of the shipped "
+                    f"names: {', '.join(sorted(shipped))}")

@@ -1,0 +1,327 @@
+"""The one engine under every command: the model on its mesh, the plan, the shared prefix, batches
+of prompts generated with (prefill mask, decode mask, capture spec), results written atomically.
+
+    engine = Engine(config)                         # load onto config.mesh (or wrap a loaded model)
+    instances = engine.plan_needles()               # the needle grid (refused before any work if too long)
+    batches = make_batches(instances, batch_size)   # instances of one length, grid order
+    spec = engine.spec(capture=True)                # GenerateSpec from config.sweep (+ mask mode)
+    shared = engine.shared_prefix(instances, spec)  # the common haystack prefix, prefilled once
+    out = engine.generate([i.prompt_ids for i in batch], spec, batch_size=..., shared=shared,
+                          keys=[i.key for i in batch], prefill_mask=..., decode_mask=...)
+    store = engine.store(workdir, pinned_json)      # per-batch files, resumable
+    engine.run_batches(store, n, run_one, desc=...) # resume, progress, logs
+
+Detection (rhead_jax.detection) scores `out`; ablation tasks (rhead_jax.ablation.tasks) and the
+QA / CoT tasks read its tokens. None of them re-assembles loading, padding or the shared prefix.
+
+Shared prefix: every prompt starts with the same template and haystack tokens up to its needle.
+One reference prompt (the longest haystack prefix) is prefilled once; each instance then copies
+that KV cache up to the longest prefix it shares with the reference, checked token by token,
+and prefills only the rest. Exact: a prefix token's keys and values depend only on the tokens
+before it. A masked prefill (ablation phase "all") needs its own prefix: the masked heads change
+the keys and values of later layers.
+
+Batches: a short batch is padded to `batch_size` rows (repeating its last row, results dropped)
+so every batch of a length shares one compiled program; the batch list is a function of the plan
+alone, so a resumed run recomputes exactly the batches an uninterrupted one would.
+"""
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Any, Callable, Sequence
+
+import jax
+import numpy as np
+from absl import logging
+from tqdm.auto import tqdm
+
+from rhead_jax import io
+from rhead_jax.checkpoints import LoadedModel
+from rhead_jax.errors import UserError
+from rhead_jax.models.attention import AttentionOptions
+from rhead_jax.models.decoder import KVCache
+from rhead_jax.models.generate import GenerateSpec, cache_size_for
+from rhead_jax.needle.grid import build_grid
+from rhead_jax.needle.haystack import load_haystack, load_needles
+from rhead_jax.needle.prompts import Instance
+from rhead_jax.runner import Runner
+
+
+def round_up(n: int, m: int) -> int:
+    return -(-n // m) * m
+
+
+def stop_tokens(tokenizer, *, faithful: bool) -> tuple[int, ...]:
+    """Ids that end a test. Faithful: a token that decodes to exactly a newline (the original's
+    check). Default: any token containing a newline, and the tokenizer's EOS."""
+    ids = range(len(tokenizer))
+    texts = tokenizer.batch_decode([[i] for i in ids])
+    if faithful:
+        return tuple(i for i, t in zip(ids, texts) if t == "\n")
+    out = {i for i, t in zip(ids, texts) if "\n" in t}
+    if tokenizer.eos_token_id is not None:
+        out.add(int(tokenizer.eos_token_id))
+    return tuple(sorted(out))
+
+
+def make_batches(instances: Sequence[Instance], batch_size: int) -> list[list[int]]:
+    """Indices of instances grouped by length (grid order kept), at most batch_size per batch."""
+    batches: list[list[int]] = []
+    for i, inst in enumerate(instances):
+        if batches and len(batches[-1]) < batch_size and instances[batches[-1][0]].length == inst.length:
+            batches[-1].append(i)
+        else:
+            batches.append([i])
+    return batches
+
+
+def common_prefix(a: np.ndarray, b: np.ndarray) -> int:
+    n = min(len(a), len(b))
+    diff = np.nonzero(a[:n] != b[:n])[0]
+    return int(diff[0]) if len(diff) else n
+
+
+def mesh_from_config(config):
+    """None (one device, no sharding) unless config.mesh asks for more than one device."""
+    sizes = dict(config.mesh)
+    if all(v == 1 for v in sizes.values()):
+        return None
+    from rhead_jax.sharding import make_mesh
+
+    return make_mesh(sizes)
+
+
+def barrier(name: str) -> None:
+    """All processes meet here (no-op on one host)."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
+
+
+@dataclasses.dataclass
+class SharedPrefix:
+    """The reference prompt's KV cache (batch 1) and each instance's usable prefix length."""
+
+    cache: KVCache
+    lengths: dict[str, int]      # instance key -> tokens taken from the shared cache
+    reference: str               # key of the reference instance
+    tokens: int                  # tokens prefilled for the reference
+
+
+@dataclasses.dataclass(frozen=True)
+class BatchOutput:
+    """One generated batch on the host; rows past `real` are padding and are dropped here.
+
+    prompts [B, P] (right-padded ids), starts [B] (tokens taken from the shared prefix),
+    tokens [B, N] (-1 after a row stopped), num_tokens [B], topk_index / topk_weight
+    [B, N, L, H, k] or None (no capture)."""
+
+    prompts: np.ndarray
+    starts: np.ndarray
+    tokens: np.ndarray
+    num_tokens: np.ndarray
+    topk_index: np.ndarray | None
+    topk_weight: np.ndarray | None
+
+    def generated(self, b: int) -> list[int]:
+        return self.tokens[b, :self.num_tokens[b]].tolist()
+
+
+class ResultStore:
+    """Per-batch result files in `root/batches/`, written atomically; what the results depend on is
+    pinned in `root/sweep_config.json`, so a resume with different settings is refused."""
+
+    def __init__(self, root: str, pinned_json: str, *, writer: bool = True):
+        self.root = io.as_path(root)
+        self.writer = writer
+        meta = self.root / "sweep_config.json"
+        if meta.exists():
+            if meta.read_text() != pinned_json:
+                raise UserError(
+                    f"workdir {root} holds results of a different configuration ({meta}); use a new "
+                    "--workdir, or delete that one to start over")
+        elif writer:
+            io.atomic_write_text(meta, pinned_json)
+
+    def _batch_path(self, b: int):
+        return self.root / "batches" / f"batch_{b:05d}.json"
+
+    def done(self, b: int) -> bool:
+        return self._batch_path(b).exists()
+
+    def write(self, b: int, results: list[dict]) -> None:
+        if self.writer:
+            io.atomic_write_json(self._batch_path(b), results)
+
+    def read(self, b: int) -> list[dict]:
+        return io.read_json(self._batch_path(b))
+
+
+class Engine:
+    """The model of `config.model` on the mesh of `config.mesh`, and the programs that run it."""
+
+    def __init__(self, config, model: LoadedModel | None = None):
+        from rhead_jax.checkpoints import load_model
+
+        self.config = config
+        self.mesh = mesh_from_config(config)
+        if model is None:
+            model = load_model(config.model.path, dtype=config.model.dtype, mesh=self.mesh)
+        elif self.mesh is not None:
+            from rhead_jax.sharding import shard_params
+
+            model = dataclasses.replace(model, params=shard_params(model.params, model.cfg, self.mesh))
+        self.model = model
+        self.runner = Runner(model.cfg, model.params, self.mesh)
+        self.name = config.model.name or model.name
+        self.is_writer = jax.process_index() == 0
+        self._shared: dict[Any, SharedPrefix] = {}
+        if self.mesh is not None:
+            logging.info("mesh %s over %d devices (%d processes)", dict(self.mesh.shape), self.mesh.size,
+                         jax.process_count())
+
+    @property
+    def cfg(self):
+        return self.model.cfg
+
+    @property
+    def tokenizer(self):
+        return self.model.tokenizer
+
+    # -- plan ----------------------------------------------------------------------------------
+
+    def plan_needles(self) -> list[Instance]:
+        """The needle grid's instances; lengths that cannot fit the model are refused before any work."""
+        c, s = self.config, self.config.sweep
+        limit = self.cfg.max_position_embeddings - s.max_new_tokens
+        too_long = [L for L in s.lengths if L > limit]
+        if too_long:
+            raise UserError(
+                f"context length(s) {too_long} plus {s.max_new_tokens} generated tokens exceed the model's "
+                f"max_position_embeddings={self.cfg.max_position_embeddings}; drop them from config.sweep.lengths")
+        haystack = load_haystack(c.haystack or None)
+        needles = load_needles(c.needles or None)
+        return build_grid(self.tokenizer, haystack, needles, list(s.lengths), list(s.depths),
+                          chat=c.model.chat, faithful=s.faithful, max_positions=limit)
+
+    def spec(self, *, capture: bool, max_new_tokens: int | None = None,
+             stops: tuple[int, ...] | None = None) -> GenerateSpec:
+        """Generation settings from config.sweep and config.mask.mode. capture: the top-1 attended
+        slot of every head at every decode step (what the copy score needs); off otherwise."""
+        s = self.config.sweep
+        if stops is None:
+            stops = stop_tokens(self.tokenizer, faithful=s.faithful)
+        return GenerateSpec(max_new_tokens=max_new_tokens or s.max_new_tokens, stop_tokens=stops,
+                            top_k=1 if capture else 0, mask_mode=self.config.mask.mode,
+                            prefill_chunk=s.prefill_chunk, attn=AttentionOptions(q_chunk=s.q_chunk, k_chunk=s.k_chunk))
+
+    # -- shared prefix -------------------------------------------------------------------------
+
+    def shared_prefix(self, instances: Sequence[Instance], spec: GenerateSpec, prefill_mask=None,
+                      *, label: str = "") -> SharedPrefix | None:
+        """The shared prefix of `instances` (None when config.sweep.share_prefix is off).
+
+        `prefill_mask` [L, H] (None: unmasked) must be the PREFILL mask of the batches that use it.
+        The unmasked prefix is kept; of masked ones only the latest (`label`) stays alive."""
+        if not self.config.sweep.share_prefix:
+            return None
+        key = "unmasked" if prefill_mask is None else label
+        if key in self._shared:
+            return self._shared[key]
+        if prefill_mask is not None:
+            for k in [k for k in self._shared if k != "unmasked"]:
+                del self._shared[k]
+        t = time.time()
+        pm = self.config.sweep.pad_multiple
+        size = cache_size_for(max(round_up(i.num_prompt_tokens, pm) for i in instances), spec)
+        ref = max(instances, key=lambda i: (i.needle_pos, i.length, i.depth))
+        ref_ids = np.asarray(ref.prompt_ids)
+        lengths = {}
+        for inst in instances:
+            ids = np.asarray(inst.prompt_ids)
+            lengths[inst.key] = min(common_prefix(ids, ref_ids), len(ids) - 1)
+        n = max(lengths.values())
+        cache = self.runner.init_cache(1, size)
+        if n > 0:
+            width = round_up(n, spec.prefill_chunk) if n > spec.prefill_chunk else n
+            toks = np.zeros((1, width), np.int32)
+            toks[0, :n] = ref_ids[:n]
+            pos = np.where(np.arange(width) < n, np.arange(width), -1)[None].astype(np.int32)
+            cache = self.runner.prefill(toks, pos, cache, spec, head_mask=prefill_mask)
+        jax.block_until_ready(cache.k)
+        shared = SharedPrefix(cache=cache, lengths=lengths, reference=ref.key, tokens=n)
+        saved = sum(lengths.values())
+        total = sum(i.num_prompt_tokens - 1 for i in instances)
+        logging.info("shared prefix (%s): %d reference tokens prefilled once in %.1fs; saves %d of %d prefill "
+                     "tokens (%.0f%%)", key, n, time.time() - t, saved - n, total, 100 * (saved - n) / max(total, 1))
+        self._shared[key] = shared
+        return shared
+
+    # -- one batch -----------------------------------------------------------------------------
+
+    def generate(self, rows: Sequence[Sequence[int]], spec: GenerateSpec, *, batch_size: int | None = None,
+                 shared: SharedPrefix | None = None, keys: Sequence[str] | None = None,
+                 prefill_mask=None, decode_mask=None) -> BatchOutput:
+        """Greedy generation for one batch of prompts (token id lists) with optional shared prefix
+        (`keys` name each row's instance in it) and head masks; only the real rows come back."""
+        real = len(rows)
+        pm = self.config.sweep.pad_multiple
+        n_rows = round_up(max(batch_size or real, real), self.runner.data_size)
+        rows = list(rows) + [rows[-1]] * (n_rows - real)
+        lens = np.array([len(r) for r in rows], np.int32)
+        P = round_up(int(lens.max()), pm)
+        prompts = np.zeros((n_rows, P), np.int32)
+        for b, r in enumerate(rows):
+            prompts[b, :lens[b]] = r
+        size = cache_size_for(P, spec)
+        if shared is not None:
+            keys = list(keys) + [keys[-1]] * (n_rows - real)
+            starts = np.array([shared.lengths[k] for k in keys], np.int32)
+            cache = self.runner.rows(shared.cache, starts, size)
+        else:
+            starts = np.zeros(n_rows, np.int32)
+            cache = self.runner.init_cache(n_rows, size)
+        width = round_up(max(int((lens - 1 - starts).max()), 1), pm)
+        gen = self.runner.generate(prompts, lens, cache, spec=spec, prefill_width=width,
+                                   prefill_mask=prefill_mask, decode_mask=decode_mask)
+        cap = spec.top_k > 0
+        # outputs are replicated (readable on every host)
+        return BatchOutput(prompts=prompts[:real], starts=starts[:real], tokens=np.asarray(gen.tokens)[:real],
+                           num_tokens=np.asarray(gen.num_tokens)[:real],
+                           topk_index=np.asarray(gen.topk_index)[:real] if cap else None,
+                           topk_weight=np.asarray(gen.topk_weight)[:real] if cap else None)
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self.tokenizer.decode(list(ids), skip_special_tokens=True).strip()
+
+    # -- results -------------------------------------------------------------------------------
+
+    def store(self, root: str, pinned_json: str) -> ResultStore:
+        return ResultStore(root, pinned_json, writer=self.is_writer)
+
+    def run_batches(self, store: ResultStore, sizes: Sequence[int], run_one: Callable[[int], list[dict]], *,
+                    desc: str, bar: tqdm | None = None) -> list[list[dict]]:
+        """Run every batch `store` lacks (run_one(b) -> its results), writing each atomically;
+        returns all batches' results in order. On several hosts every process runs the same
+        batches and process 0 alone writes; this run's batches stay in memory, so the other
+        hosts need no shared disk."""
+        barrier(f"{desc}_start")
+        todo = [b for b in range(len(sizes)) if not store.done(b)]
+        own_bar = bar is None
+        if own_bar:
+            bar = tqdm(total=sum(sizes), initial=sum(sizes) - sum(sizes[b] for b in todo), desc=desc, unit="test")
+        computed: dict[int, list[dict]] = {}
+        for b in todo:
+            t = time.time()
+            results = run_one(b)
+            store.write(b, results)
+            computed[b] = results
+            bar.update(len(results))
+            logging.info("%s: batch %d/%d (%d tests) in %.1fs", desc, b + 1, len(sizes), len(results),
+                         time.time() - t)
+        if own_bar:
+            bar.close()
+        barrier(f"{desc}_done")
+        return [computed[b] if b in computed else store.read(b) for b in range(len(sizes))]

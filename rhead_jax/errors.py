@@ -1,0 +1,11 @@
+"""The error a user can fix: bad config, paths, needles, checkpoints, head lists.
+
+Commands (rhead_jax.cli.run) print it as one line `error: ...` and exit with status 2; any other
+exception is a bug and keeps its traceback. It subclasses ValueError so library callers can catch
+it like any bad-argument error.
+"""
+from __future__ import annotations
+
+
+class UserError(ValueError):
+    """Something the user gave is wrong; the message names it and says what to do."""
