@@ -9,13 +9,21 @@ heads of a layer) and the copy test in Python loops (`+= 1 / n`, a Python float 
 int 0, as the original). It stops after a step whose token is in `stop_tokens` (the same set our
 GenerateSpec uses; that step's copy test still counts).
 
-Used by benchmarks.sweep_vs_hf; runs on the prompt ids of rhead_jax Instances, so tokenization
-is not part of the comparison.
+As a command it is the baseline process of benchmarks.sweep_vs_original: the same config files
+and overrides as `python -m rhead_jax.sweep`, the same instances (rhead_jax.plan: tokenizer only,
+no jax), and the sweep's head_scores.json / results.jsonl formats:
+
+    python -m benchmarks.hf_baseline --config smollm2_135m.py --workdir /tmp/hf [--torch_threads N]
 """
 from __future__ import annotations
 
+import json
 import time
 from typing import Sequence
+
+from absl import flags, logging
+
+from rhead_jax import cli
 
 
 def load_hf_model(directory):
@@ -117,3 +125,45 @@ def thread_probe(model, inst, threads: int, steps: int = 5) -> dict:
     finally:
         torch.set_num_threads(old)
     return {"threads": threads, "prefill_s": prefill_s, "step_s": step_s, "prompt_tokens": ids.shape[1]}
+
+
+# ----------------------------------------------------------------------------------- the command
+FLAGS = flags.FLAGS
+
+
+def main(argv) -> None:
+    del argv
+    import torch
+    import transformers
+    from tqdm.auto import tqdm
+
+    from rhead_jax import io
+    from rhead_jax.checkpoints import resolve_model_dir
+    from rhead_jax.plan import plan_needles, stop_tokens
+
+    config = cli.get_config()
+    if FLAGS.torch_threads:
+        torch.set_num_threads(FLAGS.torch_threads)
+    t0 = time.time()
+    directory = resolve_model_dir(config.model.path)
+    model = load_hf_model(directory)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(str(directory), local_files_only=True)
+    instances = plan_needles(config, tokenizer, model.config.max_position_embeddings)
+    stops = stop_tokens(tokenizer, faithful=config.sweep.faithful)
+    results = [run_instance(model, tokenizer, inst, max_new_tokens=config.sweep.max_new_tokens, stop_tokens=stops)
+               for inst in tqdm(instances, desc="HF eager baseline", unit="test")]
+    L, H = model.config.num_hidden_layers, model.config.num_attention_heads
+    kept = [r for r in results if r["kept"]]
+    head_scores = {f"{l}-{h}": [r["scores"][l][h] for r in kept] for l in range(L) for h in range(H)}
+    root = io.as_path(FLAGS.workdir)
+    io.atomic_write_json(root / "head_scores.json", head_scores)
+    io.atomic_write_text(root / "results.jsonl", "".join(json.dumps(r) + "\n" for r in results))
+    logging.info("baseline: %d tests in %.1fs (%d torch threads)", len(results), time.time() - t0,
+                 torch.get_num_threads())
+
+
+if __name__ == "__main__":
+    cli.define_config_flag()
+    flags.DEFINE_string("workdir", None, "Where head_scores.json and results.jsonl go.", required=True)
+    flags.DEFINE_integer("torch_threads", 0, "torch threads (0: torch's default, all cores).")
+    cli.run(main)

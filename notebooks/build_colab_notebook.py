@@ -96,16 +96,16 @@ into the workdir, and prints the summary. Use a `gs://` workdir to keep the resu
 import os
 import tempfile
 
-from rhead_jax import sweep_config
+from rhead_jax import config as config_lib
 from rhead_jax.detection import run_sweep
 
-c = sweep_config.default_config()
+c = config_lib.default_config()  # the one schema of every command (rhead_jax/config.py)
 c.model.name = "SmolLM2-135M-Instruct"
 c.sweep.lengths = [500]        # context lengths in tokens
 c.sweep.depths = [0, 100]      # needle depth in percent of the context
 c.sweep.batch_size = 2
 c.sweep.max_new_tokens = 24
-sweep_config.validate(c)
+config_lib.validate(c)
 
 workdir = tempfile.mkdtemp(prefix="rhead_sweep_")
 t0 = time.time()
@@ -147,7 +147,7 @@ ablation: uniform attention, decode steps only). The unmasked reference is the s
     ("code", "ablation", """\
 from rhead_jax import ablation
 
-ac = ablation.with_overrides(c)  # the sweep's config plus the mask / ablation sections
+ac = c.copy_and_resolve_references()  # the same config; its mask section says how heads are masked
 ac.mask.mode = "zero"
 ac.mask.phase = "all"
 abl = ablation.run_ablation(ac, os.path.join(workdir, "ablation"), model=model,

@@ -34,6 +34,8 @@ def default_config() -> ml_collections.ConfigDict:
         chat=True,           # wrap prompts in the tokenizer's chat template (instruct/chat models)
         name="",             # label used in logs and summaries; "" = the checkpoint dir name
     ))
+    c.compile_cache = True   # JAX's persistent compilation cache in $RHEAD_JAX_CACHE/jax_compilation_cache:
+                             # a second sweep, an ablation after a sweep, a resumed sweep reuse programs
     c.needles = ""           # JSONL of {needle, question, real_needle}; "" = the bundled default set
     c.haystack = ""          # a .txt file or a directory of .txt files; "" = bundled Areopagitica
     c.sweep = ml_collections.ConfigDict(dict(

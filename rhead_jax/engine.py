@@ -42,27 +42,16 @@ from rhead_jax.errors import UserError
 from rhead_jax.models.attention import AttentionOptions
 from rhead_jax.models.decoder import KVCache
 from rhead_jax.models.generate import GenerateSpec, cache_size_for
-from rhead_jax.needle.grid import build_grid
-from rhead_jax.needle.haystack import load_haystack, load_needles
 from rhead_jax.needle.prompts import Instance
+from rhead_jax.plan import plan_needles, stop_tokens
 from rhead_jax.runner import Runner
+
+__all__ = ["BatchOutput", "Engine", "ResultStore", "SharedPrefix", "barrier", "common_prefix", "enable_compile_cache",
+           "make_batches", "mesh_from_config", "round_up", "stop_tokens"]
 
 
 def round_up(n: int, m: int) -> int:
     return -(-n // m) * m
-
-
-def stop_tokens(tokenizer, *, faithful: bool) -> tuple[int, ...]:
-    """Ids that end a test. Faithful: a token that decodes to exactly a newline (the original's
-    check). Default: any token containing a newline, and the tokenizer's EOS."""
-    ids = range(len(tokenizer))
-    texts = tokenizer.batch_decode([[i] for i in ids])
-    if faithful:
-        return tuple(i for i, t in zip(ids, texts) if t == "\n")
-    out = {i for i, t in zip(ids, texts) if "\n" in t}
-    if tokenizer.eos_token_id is not None:
-        out.add(int(tokenizer.eos_token_id))
-    return tuple(sorted(out))
 
 
 def make_batches(instances: Sequence[Instance], batch_size: int) -> list[list[int]]:
@@ -90,6 +79,24 @@ def mesh_from_config(config):
     from rhead_jax.sharding import make_mesh
 
     return make_mesh(sizes)
+
+
+def enable_compile_cache(enabled: bool = True) -> str | None:
+    """Point JAX's persistent compilation cache at $RHEAD_JAX_CACHE/jax_compilation_cache (unless
+    disabled or already set by the user); programs compiled once are then read back by any later
+    process with the same shapes, jax version and backend. Returns the directory."""
+    if not enabled:
+        return None
+    current = jax.config.jax_compilation_cache_dir
+    if current:
+        return current
+    from rhead_jax.checkpoints.gguf_import import cache_root
+
+    path = str(cache_root() / "jax_compilation_cache")
+    jax.config.update("jax_compilation_cache_dir", path)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    return path
 
 
 def barrier(name: str) -> None:
@@ -166,6 +173,9 @@ class Engine:
         from rhead_jax.checkpoints import load_model
 
         self.config = config
+        cache = enable_compile_cache(config.compile_cache)
+        if cache:
+            logging.info("persistent compilation cache: %s", cache)
         self.mesh = mesh_from_config(config)
         if model is None:
             model = load_model(config.model.path, dtype=config.model.dtype, mesh=self.mesh)
@@ -193,18 +203,8 @@ class Engine:
     # -- plan ----------------------------------------------------------------------------------
 
     def plan_needles(self) -> list[Instance]:
-        """The needle grid's instances; lengths that cannot fit the model are refused before any work."""
-        c, s = self.config, self.config.sweep
-        limit = self.cfg.max_position_embeddings - s.max_new_tokens
-        too_long = [L for L in s.lengths if L > limit]
-        if too_long:
-            raise UserError(
-                f"context length(s) {too_long} plus {s.max_new_tokens} generated tokens exceed the model's "
-                f"max_position_embeddings={self.cfg.max_position_embeddings}; drop them from config.sweep.lengths")
-        haystack = load_haystack(c.haystack or None)
-        needles = load_needles(c.needles or None)
-        return build_grid(self.tokenizer, haystack, needles, list(s.lengths), list(s.depths),
-                          chat=c.model.chat, faithful=s.faithful, max_positions=limit)
+        """The needle grid's instances (rhead_jax.plan); refused before any work if too long."""
+        return plan_needles(self.config, self.tokenizer, self.cfg.max_position_embeddings)
 
     def spec(self, *, capture: bool, max_new_tokens: int | None = None,
              stops: tuple[int, ...] | None = None) -> GenerateSpec:

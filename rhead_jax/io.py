@@ -17,12 +17,20 @@ def as_path(path: str | os.PathLike) -> epath.Path:
     return epath.Path(path)
 
 
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+def atomic_write_bytes(path: str | os.PathLike, data: bytes | str) -> None:
+    """Write `data` to `path` through a temporary sibling renamed over it (replacing any old file)."""
     path = as_path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
-    tmp.write_text(text)
+    if isinstance(data, str):
+        tmp.write_text(data)
+    else:
+        tmp.write_bytes(data)
     tmp.replace(path)  # atomic on POSIX (overwrites); on GCS a finished object write is all-or-nothing
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    atomic_write_bytes(path, text)
 
 
 def atomic_write_json(path: str | os.PathLike, obj: Any, **dump_kw) -> None:

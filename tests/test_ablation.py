@@ -15,6 +15,7 @@ import pytest
 from rhead_jax import ablation, detection, qa
 from rhead_jax.ablation import MaskSpec, build_head_mask, classify_response, parse_mask_spec
 from rhead_jax.checkpoints import load_model
+from rhead_jax.config import default_config
 from rhead_jax.needle.haystack import SAN_FRANCISCO_NEEDLES_PATH
 from tests.helpers.tiny_smol import make_tiny_smol
 
@@ -51,7 +52,7 @@ SWEEP = dict(lengths=[300], depths=[0, 50, 100], batch_size=3, max_new_tokens=6,
 
 
 def _config(model_dir, scores="", *, mode="zero", phase="all", **ablate):
-    c = ablation.ablation_config()
+    c = default_config()
     c.model.path = str(model_dir)
     c.model.name = "tiny"
     c.needles = str(SAN_FRANCISCO_NEEDLES_PATH)
@@ -61,7 +62,7 @@ def _config(model_dir, scores="", *, mode="zero", phase="all", **ablate):
     c.ablation.scores = str(scores)
     for k, v in ablate.items():
         setattr(c.ablation, k, tuple(v) if isinstance(v, list) else v)
-    return ablation.validate_config(c)
+    return ablation.validate(c)
 
 
 # ----------------------------------------------------------------------------------- mask specs
@@ -110,7 +111,7 @@ def test_build_head_mask():
 
 
 def test_scores_file_errors(tmp_path):
-    with pytest.raises(FileNotFoundError, match="does not exist; run `python -m rhead_jax.sweep"):
+    with pytest.raises(ValueError, match="does not exist; run `python -m rhead_jax.sweep"):
         ablation.load_scores(tmp_path / "nope.json")
     for text, msg in [("{", "not valid JSON"), ("[]", "non-empty JSON object"), ('{"a-b": [1]}', "malformed head"),
                       ('{"0-1": 3}', "list of numbers")]:
@@ -123,19 +124,15 @@ def test_scores_file_errors(tmp_path):
 
 
 def test_config_schema_and_errors(tiny_dir, tmp_path):
-    f = tmp_path / "cfg.py"
-    f.write_text("from rhead_jax.config import default_config\n"
-                 "def get_config():\n    c = default_config()\n    c.sweep.lengths = [300]\n    return c\n")
-    c = ablation.get_config(str(f))  # a plain sweep config gains the mask and ablation sections
-    assert tuple(c.sweep.lengths) == (300,) and c.mask.mode == "zero" and c.mask.phase == "all"
-    assert c.ablation.mask == "top:20"
+    c = default_config()  # the one schema holds the mask and ablation sections
+    assert c.mask.mode == "zero" and c.mask.phase == "all" and c.ablation.mask == "top:20"
     c.mask.mode = "random"
     with pytest.raises(ValueError, match="config.mask.mode must be one of"):
-        ablation.validate_config(c)
-    c = ablation.get_config(str(f))
+        ablation.validate(c)
+    c = default_config()
     c.ablation.bogus = 1
-    with pytest.raises(ValueError, match=r"unknown config key\(s\) \['ablation.bogus'\]; valid keys: .*mask.phase"):
-        ablation.validate_config(c)
+    with pytest.raises(ValueError, match=r"unknown config key\(s\) ablation.bogus; valid keys: .*mask.phase"):
+        ablation.validate(c)
     with pytest.raises(ValueError, match="unknown task"):
         ablation.parse_task("squad")
     with pytest.raises(ValueError, match="unknown mask spec"):
@@ -153,9 +150,7 @@ def sweep_k_run(tiny_dir, model, scores_file, tmp_path_factory):
 
 def test_none_equals_the_unmasked_sweep(tiny_dir, model, sweep_k_run, tmp_path):
     wd, res = sweep_k_run
-    sweep_cfg = _config(tiny_dir)
-    plain = ml_plain(sweep_cfg)
-    detection.run_sweep(plain, str(tmp_path), model=model)
+    detection.run_sweep(_config(tiny_dir), str(tmp_path), model=model)
     ref = {r["key"]: r for r in map(json.loads, (tmp_path / "results.jsonl").read_text().splitlines())}
     none = res["runs"]["none"]["instances"]
     assert len(none) == len(ref) == 3
@@ -163,16 +158,6 @@ def test_none_equals_the_unmasked_sweep(tiny_dir, model, sweep_k_run, tmp_path):
         assert r["response"] == ref[r["key"]]["response"]
         assert r["rouge1_recall"] == ref[r["key"]]["rouge1_recall"]
     assert res["baseline"]["accuracy"] == pytest.approx(np.mean([r["rouge1_recall"] for r in ref.values()]))
-
-
-def ml_plain(c):
-    """The sweep's part of an ablation config (what rhead_jax.sweep would run)."""
-    from rhead_jax.config import default_config, validate
-
-    d = default_config()
-    for k in d.keys():
-        ablation.merge_config(d, {k: c[k]})
-    return validate(d)
 
 
 def test_results_schema_heatmaps_and_sweep_k(sweep_k_run):
@@ -377,27 +362,6 @@ def get_config():
     return c
 """)
     return f
-
-
-def test_config_flag_wraps_any_sweep_config(tiny_dir, tmp_path):
-    from absl import flags
-    from ml_collections import config_flags
-
-    def parse(argv):
-        fv = flags.FlagValues()
-        config_flags.DEFINE_config_file("config", None, "", flag_values=fv, lock_config=True, sys_argv=argv)
-        fv(argv)
-        return fv.config
-
-    c = parse(ablation.wrap_config_argv(["prog", "--config", str(_config_file(tmp_path, tiny_dir)),
-                                         "--config.mask.mode=uniform", "--config.ablation.seeds=(1,2)"]))
-    c = ablation.validate_config(c)
-    assert c.mask.mode == "uniform" and c.mask.phase == "all" and list(c.ablation.seeds) == [1, 2]
-    assert c.model.name == "tiny" and tuple(c.sweep.lengths) == (300,)
-    bare = ablation.wrap_config_argv(["prog", "--config=smollm2_135m.py"])[1]
-    assert bare.endswith("ablation.py:" + str(REPO / "configs" / "smollm2_135m.py"))
-    with pytest.raises(Exception, match="bogus"):
-        parse(ablation.wrap_config_argv(["prog", "--config", str(tmp_path / "tiny_config.py"), "--config.mask.bogus=1"]))
 
 
 @pytest.mark.slow  # a subprocess: JAX start-up and compilation again (~15 s)

@@ -9,7 +9,7 @@ import pytest
 from rhead_jax.needle.grid import paper_depths, paper_lengths
 from rhead_jax.config import validate
 
-CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.py"))
+CONFIGS = sorted(p for p in (Path(__file__).resolve().parents[1] / "configs").glob("*.py") if not p.name.startswith("_"))
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.stem)

@@ -34,7 +34,14 @@ def load_hf_config(directory: str | Path) -> dict:
 
 
 def load_config(directory: str | Path, *, dtype: str | None = None) -> ModelConfig:
-    return ModelConfig.from_hf(load_hf_config(directory), dtype=dtype)
+    """The model config of a checkpoint; a config.json the converter refuses names the checkpoint."""
+    hf = load_hf_config(directory)
+    try:
+        return ModelConfig.from_hf(hf, dtype=dtype)
+    except CheckpointError:
+        raise
+    except ValueError as e:
+        raise CheckpointError(f"checkpoint {directory}: {e}") from e
 
 
 # One entry per per-layer leaf: a function (store, layer prefix) -> array in our layout.

@@ -17,6 +17,7 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 from rhead_jax import detection  # noqa: E402
 from rhead_jax.checkpoints import load_model  # noqa: E402
 from rhead_jax.config import default_config, validate  # noqa: E402
+from rhead_jax.engine import Engine, mesh_from_config  # noqa: E402
 
 
 def tiny_config(model_dir: str, mesh: tuple[int, int, int]):
@@ -42,21 +43,18 @@ def main():
     for m in args.meshes:
         mesh = tuple(int(x) for x in m.split(","))
         config = tiny_config(args.model_dir, mesh)
-        model = load_model(args.model_dir, mesh=detection.mesh_from_config(config))
+        model = load_model(args.model_dir, mesh=mesh_from_config(config))
         wd = os.path.join(args.workroot, "mesh_" + m.replace(",", "x"))
         detection.run_sweep(config, wd, model=model)
         with open(os.path.join(wd, "results.jsonl")) as f:
             rows = [json.loads(line) for line in f]
         # the captured attention itself, straight from one batch on this mesh
-        from rhead_jax.runner import Runner
-
-        runner = Runner(model.cfg, model.params, detection.mesh_from_config(config))
-        instances = detection.plan_instances(config, model)
-        spec = detection.generate_spec(config, model.tokenizer)
-        batch = detection.run_batch(model, instances[:4], spec, pad_multiple=32, batch_size=8, runner=runner,
-                                    keep_attention=True)
+        engine = Engine(config, model)
+        instances = engine.plan_needles()
+        batch = detection.score_batch(engine, instances[:4], engine.spec(capture=True), batch_size=8,
+                                      keep_attention=True)
         # orbax: save the sharded params, restore straight into this mesh's shardings
-        mesh_obj = detection.mesh_from_config(config)
+        mesh_obj = engine.mesh
         if mesh_obj is not None:
             import jax
             import numpy as np

@@ -1,4 +1,4 @@
-"""The sweep end to end on a tiny random model with SmolLM2's tokenizer: outputs, shared-prefix
+"""rhead_jax.detection (and the rhead_jax.sweep command) end to end on a tiny random model with SmolLM2's tokenizer: outputs, shared-prefix
 exactness, resume after a kill, config and input errors."""
 from __future__ import annotations
 
@@ -144,36 +144,15 @@ def test_resume_with_a_different_config_is_refused(tiny_dir, model, reference_ru
         detection.run_sweep(_config(tiny_dir, max_new_tokens=7), str(wd), model=model)
 
 
-def test_unknown_config_key_lists_valid_ones(tiny_dir, tmp_path):
-    cfg_file = _config_file(tmp_path, tiny_dir)
-    out = subprocess.run(_sweep_cmd(cfg_file, tmp_path / "wd", "--config.sweep.lenghts=[1]"), cwd=REPO,
-                         capture_output=True, text=True, timeout=300)
-    assert out.returncode != 0 and "lenghts" in out.stderr
+def test_unknown_config_key_lists_valid_ones():
     c = default_config()
     c.unlock()
     c.sweep.bogus = 1
-    with pytest.raises(ValueError, match=r"unknown config key\(s\) \['sweep.bogus'\]; valid keys: .*sweep.lengths"):
+    with pytest.raises(ValueError, match=r"unknown config key\(s\) sweep.bogus; valid keys: .*sweep.lengths"):
         validate(c)
-
-
-def test_bare_config_name_resolves_to_repo_configs():
-    from rhead_jax.cli import resolve_config_argv
-
-    argv = resolve_config_argv(["prog", "--config", "smollm2_135m.py", "--config=smollm2_135m"])
-    assert argv[2] == str(REPO / "configs" / "smollm2_135m.py")
-    assert argv[3] == "--config=" + str(REPO / "configs" / "smollm2_135m.py")
 
 
 def test_length_over_max_positions_fails_before_work(tiny_dir, model, tmp_path):
     with pytest.raises(ValueError, match="max_position_embeddings=1024"):
         detection.run_sweep(_config(tiny_dir, lengths=[300, 1020]), str(tmp_path), model=model)
     assert not (tmp_path / "batches").exists()
-
-
-def test_stop_tokens(model):
-    tok = model.tokenizer
-    faithful = detection.stop_tokens(tok, faithful=True)
-    default = detection.stop_tokens(tok, faithful=False)
-    assert all(tok.decode([i]) == "\n" for i in faithful) and faithful
-    assert set(faithful) < set(default) and tok.eos_token_id in default
-    assert any(tok.decode([i]) == "\n\n" for i in default)

@@ -1,0 +1,178 @@
+"""`run_ablation`: the grid (or a QA / CoT task) with heads masked, one run per head set, on the engine.
+
+Workdir layout (local or gs://, every file written atomically):
+  runs/<task>/<mode>-<phase>/<run label>/   one ResultStore per masked-head set: sweep_config.json
+                                            (pinned; a different setting is refused) + batches/
+  results.json                              this invocation's summary (schema in rhead_jax.ablation)
+  heatmap_<group>.png                       Fig. 1 style: context length x depth, colour = score
+  sweep_k.png / sweep_k.csv / sweep_k.md    accuracy vs number of masked heads, top vs random
+  report.html                               the figures and tables (rhead_jax.report)
+A run's batches are reused by any later invocation that asks for the same run (same heads, mode,
+phase and grid), so `--sweep_k` after `--mask top:20` recomputes nothing for top:20.
+"""
+from __future__ import annotations
+
+import json
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+from absl import logging
+from tqdm.auto import tqdm
+
+from rhead_jax import config as config_lib
+from rhead_jax import io, qa
+from rhead_jax.ablation.heads import (MaskSpec, Run, build_head_mask, check_scores, load_scores, phase_masks,
+                                      plan_groups)
+from rhead_jax.ablation.results import format_summary, group_summary, report_sections, sweep_k_csv, \
+    sweep_k_markdown, sweep_k_table
+from rhead_jax.ablation.taxonomy import CATEGORIES
+from rhead_jax.ablation.tasks import make_task, parse_task
+from rhead_jax.engine import Engine
+from rhead_jax.errors import UserError
+from rhead_jax.report import plot_fig1_heatmap, plot_sweep_k, write_report
+
+
+def with_overrides(config, **overrides):
+    """A copy of `config` with the `config.ablation` fields named by the keyword arguments that are
+    not None replaced (scores, mask, seeds, sweep_k, task, baseline)."""
+    c = config.copy_and_resolve_references()
+    for k, v in overrides.items():
+        if v is None:
+            continue
+        if k not in c.ablation:
+            raise UserError(f"unknown ablation override {k!r}; valid: {', '.join(c.ablation.keys())}")
+        c.ablation[k] = tuple(v) if isinstance(v, (list, tuple)) else v
+    return c
+
+
+def validate(c):
+    """The schema's checks (rhead_jax.config.validate) plus the mask spec and the task syntax."""
+    config_lib.validate(c)
+    MaskSpec.parse(c.ablation.mask)
+    parse_task(c.ablation.task)
+    return c
+
+
+def _run_json(config, task, run: Run) -> str:
+    """What a run's results depend on: pinned in its ResultStore (a mismatch is refused)."""
+    return json.dumps({"model": config.model.to_dict(), "task": task.tag, **task.pinned(),
+                       "mask": {"mode": config.mask.mode, "phase": config.mask.phase},
+                       "run": run.label, "heads": [list(h) for h in run.heads]}, sort_keys=True, indent=1)
+
+
+def run_ablation(config, workdir: str, *, model=None, scores: str | None = None, mask: str | None = None,
+                 seeds: Sequence[int] | None = None, sweep_k: Sequence[int] | None = None,
+                 task: str | None = None, baseline: bool | None = None) -> dict:
+    """Run (or resume) an ablation into `workdir`; returns the results.json object.
+
+    Keyword arguments that are not None replace the config.ablation fields of the same name.
+    With config.mesh asking for several devices, runs are sharded like the sweep's; on several
+    hosts every process runs the same batches and process 0 alone writes files.
+    """
+    t0 = time.time()
+    config = validate(with_overrides(config, scores=scores, mask=mask, seeds=seeds, sweep_k=sweep_k,
+                                     task=task, baseline=baseline))
+    a = config.ablation
+    kind, task_path = parse_task(a.task)
+    main = MaskSpec.parse(a.mask)
+    ks = sorted(set(a.sweep_k))
+    need = main.needs_scores or any(k > 0 for k in ks)
+    score_data = load_scores(a.scores) if (a.scores or need) else None  # fail before loading the model
+    if kind != "niah":
+        qa.load_tasks(task_path, kind)
+
+    engine = Engine(config, model)
+    name, is_writer = engine.name, engine.is_writer
+    L, H = engine.cfg.num_layers, engine.cfg.num_heads
+    if score_data is not None:
+        check_scores(score_data, L, H, a.scores)
+    groups = plan_groups(main, seeds=list(a.seeds), sweep_k=ks, baseline=a.baseline, scores=score_data,
+                         num_layers=L, num_heads=H, threshold=a.threshold)
+    the_task = make_task(engine)
+
+    runs: dict[str, Run] = {}
+    for g in groups:
+        for r in g.runs:
+            runs.setdefault(r.label, r)
+    root = io.as_path(workdir)
+    run_root = root / "runs" / the_task.tag / f"{config.mask.mode}-{config.mask.phase}"
+    stores = {lbl: engine.store(str(run_root / lbl), _run_json(config, the_task, r)) for lbl, r in runs.items()}
+    sizes = [len(b) for b in the_task.batches]
+    nb = len(sizes)
+    todo = {lbl: [b for b in range(nb) if not stores[lbl].done(b)] for lbl in runs}
+    n_todo = sum(len(v) for v in todo.values())
+    logging.info("%s: %d run(s) x %d batches (%d tests each); %d batches to run, %d already done", name,
+                 len(runs), nb, sum(sizes), n_todo, len(runs) * nb - n_todo)
+
+    total = len(runs) * sum(sizes)
+    bar = tqdm(total=total, initial=total - sum(sizes[b] for v in todo.values() for b in v),
+               desc=f"ablate {name}", unit="test")
+    run_records = {}
+    for lbl, run in runs.items():
+        head_mask = build_head_mask(engine.cfg, run.heads) if run.heads else None
+        prefill_mask, decode_mask = phase_masks(head_mask, config.mask.phase)
+        per_batch = engine.run_batches(
+            stores[lbl], sizes, lambda b: the_task.run(b, prefill_mask, decode_mask, lbl),  # noqa: B023
+            desc=f"ablate {lbl}", bar=bar)
+        run_records[lbl] = the_task.records([r for rs in per_batch for r in rs])
+    bar.close()
+
+    order = {"none": 0, "top": 1, "random": 2, "list": 3}
+    groups = sorted(groups, key=lambda g: (g.spec.k, order[g.spec.kind]))  # none, top:5, random:5, top:10, ...
+    group_sums = {g.spec.text: group_summary(g, run_sums) for g in groups}
+    main_g = group_sums[main.text]
+    results: dict[str, Any] = {
+        "model": name, "task": a.task,
+        "mask": {"spec": main.text, "mode": config.mask.mode, "phase": config.mask.phase},
+        "scores": a.scores or None, "retrieval_threshold": a.threshold, "seeds": list(a.seeds),
+        "accuracy": main_g["accuracy"], "accuracy_std": main_g["accuracy_std"], "tests": main_g["tests"],
+        "metrics": main_g["metrics"], "masked_heads": main_g["masked_heads"],
+    }
+    if kind == "niah":
+        results["accuracy_by_cell"] = main_g["accuracy_by_cell"]
+        results["categories"] = main_g["categories"]
+        results["grid"] = {"lengths": sorted(set(config.sweep.lengths)), "depths": sorted(set(config.sweep.depths)),
+                           "needles": len({i.needle_index for i in the_task.instances})}
+        results["taxonomy"] = {"extraction_ngram": a.extraction_ngram, "categories": list(CATEGORIES),
+                               "rules": "see rhead_jax/ablation/taxonomy.py (module docstring)"}
+    results["baseline"] = group_sums.get("none")
+    results["groups"] = group_sums
+    results["sweep_k"] = sweep_k_table(ks, group_sums, list(a.seeds)) if ks else None
+    results["runs"] = {lbl: {"spec": r.spec.text, "seed": r.seed, "heads": [list(h) for h in r.heads],
+                             **run_sums[lbl], "instances": run_records[lbl]} for lbl, r in runs.items()}
+
+    files: dict[str, Path] = {}
+    if is_writer:
+        with tempfile.TemporaryDirectory() as tmp:
+            tmp = Path(tmp)
+            metric = "accuracy (%)" if kind != "qa" else "F1 (%)"
+            if kind == "niah":
+                for g in groups:
+                    gs = group_sums[g.spec.text]
+                    f = tmp / f"heatmap_{g.spec.slug}.png"
+                    seeds_txt = f", {len(g.runs)} seeds" if len(g.runs) > 1 else ""
+                    plot_fig1_heatmap(gs["accuracy_by_cell"], f,
+                                      f"{name}: {g.spec.text} masked ({config.mask.mode}/{config.mask.phase}"
+                                      f"{seeds_txt})\naccuracy {100 * gs['accuracy']:.1f}")
+                    files[f.name] = f
+            if results["sweep_k"]:
+                f = tmp / "sweep_k.png"
+                plot_sweep_k(results["sweep_k"], f, f"{name} on {the_task.tag}: heads masked "
+                             f"({config.mask.mode}/{config.mask.phase})", metric=metric)
+                files[f.name] = f
+                for fname, text in (("sweep_k.csv", sweep_k_csv(results["sweep_k"])),
+                                    ("sweep_k.md", sweep_k_markdown(results["sweep_k"]))):
+                    (tmp / fname).write_text(text)
+                    files[fname] = tmp / fname
+            results["files"] = sorted(files) + ["results.json", "report.html"]
+            report = write_report(tmp / "report", {}, extra_sections=report_sections(results, files),
+                                  title=f"Retrieval-head ablation: {name}")
+            for fname, f in files.items():
+                io.atomic_write_bytes(root / fname, f.read_bytes())
+            io.atomic_write_bytes(root / "report.html", report.read_bytes())
+        io.atomic_write_text(root / "results.json", json.dumps(results, indent=1))
+    print(format_summary(results), flush=True)
+    logging.info("ablation done in %.1fs", time.time() - t0)
+    return results

@@ -1,0 +1,66 @@
+"""rhead_jax.engine: stop tokens, batching, the shared prefix (exact against a plain prefill),
+padding rows, and the result store."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from rhead_jax import engine as engine_lib
+from rhead_jax.config import default_config, validate
+from rhead_jax.engine import Engine, ResultStore, make_batches
+from rhead_jax.errors import UserError
+from tests.helpers.tiny_smol import make_tiny_smol
+
+
+@pytest.fixture(scope="module")
+def engine(tmp_path_factory):
+    d = make_tiny_smol(tmp_path_factory.mktemp("tiny_engine") / "tiny-smol", sharpen=False, hidden_size=32,
+                       intermediate_size=64, num_attention_heads=4)
+    c = default_config()
+    c.model.path, c.model.name = str(d), "tiny"
+    c.sweep.lengths, c.sweep.depths = (300, 400), (0, 100)
+    c.sweep.max_new_tokens, c.sweep.prefill_chunk, c.sweep.pad_multiple = 5, 128, 32
+    c.sweep.q_chunk = c.sweep.k_chunk = 64
+    return Engine(validate(c))
+
+
+def test_stop_tokens(engine):
+    tok = engine.tokenizer
+    faithful = engine_lib.stop_tokens(tok, faithful=True)
+    default = engine_lib.stop_tokens(tok, faithful=False)
+    assert all(tok.decode([i]) == "\n" for i in faithful) and faithful
+    assert set(faithful) < set(default) and tok.eos_token_id in default
+    assert any(tok.decode([i]) == "\n\n" for i in default)
+
+
+def test_plan_and_batches(engine):
+    inst = engine.plan_needles()
+    assert [i.length for i in inst] == [300] * 6 + [400] * 6
+    assert make_batches(inst, 4) == [[0, 1, 2, 3], [4, 5], [6, 7, 8, 9], [10, 11]]  # never across lengths
+
+
+def test_shared_prefix_and_padding_rows_are_exact(engine):
+    inst = [i for i in engine.plan_needles() if i.length == 300]
+    spec = engine.spec(capture=True)
+    shared = engine.shared_prefix(inst, spec)
+    assert engine.shared_prefix(inst, spec) is shared  # built once
+    assert max(shared.lengths.values()) > 100
+    rows = [i.prompt_ids for i in inst[:3]]
+    keys = [i.key for i in inst[:3]]
+    with_prefix = engine.generate(rows, spec, batch_size=4, shared=shared, keys=keys)  # one padding row
+    plain = engine.generate(rows, spec, batch_size=3)
+    assert with_prefix.tokens.shape[0] == 3 and (with_prefix.starts > 0).all() and (plain.starts == 0).all()
+    np.testing.assert_array_equal(with_prefix.tokens, plain.tokens)
+    np.testing.assert_array_equal(with_prefix.topk_index, plain.topk_index)
+    np.testing.assert_allclose(with_prefix.topk_weight, plain.topk_weight, rtol=1e-5, atol=1e-6)
+    assert engine.generate(rows, engine.spec(capture=False), batch_size=3).topk_index is None
+
+
+def test_result_store_pins_its_configuration(tmp_path):
+    store = ResultStore(str(tmp_path), '{"a": 1}')
+    assert not store.done(0)
+    store.write(0, [{"x": 1}])
+    assert store.done(0) and store.read(0) == [{"x": 1}]
+    ResultStore(str(tmp_path), '{"a": 1}')  # same pin: resumes
+    with pytest.raises(UserError, match="different configuration"):
+        ResultStore(str(tmp_path), '{"a": 2}')
