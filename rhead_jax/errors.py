@@ -9,3 +9,7 @@ from __future__ import annotations
 
 class UserError(ValueError):
     """Something the user gave is wrong; the message names it and says what to do."""
+
+
+class MissingFileError(UserError, FileNotFoundError):
+    """A file or directory the user named does not exist (also a FileNotFoundError for old callers)."""

@@ -6,7 +6,8 @@ Task files are JSONL, one object per line (blank lines skipped):
   cot  {"question": str, "answer": number | numeric str}               a math word problem
 
 Prompts (`build_prompt_text`): QA asks for a short span copied from the passage, one user turn for
-chat models; CoT appends "Let's think step by step." (Kojima et al. 2022) to the question.
+chat models (through `rhead_jax.needle.chat.chat_prompt`, as the needle prompts); CoT appends
+"Let's think step by step." (Kojima et al. 2022) to the question.
 
 Metrics:
   qa   SQuAD-style: answers are normalized (lowercase, punctuation and the articles a/an/the
@@ -27,7 +28,10 @@ import string
 from pathlib import Path
 from typing import Any, Sequence
 
-DATA_DIR = Path(__file__).resolve().parent / "needle" / "data"
+from rhead_jax.errors import MissingFileError, UserError
+from rhead_jax.needle.chat import chat_prompt
+from rhead_jax.needle.haystack import DATA_DIR
+
 QA_TASKS_PATH = DATA_DIR / "qa_tasks.jsonl"
 COT_TASKS_PATH = DATA_DIR / "cot_tasks.jsonl"
 
@@ -53,12 +57,17 @@ def _check_number(value: Any) -> float | None:
 
 
 def load_tasks(path: str | Path, kind: str) -> list[dict]:
-    """Read a task file of `kind` ("qa" or "cot"); errors name the file and line."""
+    """Read a task file of `kind` ("qa" or "cot"); errors name the file and line.
+
+    A missing file raises `MissingFileError` (a FileNotFoundError), anything else wrong with the
+    file or `kind` a `UserError` (a ValueError).
+    """
     if kind not in TASK_KINDS:
-        raise ValueError(f"task kind must be one of {TASK_KINDS}, got {kind!r}")
+        raise UserError(f"task kind must be one of {TASK_KINDS}, got {kind!r}")
     p = Path(path).expanduser()
     if not p.is_file():
-        raise FileNotFoundError(f"{kind} task file does not exist: {p}")
+        raise MissingFileError(f"{kind} task file does not exist: {p}; give an existing JSONL file "
+                               f"(one object per line with {', '.join(_FIELDS[kind])})")
     items = []
     with p.open(encoding="utf-8") as fh:
         for lineno, line in enumerate(fh, start=1):
@@ -68,28 +77,28 @@ def load_tasks(path: str | Path, kind: str) -> list[dict]:
             try:
                 rec = json.loads(line)
             except json.JSONDecodeError as e:
-                raise ValueError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
+                raise UserError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
             if not isinstance(rec, dict):
-                raise ValueError(f"{where}: expected a JSON object, got {type(rec).__name__}")
+                raise UserError(f"{where}: expected a JSON object, got {type(rec).__name__}")
             missing = [f for f in _FIELDS[kind] if f not in rec]
             if missing:
-                raise ValueError(f"{where}: missing field(s) {', '.join(missing)} "
+                raise UserError(f"{where}: missing field(s) {', '.join(missing)} "
                                  f"({kind} tasks need {', '.join(_FIELDS[kind])})")
             for f in ("context", "question"):
                 if f in _FIELDS[kind] and (not isinstance(rec[f], str) or not rec[f].strip()):
-                    raise ValueError(f"{where}: field {f} must be a non-empty string")
+                    raise UserError(f"{where}: field {f} must be a non-empty string")
             ans = rec["answer"]
             if kind == "qa":
                 answers = [ans] if isinstance(ans, str) else ans
                 if (not isinstance(answers, list) or not answers
                         or not all(isinstance(a, str) and a.strip() for a in answers)):
-                    raise ValueError(f"{where}: answer must be a non-empty string or a list of them")
+                    raise UserError(f"{where}: answer must be a non-empty string or a list of them")
                 rec = {**rec, "answers": answers}
             elif _check_number(ans) is None:
-                raise ValueError(f"{where}: cot answer must be a number (or a numeric string), got {ans!r}")
+                raise UserError(f"{where}: cot answer must be a number (or a numeric string), got {ans!r}")
             items.append(rec)
     if not items:
-        raise ValueError(f"{kind} task file {p} contains no tasks")
+        raise UserError(f"{kind} task file {p} contains no tasks; add one JSON object per line")
     return items
 
 
@@ -105,12 +114,7 @@ def build_prompt_ids(tokenizer, item: dict, kind: str, *, chat: bool) -> list[in
     """Prompt token ids: one user turn through the chat template (with the generation prompt), or
     the plain text with the tokenizer's default special tokens for base models."""
     if chat:
-        if not getattr(tokenizer, "chat_template", None):
-            raise ValueError("config.model.chat=True but the tokenizer has no chat_template; set "
-                             "--config.model.chat=False for base models")
-        text = tokenizer.apply_chat_template([{"role": "user", "content": build_prompt_text(item, kind)}],
-                                             add_generation_prompt=True, tokenize=False)
-        return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+        return chat_prompt(tokenizer, build_prompt_text(item, kind))[1]
     text = (QA_TEMPLATE.format(context=item["context"], question=item["question"]) if kind == "qa"
             else COT_BASE_TEMPLATE.format(question=item["question"]))
     return list(tokenizer(text)["input_ids"])

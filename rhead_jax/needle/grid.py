@@ -5,8 +5,11 @@ from typing import Any, Iterator, List, Optional, Sequence, Union
 
 import numpy as np
 
+from rhead_jax.errors import UserError
+
 from .haystack import Needle
-from .prompts import Instance, TokenizedHaystack, build_instance, check_length, instance_key, tokenized_haystack
+from .prompts import Instance, build_instance, check_length, instance_key
+from .tokens import TokenizedHaystack, TokenizerData
 
 
 def paper_lengths(start: int = 1000, stop: int = 50000, num: int = 20) -> List[int]:
@@ -22,12 +25,13 @@ def paper_depths(start: float = 0, stop: float = 100, num: int = 10) -> List[int
 def _sorted_unique(values: Sequence[Any], what: str) -> List[Any]:
     vals = list(values)
     if not vals:
-        raise ValueError(f"no {what} given")
+        raise UserError(f"no {what} given; config.sweep.{what} needs at least one value")
     out = sorted(vals)
     keys = [f"{float(v):g}" for v in out]
     dup = sorted({k for k in keys if keys.count(k) > 1})
     if dup:
-        raise ValueError(f"duplicate {what}: {', '.join(dup)} (instance keys would collide)")
+        raise UserError(f"duplicate {what}: {', '.join(dup)} (instance keys would collide); "
+                        f"list each value once in config.sweep.{what}")
     return out
 
 
@@ -53,25 +57,29 @@ def iter_grid(
     """Lazily yield the grid's instances ordered by (length, depth, needle index), ascending.
 
     Lengths and depths are sorted (duplicates raise); every length is checked against
-    ``max_positions`` before anything is built, and the haystack is tokenized once for the
-    longest length. Use this instead of :func:`build_grid` to keep memory flat in long sweeps.
+    ``max_positions`` before anything is built. One :class:`TokenizerData` is created for the
+    grid, so the haystack is tokenized once (for the longest length) and the tokenizer's period
+    ids are found once; it is dropped with the iterator. Use this instead of :func:`build_grid` to
+    keep memory flat in long sweeps.
     """
     lengths = _sorted_unique(lengths, "lengths")
     depths = _sorted_unique(depths, "depths")
     needles = list(needles)
     if not needles:
-        raise ValueError("no needles given")
+        raise UserError("no needles given; config.needles must name a JSONL file with at least one needle")
     for L in lengths:
         check_length(L, max_positions)
+    data = TokenizerData(tokenizer)
     if isinstance(haystack_text, TokenizedHaystack):
         hay = haystack_text
         hay.ensure(max(lengths))
     else:
-        hay = tokenized_haystack(tokenizer, haystack_text, max(lengths))
+        hay = data.haystack(haystack_text, max(lengths))
     for L in lengths:
         for d in depths:
             for i, nd in enumerate(needles):
-                yield build_instance(tokenizer, hay, nd, L, d, chat=chat, faithful=faithful, needle_index=i)
+                yield build_instance(tokenizer, hay, nd, L, d, chat=chat, faithful=faithful, needle_index=i,
+                                     data=data)
 
 
 def build_grid(

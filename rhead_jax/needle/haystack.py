@@ -11,6 +11,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import List, Optional, Union
 
+from rhead_jax.errors import MissingFileError, UserError
+
 PathLike = Union[str, Path]
 
 DATA_DIR = Path(__file__).resolve().parent / "data"
@@ -19,6 +21,10 @@ DEFAULT_NEEDLES_PATH = DATA_DIR / "needles.jsonl"
 SAN_FRANCISCO_NEEDLES_PATH = DATA_DIR / "san_francisco.jsonl"
 
 NEEDLE_FIELDS = ("needle", "question", "real_needle")
+
+_HAYSTACK_FIX = "set config.haystack to a .txt file or a directory of .txt files (\"\" = the bundled Areopagitica)"
+_NEEDLES_FIX = ("each line must be one JSON object with string fields needle, question, real_needle; "
+                "set config.needles to such a JSONL file (\"\" = the bundled needles)")
 
 
 @dataclass(frozen=True)
@@ -44,7 +50,8 @@ def _read_text(path: Path) -> str:
     try:
         return path.read_text(encoding="utf-8")
     except UnicodeDecodeError as e:
-        raise ValueError(f"haystack file {path} is not valid UTF-8 text: {e}") from None
+        raise UserError(f"haystack file {path} is not valid UTF-8 text: {e}; save it as UTF-8 or "
+                        f"{_HAYSTACK_FIX}") from None
 
 
 def load_haystack(path: Optional[PathLike] = None) -> str:
@@ -54,18 +61,19 @@ def load_haystack(path: Optional[PathLike] = None) -> str:
     files are concatenated in sorted file-name order (the original globbed them in directory
     order). A file that does not end with a newline gets one appended before the next file so
     that the last word of one file and the first of the next do not run together.
-    Raises FileNotFoundError for a missing path and ValueError for an empty haystack.
+    Raises :class:`~rhead_jax.errors.MissingFileError` (a FileNotFoundError) for a missing path and
+    :class:`~rhead_jax.errors.UserError` (a ValueError) for an empty haystack; both name the path.
     """
     p = DEFAULT_HAYSTACK_PATH if path is None else Path(path).expanduser()
     if not p.exists():
-        raise FileNotFoundError(f"haystack path does not exist: {p}")
+        raise MissingFileError(f"haystack path does not exist: {p}; {_HAYSTACK_FIX}")
     if p.is_dir():
         files = sorted(
             (f for f in p.iterdir() if f.is_file() and f.suffix == ".txt" and not f.name.startswith(".")),
             key=lambda f: f.name,
         )
         if not files:
-            raise ValueError(f"haystack directory {p} contains no .txt files")
+            raise UserError(f"haystack directory {p} contains no .txt files; add some or {_HAYSTACK_FIX}")
         parts = []
         for f in files:
             t = _read_text(f)
@@ -74,11 +82,11 @@ def load_haystack(path: Optional[PathLike] = None) -> str:
             parts.append(t)
         text = "".join(parts)
         if not text.strip():
-            raise ValueError(f"haystack directory {p}: all {len(files)} .txt files are empty")
+            raise UserError(f"haystack directory {p}: all {len(files)} .txt files are empty; {_HAYSTACK_FIX}")
         return text
     text = _read_text(p)
     if not text.strip():
-        raise ValueError(f"haystack file {p} is empty")
+        raise UserError(f"haystack file {p} is empty; {_HAYSTACK_FIX}")
     return text
 
 
@@ -86,12 +94,15 @@ def load_needles(path: Optional[PathLike] = None) -> List[Needle]:
     """Read needle triples from a JSONL file (None = the bundled ``data/needles.jsonl``).
 
     One JSON object per line with string fields ``needle``, ``question``, ``real_needle``; other
-    fields are ignored and blank lines skipped. Malformed lines raise ValueError naming the file
-    and line number.
+    fields are ignored and blank lines skipped. A missing file raises
+    :class:`~rhead_jax.errors.MissingFileError` (a FileNotFoundError); malformed lines raise
+    :class:`~rhead_jax.errors.UserError` (a ValueError) naming the file and line number.
     """
     p = DEFAULT_NEEDLES_PATH if path is None else Path(path).expanduser()
+    if not p.exists():
+        raise MissingFileError(f"needles file does not exist: {p}; {_NEEDLES_FIX}")
     if not p.is_file():
-        raise FileNotFoundError(f"needles file does not exist: {p}")
+        raise UserError(f"needles path {p} is not a file; {_NEEDLES_FIX}")
     needles: List[Needle] = []
     with p.open(encoding="utf-8") as fh:
         for lineno, line in enumerate(fh, start=1):
@@ -100,21 +111,24 @@ def load_needles(path: Optional[PathLike] = None) -> List[Needle]:
             try:
                 rec = json.loads(line)
             except json.JSONDecodeError as e:
-                raise ValueError(f"{p}, line {lineno}: not valid JSON ({e.msg} at column {e.colno})") from None
+                raise UserError(f"needles file {p}, line {lineno}: not valid JSON ({e.msg} at column "
+                                f"{e.colno}); {_NEEDLES_FIX}") from None
             if not isinstance(rec, dict):
-                raise ValueError(f"{p}, line {lineno}: expected a JSON object, got {type(rec).__name__}")
+                raise UserError(f"needles file {p}, line {lineno}: expected a JSON object, got "
+                                f"{type(rec).__name__}; {_NEEDLES_FIX}")
             missing = [k for k in NEEDLE_FIELDS if k not in rec]
             if missing:
-                raise ValueError(
-                    f"{p}, line {lineno}: missing field(s) {', '.join(missing)} "
-                    f"(each line needs {', '.join(NEEDLE_FIELDS)})"
+                raise UserError(
+                    f"needles file {p}, line {lineno}: missing field(s) {', '.join(missing)} "
+                    f"(each line needs {', '.join(NEEDLE_FIELDS)}); add them"
                 )
             bad = [k for k in NEEDLE_FIELDS if not isinstance(rec[k], str) or not rec[k].strip()]
             if bad:
-                raise ValueError(f"{p}, line {lineno}: field(s) {', '.join(bad)} must be non-empty strings")
+                raise UserError(f"needles file {p}, line {lineno}: field(s) {', '.join(bad)} must be "
+                                "non-empty strings; fix that line")
             needles.append(Needle(needle=rec["needle"], question=rec["question"], real_needle=rec["real_needle"]))
     if not needles:
-        raise ValueError(f"needles file {p} contains no needles")
+        raise UserError(f"needles file {p} contains no needles; {_NEEDLES_FIX}")
     return needles
 
 
