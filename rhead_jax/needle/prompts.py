@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import FrozenSet, Optional, Tuple, Union
+from typing import Any, FrozenSet, Optional, Tuple, Union
 
 import numpy as np
 

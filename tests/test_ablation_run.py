@@ -1,6 +1,5 @@
-"""Masking ablations (rhead_jax.ablation / rhead_jax.ablate / rhead_jax.qa) on a tiny random model
-with SmolLM2's tokenizer: mask specs, head masks, runs against the unmasked sweep, outputs, resume,
-the failure taxonomy and the QA / CoT metrics."""
+"""rhead_jax.ablation.run / tasks and the rhead_jax.ablate command on a tiny random model with
+SmolLM2's tokenizer: runs against the unmasked sweep, outputs, resume, QA / CoT tasks, the CLI."""
 from __future__ import annotations
 
 import json
@@ -13,18 +12,14 @@ import numpy as np
 import pytest
 
 from rhead_jax import ablation, detection, qa
-from rhead_jax.ablation import MaskSpec, build_head_mask, classify_response, parse_mask_spec
+from rhead_jax.ablation import MaskSpec, parse_mask_spec
 from rhead_jax.checkpoints import load_model
 from rhead_jax.config import default_config
 from rhead_jax.needle.haystack import SAN_FRANCISCO_NEEDLES_PATH
+from tests.helpers.ablation_scores import H, L, RETRIEVAL, SCORES
 from tests.helpers.tiny_smol import make_tiny_smol
 
 REPO = Path(__file__).resolve().parents[1]
-L, H = 2, 4
-# hand-made head scores of the tiny model: 3 retrieval heads (> 0.1), 5 others
-SCORES = {"0-0": [0.9, 0.7], "0-1": [0.0, 0.0], "0-2": [0.05, 0.1], "0-3": [0.3, 0.5],
-          "1-0": [0.0, 0.02], "1-1": [0.2, 0.2], "1-2": [0.0, 0.0], "1-3": [0.1, 0.1]}
-RETRIEVAL = {(0, 0), (0, 3), (1, 1)}
 
 
 @pytest.fixture(scope="module")
@@ -63,64 +58,6 @@ def _config(model_dir, scores="", *, mode="zero", phase="all", **ablate):
     for k, v in ablate.items():
         setattr(c.ablation, k, tuple(v) if isinstance(v, list) else v)
     return ablation.validate(c)
-
-
-# ----------------------------------------------------------------------------------- mask specs
-def test_parse_mask_spec():
-    assert parse_mask_spec("none") == [] and parse_mask_spec("top:0", SCORES) == []
-    assert parse_mask_spec("top:2", SCORES) == [(0, 0), (0, 3)]  # best first
-    assert parse_mask_spec("list:16-19,11-15") == [(16, 19), (11, 15)]
-    assert MaskSpec.parse(" random:3 ") == MaskSpec("random", 3)
-    assert MaskSpec.parse("list:1-2,0-3").text == "list:1-2,0-3"
-    for bad, msg in [("bottom:3", "unknown mask spec"), ("top:x", "integer"), ("top:-1", ">= 0"),
-                     ("list:1-2,3", "malformed head"), ("list:1-2,1-2", "more than once"), ("", "unknown mask")]:
-        with pytest.raises(ValueError, match=msg):
-            MaskSpec.parse(bad)
-    with pytest.raises(ValueError, match="needs a head-score file"):
-        parse_mask_spec("top:2")
-    with pytest.raises(ValueError, match="only 8 heads"):
-        parse_mask_spec("top:9", SCORES)
-    with pytest.raises(ValueError, match=r"only 5 heads score <= 0.1"):
-        parse_mask_spec("random:6", SCORES)
-    with pytest.raises(ValueError, match=r"out of range for the model's 2 layers x 4 query heads"):
-        parse_mask_spec("list:0-1,2-0", num_layers=L, num_heads=H)
-
-
-def test_random_heads_exclude_retrieval_heads_and_are_deterministic():
-    pool = set(ablation.random_pool(SCORES))
-    assert pool == {(0, 1), (0, 2), (1, 0), (1, 2), (1, 3)}  # 1-3 scores exactly 0.1: <= threshold
-    draws = {}
-    for seed in range(20):
-        a = parse_mask_spec("random:3", SCORES, seed=seed)
-        assert a == parse_mask_spec("random:3", SCORES, seed=seed)  # once per seed
-        assert len(set(a)) == 3 and set(a) <= pool and not set(a) & RETRIEVAL
-        assert set(parse_mask_spec("random:2", SCORES, seed=seed)) <= set(a)  # nested in k
-        draws[seed] = tuple(a)
-    assert len(set(draws.values())) > 1  # seeds matter
-
-
-def test_build_head_mask():
-    cfg = type("Cfg", (), {"num_layers": L, "num_heads": H})()
-    m = build_head_mask(cfg, [(0, 1), (1, 3)])
-    assert m.shape == (L, H) and m.dtype == np.float32
-    assert m[0, 1] == 0 and m[1, 3] == 0 and m.sum() == L * H - 2
-    assert (build_head_mask((L, H), []) == 1).all()
-    with pytest.raises(ValueError, match="out of range"):
-        build_head_mask(cfg, [(2, 0)])
-    assert ablation.phase_masks(m, "decode")[0] is None and ablation.phase_masks(m, "all")[0] is m
-
-
-def test_scores_file_errors(tmp_path):
-    with pytest.raises(ValueError, match="does not exist; run `python -m rhead_jax.sweep"):
-        ablation.load_scores(tmp_path / "nope.json")
-    for text, msg in [("{", "not valid JSON"), ("[]", "non-empty JSON object"), ('{"a-b": [1]}', "malformed head"),
-                      ('{"0-1": 3}', "list of numbers")]:
-        p = tmp_path / "s.json"
-        p.write_text(text)
-        with pytest.raises(ValueError, match=msg):
-            ablation.load_scores(p)
-    with pytest.raises(ValueError, match="from a different model"):
-        ablation.check_scores({"0-0": [1], "5-0": [1]}, L, H, "x.json")
 
 
 def test_config_schema_and_errors(tiny_dir, tmp_path):
@@ -249,83 +186,6 @@ def test_errors_before_any_work(tiny_dir, model, scores_file, tmp_path):
     with pytest.raises(ValueError, match="out of range"):
         ablation.run_ablation(_config(tiny_dir, mask="list:3-0"), str(tmp_path), model=model)
     assert not (tmp_path / "runs").exists()
-
-
-# ----------------------------------------------------------------------------------- taxonomy
-ANSWER = "eat a sandwich and sit in Dolores Park on a sunny day"
-HAYSTACK = ["Give me the liberty to know, to utter, and to argue freely according to conscience, above "
-            "all liberties. And though all the winds of doctrine were let loose to play upon the earth."]
-
-
-@pytest.mark.parametrize("response,category", [
-    ("Eat a sandwich and sit in Dolores Park on a sunny day.", "correct"),
-    ("The best thing is to eat a sandwich and sit in Dolores Park on a sunny day!", "correct"),
-    ("", "empty"),
-    ("  ...  ", "empty"),
-    ("Eat a sandwich in Dolores Park.", "incomplete"),         # 4 of 7 content words
-    ("Sit in the park on a sunny day.", "incomplete"),
-    ("the liberty to know, to utter, and to argue freely", "wrong_extraction"),
-    ("All the winds of doctrine were let loose.", "wrong_extraction"),
-    ("Visit the Golden Gate Bridge and ride a cable car.", "hallucination"),
-    ("Eat sushi at the pier.", "hallucination"),              # 1 of 7 content words, nothing copied
-    ("The best thing to do is to eat your meals.", "hallucination"),  # a lone answer word
-    ("The best thing to do in San Francisco is to eat a sandwich.", "incomplete"),  # a 3-word fragment
-    ("Go there on a sunny day.", "incomplete"),
-    ("Sit in a park.", "hallucination"),                      # 2 of 7 content words, no 3-word fragment
-])
-def test_taxonomy(response, category):
-    out = classify_response(response, ANSWER, haystack=HAYSTACK)
-    assert out["category"] == category, out
-    if category == "wrong_extraction":
-        assert out["haystack_copy"] and out["copied_words"] >= 5
-
-
-def test_taxonomy_details():
-    out = classify_response("Eat a sandwich in Dolores Park.", ANSWER, haystack=HAYSTACK)
-    assert out["content_recall"] == pytest.approx(4 / 7) and out["haystack_copy"] is None
-    # the n-gram length is a parameter; 4 consecutive copied words are not enough at the default 5
-    assert classify_response("to utter and to", ANSWER, haystack=HAYSTACK)["category"] == "hallucination"
-    assert classify_response("to utter and to", ANSWER, haystack=HAYSTACK, ngram=4)["category"] == "wrong_extraction"
-
-
-# ----------------------------------------------------------------------------------- QA / CoT
-def test_squad_normalization_and_metrics():
-    assert qa.normalize_answer("The  Cat, sat!") == "cat sat"
-    assert qa.normalize_answer("An apple a day") == "apple day"
-    assert qa.exact_match("the Marta Voss.", "Marta Voss") == 1.0
-    assert qa.exact_match("Marta", "Marta Voss") == 0.0
-    assert qa.f1_score("Marta", "Marta Voss") == pytest.approx(2 / 3)
-    assert qa.f1_score("keeper Marta Voss", ["nobody", "Marta Voss"]) == pytest.approx(0.8)
-    assert qa.f1_score("", "") == 1.0 and qa.f1_score("a", "cat") == 0.0  # "a" normalizes to empty
-    assert qa.f1_score("cat cat", "cat") == pytest.approx(2 / 3)
-
-
-def test_cot_number_extraction():
-    assert qa.extract_number("3 + 4 = 7. Then 7 * 2 = 14. The answer is 14.") == 14
-    assert qa.extract_number("The answer is $1,250.50, since 3 items") == 1250.5
-    assert qa.extract_number("So we get 12 rolls left") == 12
-    assert qa.extract_number("#### -3") == -3
-    assert qa.extract_number("no numbers here") is None
-    assert qa.score_response("cot", "The answer is 12.", {"answer": 12})["correct"] == 1.0
-    assert qa.score_response("cot", "The answer is 12.", {"answer": "13"})["correct"] == 0.0
-
-
-def test_bundled_task_files_load():
-    items = qa.load_tasks(qa.QA_TASKS_PATH, "qa")
-    assert len(items) >= 5 and all(any(a in it["context"] for a in it["answers"]) for it in items)
-    assert len(qa.load_tasks(qa.COT_TASKS_PATH, "cot")) >= 5
-
-
-def test_task_file_errors(tmp_path):
-    p = tmp_path / "t.jsonl"
-    p.write_text('{"question": "q", "answer": "a"}\n')
-    with pytest.raises(ValueError, match="line 1: missing field"):
-        qa.load_tasks(p, "qa")
-    p.write_text('{"question": "q", "answer": "many"}\n')
-    with pytest.raises(ValueError, match="must be a number"):
-        qa.load_tasks(p, "cot")
-    with pytest.raises(FileNotFoundError):
-        qa.load_tasks(tmp_path / "none.jsonl", "qa")
 
 
 def test_qa_and_cot_tasks_with_masking(tiny_dir, model, tmp_path):
