@@ -119,16 +119,16 @@ The buckets are the paper's Fig. 3: most heads never copy (`=0`), a few score ab
     ("code", "heads", """\
 from IPython.display import Image, display
 
-from rhead_jax import analyze, scoring
+from rhead_jax import analysis, report, scoring
 
-head_scores = analyze.load_head_scores(os.path.join(workdir, "head_scores.json"))
-means = analyze.mean_matrix(head_scores)  # [layers, heads]
+head_scores = analysis.load_head_scores(os.path.join(workdir, "head_scores.json"))
+means = analysis.mean_matrix(head_scores)  # [layers, heads]
 top = scoring.top_heads(head_scores, 10)
 heatmap = os.path.join(workdir, "heatmap.png")
-analyze.plot_heatmap(means, f"{c.model.name}: mean retrieval score", heatmap, top=top)
+report.plot_heatmap(means, f"{c.model.name}: mean retrieval score", heatmap, top=top)
 display(Image(filename=heatmap))
 
-info = analyze.file_summary(head_scores)
+info = analysis.file_summary(head_scores)
 print(f"{info['retrieval_heads']} of {means.size} heads score > {scoring.RETRIEVAL_THRESHOLD} "
       f"over {info['tests']} kept tests; share of heads per bucket: "
       + ", ".join(f"{b}: {s:.1f}%" for b, s in info["buckets"].items()))

@@ -33,8 +33,9 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     atomic_write_bytes(path, text)
 
 
-def atomic_write_json(path: str | os.PathLike, obj: Any, **dump_kw) -> None:
-    atomic_write_text(path, json.dumps(obj, **dump_kw))
+def atomic_write_json(path: str | os.PathLike, obj: Any, *, end: str = "", **dump_kw) -> None:
+    """json.dumps(obj, **dump_kw) + end (e.g. "\\n" for a final newline), written atomically."""
+    atomic_write_text(path, json.dumps(obj, **dump_kw) + end)
 
 
 def read_json(path: str | os.PathLike) -> Any:

@@ -1,4 +1,4 @@
-"""A self-contained HTML report of a retrieval-head analysis (rhead_jax.analyze and other tools).
+"""A self-contained HTML report of a retrieval-head analysis (rhead_jax.analysis and other tools).
 
 `write_report(out_dir, summary, pairs, dynamic, extra_sections=None)` writes `out_dir/report.html`:
 one file, images embedded as base64 data URIs, inline CSS, no scripts and nothing fetched from elsewhere.
@@ -11,6 +11,8 @@ one file, images embedded as base64 data URIs, inline CSS, no scripts and nothin
   extra_sections   [(title, content), ...] appended at the end. content is an image path (Path, or a str
                    ending in .png/.jpg/.jpeg/.gif/.svg), an HTML fragment (any other str), or a list of those
                    (shown side by side), so other tools (e.g. ablations) can add figures and tables.
+
+`table(header, rows, left=(0,))` is the one HTML table of every report (extra sections use it too).
 """
 from __future__ import annotations
 
@@ -21,14 +23,15 @@ import os
 from pathlib import Path
 from typing import Iterable, Sequence
 
-BUCKET_ORDER = ("=0", "(0,0.1]", "(0.1,0.5]", ">0.5")
+from rhead_jax.analysis import BUCKETS as BUCKET_ORDER
+from rhead_jax.report.plots import BUCKET_COLORS
+
 BUCKET_TEXT = {
     "=0": "never copies (mean = 0)",
     "(0,0.1]": "rarely copies (0 < mean ≤ 0.1)",
     "(0.1,0.5]": "retrieval head (0.1 < mean ≤ 0.5)",
     ">0.5": "strong retrieval head (mean > 0.5)",
 }
-BUCKET_COLORS = {"=0": "#d9d9d9", "(0,0.1]": "#9ecae1", "(0.1,0.5]": "#3182bd", ">0.5": "#e6550d"}
 IMAGE_SUFFIXES = {".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".gif": "image/gif",
                   ".svg": "image/svg+xml"}
 
@@ -126,13 +129,15 @@ def _content_html(content) -> str:
     return str(content)
 
 
-def _table(header: Sequence[str], rows: Iterable[Sequence], left: Sequence[int] = (0,)) -> str:
-    th = "".join(f'<th class="{"l" if i in left else ""}">{_e(h)}</th>' for i, h in enumerate(header))
-    body = []
-    for row in rows:
-        body.append("<tr>" + "".join(f'<td class="{"l" if i in left else ""}">{c}</td>'
-                                     for i, c in enumerate(row)) + "</tr>")
-    return f"<table><thead><tr>{th}</tr></thead><tbody>{''.join(body)}</tbody></table>"
+def table(header: Sequence[str], rows: Iterable[Sequence], left: Sequence[int] = (0,)) -> str:
+    """An HTML table: header cells are escaped, row cells are HTML fragments inserted as they are
+    (escape text yourself); the columns in `left` are left-aligned, the others right-aligned (CSS)."""
+    def cell(tag: str, i: int, content) -> str:
+        return f'<{tag} class="l">{content}</{tag}>' if i in left else f"<{tag}>{content}</{tag}>"
+
+    th = "".join(cell("th", i, _e(h)) for i, h in enumerate(header))
+    body = "".join("<tr>" + "".join(cell("td", i, c) for i, c in enumerate(row)) + "</tr>" for row in rows)
+    return f"<table><thead><tr>{th}</tr></thead><tbody>{body}</tbody></table>"
 
 
 # ------------------------------------------------------------------------------------------------ sections
@@ -147,7 +152,7 @@ def _overview(summary: dict) -> str:
                      f"{e['retrieval_heads']} ({100 * e['retrieval_heads'] / n:.1f}%)" if n else e["retrieval_heads"],
                      top3])
     header = ["file", "layers×heads", "tests", *(f"% {k}" for k in BUCKET_ORDER), "retrieval heads", "top 3 heads"]
-    return _table(header, rows, left=(0, 8))
+    return table(header, rows, left=(0, 8))
 
 
 def _file_section(out_dir: Path, name: str, e: dict) -> str:
@@ -170,9 +175,9 @@ def _file_section(out_dir: Path, name: str, e: dict) -> str:
 <div class="row"><div>{heat}</div><div>{pie}</div></div>
 <div class="row">
 <div><h3>Heads per score bucket</h3>
-{_table(["bucket", "meaning", "share", "heads"], bucket_rows, left=(0, 1))}</div>
+{table(["bucket", "meaning", "share", "heads"], bucket_rows, left=(0, 1))}</div>
 <div><h3>Top {len(e['top'])} heads by mean retrieval score</h3>
-{_table(["rank", "head", "layer", "head index", "mean score"], top_rows, left=())}</div>
+{table(["rank", "head", "layer", "head index", "mean score"], top_rows, left=())}</div>
 </div>
 </section>"""
 
@@ -189,7 +194,7 @@ def _pairs_section(pairs: Sequence[dict]) -> str:
 <p class="note">The paper finds that a model's retrieval heads survive continued pre-training, chat fine-tuning
 and up-cycling to a mixture of experts. For each pair: how many of the top-k heads (by mean score) the two files
 share, and the Spearman rank correlation of the mean scores of all heads (1 = the same ordering).</p>
-{_table(["file A", "file B", "k", "top-k overlap", "overlap", "Spearman ρ", "shared top heads"], rows, left=(0, 1, 6))}
+{table(["file A", "file B", "k", "top-k overlap", "overlap", "Spearman ρ", "shared top heads"], rows, left=(0, 1, 6))}
 </section>"""
 
 
@@ -211,7 +216,7 @@ def _dynamic_section(out_dir: Path, dyn: dict) -> str:
         rows = [[_e(k), g["tests"], g["kept"], f"{g['mean_active_heads']:.1f}",
                  f"{g['mean_active_retrieval_heads']:.1f}", g["retrieval_heads_active_ever"]]
                 for k, g in dyn.get(key, {}).items()]
-        return _table([label, "tests", "kept", "active heads / test", "active retrieval heads / test",
+        return table([label, "tests", "kept", "active heads / test", "active retrieval heads / test",
                        "retrieval heads active at least once"], rows)
 
     src = f" from <code>{_e(dyn['source'])}</code>" if dyn.get("source") else ""
@@ -227,7 +232,7 @@ retrieval heads (mean &gt; {dyn.get('threshold', 0.1)}), <b>{len(dyn.get('always
             "Top: activation rate of each head that was active at least once, sorted; dashed line: the always-on "
             "threshold. Bottom: activation rate of each retrieval head per context length.", max_w=1060)}
 <h3>Retrieval heads</h3>
-{_table(["head", "mean score", "active in", "class", "by needle", "by context length"], head_rows, left=(0, 3, 4, 5))}
+{table(["head", "mean score", "active in", "class", "by needle", "by context length"], head_rows, left=(0, 3, 4, 5))}
 <div class="row">
 <div><h3>By needle</h3>{group_table("by_needle", "needle")}</div>
 <div><h3>By context length</h3>{group_table("by_length", "length")}</div>
@@ -245,7 +250,7 @@ def write_report(out_dir: str | os.PathLike, summary: dict, pairs: Sequence[dict
     pairs = list(pairs or [])
     extra_sections = list(extra_sections or [])
 
-    nav = ['<a href="#s-overview">Overview</a>']
+    nav = ['<a href="#s-overview">Overview</a>'] if summary else []  # the section exists only then
     nav += [f'<a href="#{_anchor(n)}">{_e(n)}</a>' for n in summary]
     if pairs:
         nav.append('<a href="#s-pairs">Model pairs</a>')

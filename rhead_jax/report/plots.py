@@ -1,0 +1,167 @@
+"""Every figure of the reports, drawn with matplotlib's Agg backend into PNG files (dpi 110).
+
+  plot_pie(summary_entry, title, path)         share of heads per score bucket (paper Fig. 3)
+  plot_heatmap(means, title, path, top=())     layer x head mean scores, the `top` heads outlined
+  plot_dynamic(dynamic, path, title="")        activation rate per head, and per context length
+  plot_fig1_heatmap(cells, path, title="")     context length x needle depth accuracy (paper Fig. 1)
+  plot_sweep_k(table, path, title="", ...)     accuracy vs number of masked heads: top-k vs random
+
+matplotlib is imported on the first plot (`_plt`), not with this module.
+"""
+from __future__ import annotations
+
+import math
+import os
+from typing import Sequence
+
+import numpy as np
+
+from rhead_jax.analysis import BUCKETS, parse_head
+
+# one colour per Fig. 3 bucket, in BUCKETS order (the pie charts and the HTML report's swatches)
+BUCKET_COLORS = dict(zip(BUCKETS, ("#d9d9d9", "#9ecae1", "#3182bd", "#e6550d")))
+# Fig. 1's colormap (the needle-in-a-haystack test's red -> yellow -> green)
+FIG1_COLORS = ("#F0496E", "#EBB839", "#0CD79F")
+
+
+def _plt():
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def _save(plt, fig, path) -> None:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# ------------------------------------------------------------------------------------ head-score analysis
+def plot_pie(summary_entry: dict, title: str, path: str | os.PathLike) -> None:
+    plt = _plt()
+    shares = [summary_entry["buckets"][b] for b in BUCKETS]
+    fig, ax = plt.subplots(figsize=(5.0, 3.4))
+    wedges, _texts, autotexts = ax.pie(
+        shares, colors=[BUCKET_COLORS[b] for b in BUCKETS], startangle=90, counterclock=False,
+        autopct=lambda p: f"{p:.1f}%" if p >= 3 else "", pctdistance=0.72,
+        wedgeprops={"linewidth": 1, "edgecolor": "white"})
+    for t in autotexts:
+        t.set_fontsize(9)
+    ax.legend(wedges, [f"{b}: {s:.1f}%" for b, s in zip(BUCKETS, shares)], title="mean score",
+              loc="center left", bbox_to_anchor=(1.0, 0.5), frameon=False, fontsize=9)
+    ax.set_title(title, fontsize=10)
+    ax.axis("equal")
+    _save(plt, fig, path)
+
+
+def plot_heatmap(means: np.ndarray, title: str, path: str | os.PathLike,
+                 top: Sequence[Sequence] = ()) -> None:
+    """Layer (rows, 0 at top) x head (columns) mean scores; the `top` heads are outlined."""
+    plt = _plt()
+    L, H = means.shape
+    fig, ax = plt.subplots(figsize=(min(8.0, max(4.5, 0.16 * H + 2.4)), min(6.5, max(3.5, 0.15 * L + 1.4))))
+    vmax = max(float(np.nanmax(means)) if np.isfinite(means).any() else 0.0, 1e-9)
+    im = ax.imshow(means, aspect="auto", cmap="magma_r", vmin=0, vmax=vmax, interpolation="nearest")
+    for key, _ in top:
+        l, h = parse_head(key)
+        ax.add_patch(plt.Rectangle((h - 0.5, l - 0.5), 1, 1, fill=False, edgecolor="#1f9e89", linewidth=1.2))
+    ax.set_xlabel("head")
+    ax.set_ylabel("layer")
+    step = max(1, int(math.ceil(H / 16)))
+    ax.set_xticks(range(0, H, step))
+    step = max(1, int(math.ceil(L / 20)))
+    ax.set_yticks(range(0, L, step))
+    ax.tick_params(labelsize=8)
+    fig.colorbar(im, ax=ax, label="mean retrieval score", fraction=0.05, pad=0.03)
+    ax.set_title(title, fontsize=10)
+    _save(plt, fig, path)
+
+
+def plot_dynamic(dynamic: dict, path: str | os.PathLike, title: str = "") -> None:
+    """Top: activation rate of every head active at least once, sorted; retrieval heads coloured by class.
+    Bottom: activation rate of each retrieval head per context length."""
+    plt = _plt()
+    act = dynamic["activation"]
+    classes = {d["head"]: d["class"] for d in dynamic["retrieval"]}
+    shown = sorted((k for k, v in act.items() if v > 0), key=lambda k: (-act[k], parse_head(k)))
+    colors = {"always-on": "#e6550d", "context-specific": "#3182bd"}
+    rows = 2 if dynamic["retrieval"] else 1
+    fig, axes = plt.subplots(rows, 1, figsize=(11, 4.2 * rows), squeeze=False)
+    ax = axes[0, 0]
+    if shown:
+        ax.bar(range(len(shown)), [act[k] for k in shown], width=0.85,
+               color=[colors.get(classes.get(k), "#bdbdbd") for k in shown])
+        if len(shown) <= 80:
+            ax.set_xticks(range(len(shown)))
+            ax.set_xticklabels(shown, rotation=90, fontsize=7)
+        else:
+            ax.set_xlabel(f"{len(shown)} heads active in at least one kept test (sorted)")
+    ax.axhline(dynamic["always_on_threshold"], color="k", linestyle="--", linewidth=0.8)
+    ax.set_ylim(0, 1.05)
+    ax.set_ylabel("activation rate (score > 0)")
+    handles = [plt.Rectangle((0, 0), 1, 1, color=c) for c in (*colors.values(), "#bdbdbd")]
+    ax.legend(handles, ["always-on retrieval head", "context-specific retrieval head", "other head"],
+              fontsize=8, loc="upper right")
+    ax.set_title(title or f"Head activation over {dynamic['kept']} kept tests", fontsize=10)
+    if rows == 2:
+        ax = axes[1, 0]
+        heads = [d["head"] for d in dynamic["retrieval"]]
+        lengths = list(dynamic["retrieval"][0]["by_length"])
+        grid = np.array([[d["by_length"][x] for x in lengths] for d in dynamic["retrieval"]]).T
+        im = ax.imshow(grid, aspect="auto", cmap="viridis", vmin=0, vmax=1, interpolation="nearest")
+        ax.set_yticks(range(len(lengths)))
+        ax.set_yticklabels(lengths, fontsize=7)
+        ax.set_ylabel("context length")
+        ax.set_xticks(range(len(heads)))
+        ax.set_xticklabels(heads, rotation=90, fontsize=7 if len(heads) <= 60 else 5)
+        ax.set_xlabel("retrieval heads (by mean score)")
+        fig.colorbar(im, ax=ax, label="activation rate", fraction=0.04, pad=0.02)
+    _save(plt, fig, path)
+
+
+# ---------------------------------------------------------------------------------------------- ablation
+def plot_fig1_heatmap(cells: Sequence[dict], path, title: str = "") -> None:
+    """Fig. 1 style: context length (x) x needle depth (y), colour = score 0-100 (red-yellow-green)."""
+    from matplotlib.colors import LinearSegmentedColormap
+
+    plt = _plt()
+    lengths = sorted({c["length"] for c in cells})
+    depths = sorted({c["depth"] for c in cells})
+    grid = np.full((len(depths), len(lengths)), np.nan)
+    for c in cells:
+        grid[depths.index(c["depth"]), lengths.index(c["length"])] = 100 * c["accuracy"]
+    cmap = LinearSegmentedColormap.from_list("fig1", FIG1_COLORS)
+    fig, ax = plt.subplots(figsize=(min(12.0, 3.6 + 0.75 * len(lengths)), min(8.0, 2.0 + 0.45 * len(depths))))
+    im = ax.pcolormesh(grid, cmap=cmap, vmin=0, vmax=100, edgecolors="white", linewidth=1.0)
+    for (i, j), v in np.ndenumerate(grid):
+        if np.isfinite(v):
+            ax.text(j + 0.5, i + 0.5, f"{v:.0f}", ha="center", va="center", fontsize=8, color="#222")
+    ax.set_xticks(np.arange(len(lengths)) + 0.5)
+    ax.set_xticklabels([str(L) for L in lengths], rotation=45 if len(lengths) > 8 else 0, fontsize=8)
+    ax.set_yticks(np.arange(len(depths)) + 0.5)
+    ax.set_yticklabels([f"{d:g}" for d in depths], fontsize=8)
+    ax.invert_yaxis()  # depth 0 at the top, as in the paper
+    ax.set_xlabel("context length (tokens)")
+    ax.set_ylabel("needle depth (%)")
+    ax.set_title(title, fontsize=10)
+    fig.colorbar(im, ax=ax, label="score (ROUGE-1 recall x 100)")
+    _save(plt, fig, path)
+
+
+def plot_sweep_k(table: dict, path, title: str = "", metric: str = "accuracy (%)") -> None:
+    """Accuracy vs k: the top-k retrieval heads masked vs k random non-retrieval heads (mean ± std)."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(5.6, 3.8))
+    k = np.asarray(table["k"])
+    ax.plot(k, 100 * np.asarray(table["top"]), "o-", color="#d62728", label="top-k retrieval heads masked")
+    ax.errorbar(k, 100 * np.asarray(table["random"]), yerr=100 * np.asarray(table["random_std"]), fmt="s--",
+                color="#1f77b4", capsize=3, label=f"k random non-retrieval heads ({len(table['seeds'])} seeds)")
+    ax.set_xlabel("number of masked heads (k)")
+    ax.set_ylabel(metric)
+    ax.set_ylim(-3, 103)
+    ax.set_xticks(k)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="best")
+    ax.set_title(title, fontsize=10)
+    _save(plt, fig, path)

@@ -1,0 +1,217 @@
+"""rhead_jax.analysis: loading, buckets, file summaries, pairs, dynamic activation, `analyze` outputs."""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+from scipy import stats
+
+from rhead_jax import analysis
+from rhead_jax.errors import UserError
+from tests.head_score_data import MEANS, file_from_means, write_json, write_results
+
+PUBLISHED = Path(__file__).resolve().parents[2] / "shared/reference/head_scores"
+
+
+# ------------------------------------------------------------------------------------------------- buckets
+def test_buckets_known_answer():
+    hs = file_from_means(MEANS)
+    s = analysis.file_summary(hs, top_k=3)
+    # =0: 4 heads, (0,0.1]: 0.05 and exactly 0.1, (0.1,0.5]: 0.3 and exactly 0.5, >0.5: 0.9 and 1.2
+    assert s["buckets"] == {"=0": 40.0, "(0,0.1]": 20.0, "(0.1,0.5]": 20.0, ">0.5": 20.0}
+    assert (s["layers"], s["heads"], s["tests"]) == (2, 5, 2)
+    assert s["retrieval_heads"] == 4
+    assert s["top"] == [["1-3", 1.2], ["1-2", 0.9], ["1-1", 0.5]]
+
+
+def test_bucket_edges():
+    assert [analysis.bucket_of(m) for m in (0.0, 1e-12, 0.1, 0.1 + 1e-12, 0.5, 0.5 + 1e-12)] == \
+        ["=0", "(0,0.1]", "(0,0.1]", "(0.1,0.5]", "(0.1,0.5]", ">0.5"]
+
+
+def test_summary_json_shape(tmp_path):
+    a = write_json(tmp_path / "model_a.json", file_from_means(MEANS))
+    out = tmp_path / "out"
+    analysis.analyze([a], out, top_k=4, report=False)
+    text = (out / "summary.json").read_text()
+    assert text.startswith('{\n "model_a.json"') and text.endswith("}\n")  # indent 1, final newline
+    summary = json.loads(text)
+    assert list(summary) == ["model_a.json"]
+    entry = summary["model_a.json"]
+    assert set(entry) == {"buckets", "layers", "heads", "tests", "retrieval_heads", "top"}
+    assert list(entry["buckets"]) == ["=0", "(0,0.1]", "(0.1,0.5]", ">0.5"]
+    assert math.isclose(sum(entry["buckets"].values()), 100.0)
+    assert all(isinstance(v, float) for v in entry["buckets"].values())
+    assert all(isinstance(entry[k], int) for k in ("layers", "heads", "tests", "retrieval_heads"))
+    assert len(entry["top"]) == 4
+    assert all(isinstance(h, str) and isinstance(v, float) for h, v in entry["top"])
+    assert [v for _, v in entry["top"]] == sorted((v for _, v in entry["top"]), reverse=True)
+    assert json.loads((out / "pairs.json").read_text()) == []
+    assert not (out / "dynamic.json").exists()
+    assert not (out / "report.html").exists()
+    assert {p.name for p in out.iterdir()} == {"summary.json", "pairs.json", "model_a_pie.png",
+                                               "model_a_heatmap.png"}  # no temporary files left
+
+
+def test_analyze_rewrites_existing_outputs(tmp_path):
+    a = write_json(tmp_path / "m.json", file_from_means(MEANS))
+    out = tmp_path / "out"
+    analysis.analyze([a], out, top_k=2, report=False)
+    analysis.analyze([a], out, top_k=3, report=False)
+    assert len(json.loads((out / "summary.json").read_text())["m.json"]["top"]) == 3
+
+
+# ------------------------------------------------------------------------------------------- user errors
+def test_uneven_lists_rejected(tmp_path):
+    path = write_json(tmp_path / "bad.json", {"0-0": [0.1, 0.2], "0-1": [0.1]})
+    with pytest.raises(UserError, match="different lengths"):
+        analysis.load_head_scores(path)
+
+
+@pytest.mark.parametrize("content, match", [
+    (None, "not found: check the path"),
+    ("{not json", "is not valid JSON"),
+    ("[]", "non-empty JSON object"),
+    ("{}", "non-empty JSON object"),
+    ('{"0-0": [1.0], "layer3": [0.5]}', "head key 'layer3' is not '<layer>-<head>'"),
+    ('{"0-0": [1.0], "1-x": [0.5]}', "head key '1-x'"),
+    ('{"0-0": 0.5}', "not a list of scores"),
+])
+def test_bad_head_score_file_is_a_user_error_naming_it(tmp_path, content, match):
+    path = tmp_path / "scores.json"
+    if content is not None:
+        path.write_text(content)
+    with pytest.raises(UserError, match=match) as e:
+        analysis.load_head_scores(path)
+    assert str(path) in str(e.value)
+
+
+def test_bad_results_file_is_a_user_error_naming_it(tmp_path):
+    with pytest.raises(UserError, match="not found"):
+        analysis.load_results(tmp_path / "results.jsonl")
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"scores": [[1]], "needle_index": 0, "length": 1, "depth": 0}\n{oops\n')
+    with pytest.raises(UserError, match="line 2 is not valid JSON"):
+        analysis.load_results(bad)
+    bad.write_text('{"scores": [[1]], "length": 1}\n')
+    with pytest.raises(UserError, match="line 1 lacks needle_index, depth"):
+        analysis.load_results(bad)
+    bad.write_text("\n")
+    with pytest.raises(UserError, match="no records"):
+        analysis.load_results(bad)
+
+
+def test_analyze_checks_every_input_before_writing(tmp_path):
+    a = write_json(tmp_path / "a.json", file_from_means(MEANS))
+    out = tmp_path / "out"
+    with pytest.raises(UserError, match="'nope.json' is not one of the input files"):
+        analysis.analyze([a], out, pairs=[("a.json", "nope.json")], report=False)
+    with pytest.raises(UserError, match="results file .* not found"):
+        analysis.analyze([a], out, results=str(tmp_path / "missing.jsonl"), report=False)
+    with pytest.raises(UserError, match="at least one head-score JSON file"):
+        analysis.analyze([], out)
+    (tmp_path / "sub").mkdir()
+    b = write_json(tmp_path / "sub" / "a.json", file_from_means(MEANS))
+    with pytest.raises(UserError, match="share the name 'a.json'"):
+        analysis.analyze([a, b], out)
+    assert not out.exists()
+
+
+# --------------------------------------------------------------------------------------------------- pairs
+def test_spearman_average_ranks_for_ties():
+    # ties get the average of the ranks they span: [10, 20, 20, 5] ranks as [2, 3.5, 3.5, 1]
+    assert analysis.spearman([10, 20, 20, 5], [2, 3.5, 3.5, 1]) == 1.0
+    assert math.isnan(analysis.spearman([0, 0, 0], [1, 2, 3]))
+
+
+def test_spearman_hand_computed_with_ties():
+    # ranks a = [1, 2.5, 2.5, 4], b = [1, 3, 2, 4]; deviations from 2.5:
+    # da = [-1.5, 0, 0, 1.5], db = [-1.5, .5, -.5, 1.5]; sum da*db = 4.5, |da|^2 = 4.5, |db|^2 = 5
+    # rho = 4.5 / sqrt(4.5 * 5) = sqrt(0.9)
+    assert math.isclose(analysis.spearman([1, 2, 2, 3], [1, 3, 2, 4]), math.sqrt(0.9), rel_tol=1e-12)
+    assert math.isclose(analysis.spearman([1, 2, 3, 4], [10, 20, 30, 400]), 1.0)
+    assert math.isclose(analysis.spearman([1, 2, 3, 4], [4, 3, 2, 1]), -1.0)
+    assert math.isnan(analysis.spearman([1, 1, 1], [1, 2, 3]))
+    assert math.isnan(analysis.spearman([1, 2, 3], [7, 7, 7]))
+    with pytest.raises(ValueError, match="one length"):
+        analysis.spearman([1, 2], [1, 2, 3])
+
+
+def test_spearman_agrees_with_scipy():
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        a = rng.integers(0, 6, 40).astype(float)  # many ties
+        b = a + rng.integers(0, 4, 40)
+        assert math.isclose(analysis.spearman(a, b), stats.spearmanr(a, b).statistic, rel_tol=1e-12)
+        assert analysis.spearman(a, b) == analysis.spearman(b, a)
+
+
+def test_overlap_and_pair():
+    a = file_from_means(MEANS)  # top 3: 1-3 (1.2), 1-2 (0.9), 1-1 (0.5)
+    means_b = [row[:] for row in MEANS]
+    means_b[1][1] = 0.0   # 1-1 drops out of B's top 3 ...
+    means_b[0][4] = 2.0   # ... and 0-4 becomes B's best head
+    b = file_from_means(means_b)
+    n, common = analysis.top_overlap(a, b, 3)
+    assert (n, common) == (2, ["1-3", "1-2"])
+    p = analysis.compare_pair(a, b, k=3, name_a="A", name_b="B")
+    assert (p["a"], p["b"], p["k"], p["overlap"]) == ("A", "B", 3, 2)
+    assert math.isclose(p["overlap_frac"], 2 / 3)
+    flat_a = [m for row in MEANS for m in row]
+    flat_b = [m for row in means_b for m in row]
+    assert math.isclose(p["spearman"], analysis.spearman(flat_a, flat_b))
+    # k larger than the number of heads is clipped
+    assert analysis.compare_pair(a, a, k=50)["k"] == 10
+    assert analysis.compare_pair(a, a, k=50)["overlap_frac"] == 1.0
+
+
+def test_pair_of_constant_files_has_no_spearman():
+    flat = file_from_means([[0.2] * 5, [0.2] * 5])
+    assert analysis.compare_pair(flat, file_from_means(MEANS))["spearman"] is None
+
+
+def test_pair_shape_mismatch_rejected():
+    a = file_from_means(MEANS)
+    b = file_from_means([MEANS[0]])
+    with pytest.raises(UserError, match="same heads"):
+        analysis.compare_pair(a, b)
+
+
+def test_parse_pairs():
+    assert analysis.parse_pairs(["a.json,b.json", ("c", "d")]) == [("a.json", "b.json"), ("c", "d")]
+    with pytest.raises(UserError, match="two files"):
+        analysis.parse_pairs(["a.json"])
+
+
+# ------------------------------------------------------------------------------------------------ dynamic
+def test_dynamic_classification(tmp_path):
+    results = analysis.load_results(write_results(tmp_path))
+    d = analysis.dynamic_activation(results)
+    assert (d["tests"], d["kept"], d["layers"], d["heads"]) == (12, 10, 1, 4)
+    assert d["activation"] == {"0-0": 1.0, "0-1": 0.5, "0-2": 1.0, "0-3": 0.0}
+    assert [h["head"] for h in d["retrieval"]] == ["0-0", "0-1"]  # 0-2 is active but weak; 0-3 only in dropped
+    assert d["always_on"] == ["0-0"]
+    assert d["context_specific"] == ["0-1"]
+    h01 = d["retrieval"][1]
+    assert h01["by_needle"] == {"0": 0.0, "1": 1.0}
+    assert h01["by_length"] == {"100": 0.4, "200": 0.6}  # needle-1 tests: i = 1, 3 (len 100); 5, 7, 9 (len 200)
+    assert d["by_needle"]["1"]["kept"] == 5 and d["by_needle"]["1"]["tests"] == 6
+    assert d["by_needle"]["1"]["mean_active_retrieval_heads"] == 2.0
+    assert d["by_needle"]["0"]["mean_active_retrieval_heads"] == 1.0
+    # the always-on threshold is a parameter
+    assert analysis.dynamic_activation(results, always_on=0.5)["always_on"] == ["0-0", "0-1"]
+
+
+# --------------------------------------------------------------------------------------------- published
+def test_published_llama2_7b_80k():
+    path = PUBLISHED / "llama-2-7b-80k.json"
+    if not path.exists():
+        pytest.skip(f"published head scores not found at {path}")
+    s = analysis.file_summary(analysis.load_head_scores(path), top_k=3)
+    assert s["retrieval_heads"] == 33
+    assert s["top"][0][0] == "16-19"
+    assert (s["layers"], s["heads"], s["tests"]) == (32, 32, 586)
+    assert math.isclose(sum(s["buckets"].values()), 100.0)
