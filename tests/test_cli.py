@@ -150,7 +150,7 @@ def test_sweep_bad_inputs(tiny_config, tmp_path):
 def test_ablate_bad_inputs(tiny_config, tmp_path):
     wd = tmp_path / "wd"
     assert_user_error(run_cli("rhead_jax.ablate", "--config", tiny_config, "--workdir", wd, "--mask", "top:3"),
-                      "needs a head-score file")
+                      "no head-score file given", "--scores")
     assert_user_error(run_cli("rhead_jax.ablate", "--config", tiny_config, "--workdir", wd, "--mask", "heads:3"),
                       "unknown mask spec")
     assert_user_error(run_cli("rhead_jax.ablate", "--config", tiny_config, "--workdir", wd,

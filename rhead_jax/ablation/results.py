@@ -101,7 +101,7 @@ def report_sections(results: dict, files: dict[str, Path]) -> list[tuple[str, An
             f'{results["retrieval_threshold"]} (never retrieval heads).</p>')
     sections = [("Ablation: accuracy with heads masked",
                  note + table(["mask", "runs", "accuracy", "std over seeds", "metrics",
-                                     "answers (taxonomy)" if niah else "", "masked heads"], rows))]
+                               "answers (taxonomy)" if niah else "", "masked heads"], rows, left=()))]
     if niah:
         heat = [files[k] for k in files if k.startswith("heatmap_")]
         if heat:
@@ -110,14 +110,15 @@ def report_sections(results: dict, files: dict[str, Path]) -> list[tuple[str, An
                  f"≥ half of the answer's content words present, or a verbatim {FRAGMENT}-word fragment of the "
                  "answer; <b>wrong_extraction</b> a run of "
                  f"{results['taxonomy']['extraction_ngram']} consecutive response words occurs verbatim in the "
-                 "haystack; <b>hallucination</b> otherwise. See rhead_jax/ablation.py.</p>")
+                 "haystack; <b>hallucination</b> otherwise. See rhead_jax/ablation/taxonomy.py.</p>")
         sections.append(("Failure taxonomy", rules))
     if results.get("sweep_k"):
         t = results["sweep_k"]
         trows = [[r["k"], f"{100 * r['top']:.1f}", f"{100 * r['random']:.1f} ± {100 * r['random_std']:.1f}"]
                  for r in t["rows"]]
         sections.append(("Accuracy vs number of masked heads: top-k vs random",
-                         [files["sweep_k.png"], table(["k", "top-k retrieval heads", "k random heads"], trows)]))
+                         [files["sweep_k.png"],
+                          table(["k", "top-k retrieval heads", "k random heads"], trows, left=())]))
     return sections
 
 
