@@ -196,5 +196,5 @@ def generation_shardings(mesh: Mesh) -> Generation:
     return Generation(tokens=r, num_tokens=r, topk_index=r, topk_weight=r)
 
 
-__all__ = ["mesh_shape", "make_mesh", "param_shardings", "cache_shardings", "batch_sharding", "replicated", "put_global",
-           "shard_params", "describe", "generation_shardings", "RULES", "PARAM_AXES"]
+__all__ = ["mesh_shape", "make_mesh", "param_shardings", "cache_shardings", "batch_sharding", "replicated",
+           "put_global", "shard_params", "describe", "generation_shardings", "RULES", "PARAM_AXES"]

@@ -22,19 +22,20 @@ from typing import Any, Mapping
 
 from absl import flags
 
-from rhead_jax import cli
-from rhead_jax import presets, sharding
+from rhead_jax import cli, presets, sharding
 from rhead_jax.dryrun import devices as dev
 from rhead_jax.dryrun.memory import Plan
 from rhead_jax.dryrun.planner import find_smallest_slice, model_config_for, paper_context, plan
-from rhead_jax.dryrun.topology import FAMILIES, EXAMPLES, GiB, family_slices, parse_topology
+from rhead_jax.dryrun.topology import EXAMPLES, FAMILIES, GiB, family_slices, parse_topology
 from rhead_jax.errors import UserError
 from rhead_jax.models.config import ModelConfig
 
 FLAGS = flags.FLAGS
 # flags of the argparse command this one replaced, now config keys
-MOVED_FLAGS = {"--batch_size": "--config.sweep.batch_size=N", "--max_new_tokens": "--config.sweep.max_new_tokens=N",
-               "--prefill_chunk": "--config.sweep.prefill_chunk=N", "--no_share_prefix": "--config.sweep.share_prefix=false"}
+MOVED_FLAGS = {"--batch_size": "--config.sweep.batch_size=N",
+               "--max_new_tokens": "--config.sweep.max_new_tokens=N",
+               "--prefill_chunk": "--config.sweep.prefill_chunk=N",
+               "--no_share_prefix": "--config.sweep.share_prefix=false"}
 
 
 def step_settings(config) -> dict[str, Any]:
@@ -127,8 +128,10 @@ def define_flags() -> None:
     flags.DEFINE_integer("max_chips", None, "Largest slice --smallest tries (default: 256 on the cpu backend).")
     flags.DEFINE_bool("json", False, "Also print each plan as a line `JSON {...}`.")
     flags.DEFINE_bool("donate_cache", False, "Plan with the cache argument donated (the sweep does not donate).")
-    flags.DEFINE_string("preset", None, "Model shapes from this preset (rhead_jax.presets) instead of the config's model.")
-    flags.DEFINE_string("hf_config", None, "Model shapes from this checkpoint config.json instead of the config's model.")
+    flags.DEFINE_string("preset", None, "Model shapes from this preset (rhead_jax.presets) instead of the "
+                        "config's model.")
+    flags.DEFINE_string("hf_config", None, "Model shapes from this checkpoint config.json instead of the "
+                        "config's model.")
     flags.DEFINE_alias("dry_run_context", "context")
     flags.DEFINE_alias("dry_run_mesh", "mesh")
     flags.DEFINE_alias("dry_run_backend", "backend")
