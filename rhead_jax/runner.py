@@ -30,6 +30,11 @@ def _rows(cache: KVCache, starts, size: int) -> KVCache:
                    length=starts.astype(jnp.int32))
 
 
+def _without_resident(step, params, prompts, lens, cache, prefill_mask, decode_mask, _resident):
+    """`step` with one more argument it does not read (arrays kept resident on the devices)."""
+    return step(params, prompts, lens, cache, prefill_mask, decode_mask)
+
+
 class Runner:
     def __init__(self, cfg: ModelConfig, params, mesh=None):
         self.cfg, self.params, self.mesh = cfg, params, mesh
@@ -97,6 +102,44 @@ class Runner:
             partial(_rows, size=size), out_shardings=self._cache_sh(B, size)))
         return fn(cache1, self._put(starts, shd.batch_sharding))
 
+    def generate_jit(self, batch: int, prompt_len: int, cache_size: int, *, spec: GenerateSpec, prefill_width: int,
+                     prefill_mask: bool = False, decode_mask: bool = False, resident=None,
+                     donate_cache: bool = False):
+        """The jitted, sharded generate step for [batch, prompt_len] prompts and a `cache_size`-slot
+        cache: what `generate` calls, and what `rhead_jax.dryrun` lowers and compiles on abstract
+        arguments (`jax.ShapeDtypeStruct`s). Needs a mesh.
+
+        Arguments of the returned function: (params, prompts, lengths, cache, prefill_mask or None,
+        decode_mask or None) -> (Generation, cache). `resident`: shardings of arrays that stay on the
+        devices during the step (the dry run passes the shared-prefix cache's): the function then
+        takes them as one more, unused argument (`keep_unused=True`) so the compiler counts them.
+        `donate_cache`: donate the cache argument (the sweep does not).
+        """
+        if self.mesh is None:
+            raise ValueError("Runner.generate_jit needs a mesh (Runner(cfg, params, mesh))")
+        B, P, size = batch, prompt_len, cache_size
+        resident_key = None if resident is None else tuple(jax.tree.leaves(resident))
+        key = ("generate", B, P, size, spec, prefill_width, not prefill_mask, not decode_mask, resident_key,
+               donate_cache)
+
+        def make():
+            rep = shd.replicated(self.mesh)
+            bsh = shd.batch_sharding((B, P), self.mesh)
+            lsh = shd.batch_sharding((B,), self.mesh)
+            csh = self._cache_sh(B, size)
+            in_sh = (self.param_sh, bsh, lsh, csh, rep if prefill_mask else None, rep if decode_mask else None)
+            step = partial(generate_impl, cfg=self.cfg, spec=spec, prefill_width=prefill_width)
+            kw = {}
+            if resident is not None:
+                in_sh += (resident,)
+                step = partial(_without_resident, step)
+                kw["keep_unused"] = True
+            if donate_cache:
+                kw["donate_argnums"] = (3,)
+            return jax.jit(step, in_shardings=in_sh, out_shardings=(shd.generation_shardings(self.mesh), csh), **kw)
+
+        return self._jit(key, make)
+
     def generate(self, prompts: np.ndarray, lens: np.ndarray, cache: KVCache, *, spec: GenerateSpec,
                  prefill_width: int, prefill_mask=None, decode_mask=None) -> Generation:
         """Greedy generation with capture; returns host-readable (replicated) outputs."""
@@ -109,20 +152,8 @@ class Runner:
         if B % self.data_size:
             raise ValueError(f"batch of {B} rows does not divide the data axis ({self.data_size}); "
                              "pad the batch (run_batch does) or change config.mesh")
-        size = cache.size
-        key = ("generate", B, P, size, spec, prefill_width, prefill_mask is None, decode_mask is None)
-
-        def make():
-            rep = shd.replicated(self.mesh)
-            bsh = shd.batch_sharding((B, P), self.mesh)
-            lsh = shd.batch_sharding((B,), self.mesh)
-            csh = self._cache_sh(B, size)
-            in_sh = (self.param_sh, bsh, lsh, csh, None if prefill_mask is None else rep,
-                     None if decode_mask is None else rep)
-            return jax.jit(partial(generate_impl, cfg=self.cfg, spec=spec, prefill_width=prefill_width),
-                           in_shardings=in_sh, out_shardings=(shd.generation_shardings(self.mesh), csh))
-
-        fn = self._jit(key, make)
+        fn = self.generate_jit(B, P, cache.size, spec=spec, prefill_width=prefill_width,
+                               prefill_mask=prefill_mask is not None, decode_mask=decode_mask is not None)
         rep_fn = lambda shape, mesh: shd.replicated(mesh)  # noqa: E731
         pm = None if prefill_mask is None else self._put(prefill_mask, rep_fn)
         dm = None if decode_mask is None else self._put(decode_mask, rep_fn)

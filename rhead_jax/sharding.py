@@ -17,6 +17,7 @@ import numpy as np
 from absl import logging
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
+from rhead_jax.errors import UserError
 from rhead_jax.models.config import ModelConfig
 from rhead_jax.models.decoder import KVCache, param_shapes
 from rhead_jax.models.generate import Generation
@@ -75,34 +76,48 @@ CACHE_AXES = {"k": ("layers", "batch", "kv_heads", "cache_seq", "head_dim"),
 _logged: set = set()
 
 
-def make_mesh(mesh_config: Mapping[str, int], devices=None) -> Mesh:
-    """A ("data", "model", "expert") mesh from sizes; one size may be -1 (the remaining devices).
+def mesh_shape(mesh_config: Mapping[str, int], num_devices: int, *, what: str = "config.mesh") -> dict[str, int]:
+    """Concrete ("data", "model", "expert") sizes for `num_devices` devices from a config.mesh-style
+    mapping (missing axes are 1; one size may be -1: the remaining devices). Pure: no devices needed.
 
-    Axis types are Auto on purpose: the sweep step is compiled with jit in/out shardings and GSPMD
-    propagates shardings through the model, as `pjit` did.
-    """
-    devices = list(devices if devices is not None else jax.devices())
+    Raises UserError (a ValueError) when the sizes cannot cover exactly `num_devices` devices; its
+    message tells the user to fix `what` (where the sizes came from)."""
     sizes = [int(mesh_config.get(a, 1)) for a in MESH_AXES]
-    n = len(devices)
+    n = num_devices
     if sizes.count(-1) > 1:
-        raise ValueError(f"at most one mesh axis may be -1, got {dict(zip(MESH_AXES, sizes))}")
+        raise UserError(f"at most one mesh axis may be -1, got {dict(zip(MESH_AXES, sizes))}")
+    if any(s < 1 and s != -1 for s in sizes):
+        raise UserError(f"mesh sizes must be >= 1 (or -1 for the rest), got {dict(zip(MESH_AXES, sizes))}")
     if -1 in sizes:
         known = math.prod(s for s in sizes if s != -1)
         if n % known:
-            raise ValueError(f"{n} devices cannot be split into mesh {dict(zip(MESH_AXES, sizes))}")
+            raise UserError(f"{n} devices cannot be split into mesh {dict(zip(MESH_AXES, sizes))}; set "
+                            f"{what} sizes whose product divides {n}")
         sizes[sizes.index(-1)] = n // known
     if math.prod(sizes) != n:
-        raise ValueError(f"mesh {dict(zip(MESH_AXES, sizes))} needs {math.prod(sizes)} devices, "
-                         f"{n} are available; set config.mesh sizes whose product is {n} (or use -1)")
+        raise UserError(f"mesh {dict(zip(MESH_AXES, sizes))} needs {math.prod(sizes)} devices, "
+                        f"{n} are available; set {what} sizes whose product is {n} (or use -1)")
+    return dict(zip(MESH_AXES, sizes))
+
+
+def make_mesh(mesh_config: Mapping[str, int], devices=None) -> Mesh:
+    """A ("data", "model", "expert") mesh from sizes (`mesh_shape`); one size may be -1 (the rest).
+
+    Axis types are Auto on purpose: the sweep step is compiled with jit in/out shardings and GSPMD
+    propagates shardings through the model, as `pjit` did. Where the physical torus cannot hold an
+    axis (e.g. model=8 on a 4x4x4 v5p slice), the axes span several physical axes instead.
+    """
+    devices = list(devices if devices is not None else jax.devices())
+    sizes = tuple(mesh_shape(mesh_config, len(devices)).values())
     axis_types = (AxisType.Auto,) * 3
     try:
-        return jax.make_mesh(tuple(sizes), MESH_AXES, axis_types=axis_types, devices=devices)
+        return jax.make_mesh(sizes, MESH_AXES, axis_types=axis_types, devices=devices)
     except (ValueError, NotImplementedError, AssertionError) as e:
         # e.g. model=8 on a 4x4x4 torus: let an axis span several physical axes
         from jax.experimental import mesh_utils
 
         logging.warning("jax.make_mesh(%s) failed (%s); splitting physical axes instead", sizes, e)
-        grid = mesh_utils.create_device_mesh(tuple(sizes), devices, allow_split_physical_axes=True)
+        grid = mesh_utils.create_device_mesh(sizes, devices, allow_split_physical_axes=True)
         return Mesh(grid, MESH_AXES, axis_types=axis_types)
 
 
@@ -181,5 +196,5 @@ def generation_shardings(mesh: Mesh) -> Generation:
     return Generation(tokens=r, num_tokens=r, topk_index=r, topk_weight=r)
 
 
-__all__ = ["make_mesh", "param_shardings", "cache_shardings", "batch_sharding", "replicated", "put_global",
-           "shard_params", "describe", "generation_shardings", "RULES", "PARAM_AXES"]
+__all__ = ["mesh_shape", "make_mesh", "param_shardings", "cache_shardings", "batch_sharding", "replicated",
+           "put_global", "shard_params", "describe", "generation_shardings", "RULES", "PARAM_AXES"]

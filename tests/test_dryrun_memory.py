@@ -1,13 +1,11 @@
-"""Dry runs: TPU slice names, presets, analytic per-device bytes, and compiled plans on simulated
-CPU devices (in subprocesses started with XLA_FLAGS, as the CLIs run them)."""
+"""rhead_jax.dryrun.memory and .planner: presets, meshes, analytic per-device bytes, plans (analytic and
+compiled in-process on one CPU device), the model shapes of a sweep config. The commands' tests
+(subprocesses, simulated devices) are in test_dryrun_cli.py, the slice catalog's in test_dryrun_topology.py."""
 from __future__ import annotations
 
 import importlib.util
 import json
 import math
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import jax
@@ -18,52 +16,11 @@ from rhead_jax import dryrun, presets, sharding
 from rhead_jax.models.config import ModelConfig
 from rhead_jax.models.decoder import param_shapes
 from rhead_jax.config import default_config
+from rhead_jax.errors import UserError
+from rhead_jax.runner import Runner
 
 REPO = Path(__file__).resolve().parents[1]
-CONFIGS = sorted((REPO / "configs").glob("*.py"))
-
-
-def _run(args, *, devices=8, timeout=300):
-    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-    if devices:
-        env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
-    else:
-        env.pop("XLA_FLAGS", None)
-    out = subprocess.run([sys.executable, "-m", *args], cwd=REPO, env=env, capture_output=True, text=True,
-                         timeout=timeout)
-    return out
-
-
-def _plans(stdout: str) -> list[dict]:
-    return [json.loads(line[len("JSON "):]) for line in stdout.splitlines() if line.startswith("JSON ")]
-
-
-# ----------------------------------------------------------------------------- topologies
-
-
-@pytest.mark.parametrize("name, family, chips, hosts, canonical", [
-    ("v4-8", "v4", 4, 1, "v4-8"), ("v4-32", "v4", 16, 4, "v4-32"),
-    ("v5litepod-16", "v5e", 16, 4, "v5litepod-16"), ("v5e-8", "v5e", 8, 1, "v5litepod-8"),
-    ("v5litepod-1", "v5e", 1, 1, "v5litepod-1"), ("v5p-8", "v5p", 4, 1, "v5p-8"), ("v5p-64", "v5p", 32, 8, "v5p-64"),
-    ("v6e-8", "v6e", 8, 1, "v6e-8"), ("v6e-256", "v6e", 256, 64, "v6e-256"),
-])
-def test_parse_topology(name, family, chips, hosts, canonical):
-    t = dryrun.parse_topology(name)
-    assert (t.family, t.chips, t.hosts, t.name) == (family, chips, hosts, canonical)
-    assert t.hbm_bytes == {"v4": 32, "v5e": 16, "v5p": 95, "v6e": 32}[family] * 2**30
-    assert math.prod(t.grid) == chips
-
-
-@pytest.mark.parametrize("bad", ["v4-33", "v5litepod-12", "v5p-6", "tpu-8", "v3-8"])
-def test_parse_topology_refuses_unknown_slices(bad):
-    with pytest.raises(ValueError, match=bad):
-        dryrun.parse_topology(bad)
-
-
-def test_family_slices_increase():
-    for fam in dryrun.FAMILIES:
-        chips = [t.chips for t in dryrun.family_slices(fam)]
-        assert chips == sorted(chips) and len(set(chips)) == len(chips)
+CONFIGS = sorted(p for p in (REPO / "configs").glob("*.py") if not p.name.startswith("_"))
 
 
 # ----------------------------------------------------------------------------- presets
@@ -177,41 +134,64 @@ def test_paper_context_and_real_config_json_precedence(tmp_path):
     assert cfg.num_layers == 3 and source.endswith("config.json")
 
 
-# ----------------------------------------------------------------------------- compiled plans
+def test_model_config_for_refuses_unknown_models(tmp_path):
+    c = default_config()
+    c.model.name, c.model.path = "Llama-9-1T", str(tmp_path / "absent")
+    with pytest.raises(UserError, match="unknown model.*config.model.name.*Yi-34B-200K"):
+        dryrun.model_config_for(c, "configs/mine.py")
 
 
-def test_dry_run_on_8_simulated_devices_reports_fit_and_compiler_temp():
-    out = _run(["rhead_jax.dryrun", "--preset", "Mistral-7B-v0.2", "--topology", "v5litepod-8", "--context", "4096",
-                "--backend", "cpu", "--json"])
-    assert out.returncode == 0, out.stderr[-3000:]
-    assert "fits: yes" in out.stdout and "temp (activations, scratch)" in out.stdout
-    assert "CPU-compiled memory stands in for the TPU compiler's" in out.stdout
-    (p,) = _plans(out.stdout)
-    assert p["chips"] == 8 and p["mesh"] == {"data": 1, "model": 8, "expert": 1} and p["fits"]
-    c, a = p["compiled_gib"], p["analytic_gib"]
-    assert c["temp"] > 0
-    # the compiled program's per-device arguments are exactly the analytic shard sizes
-    args = a["params"] + a["kv_cache"] + a["shared_prefix_cache"] + a["inputs"]
-    assert abs(c["argument"] - args) * 2**30 < 1024
-    assert abs(c["output"] - (a["kv_cache_out"] + a["outputs"])) * 2**30 < 1024
-    assert f"{c['temp']:9.2f}" in out.stdout
+# ----------------------------------------------------------------------------- meshes and user errors
 
 
-def test_sweep_dry_run_sets_up_devices_itself():
-    # no XLA_FLAGS: `sweep --dry_run` asks for the slice's 8 devices before jax starts
-    out = _run(["rhead_jax.sweep", "--config", "smollm2_135m.py", "--dry_run", "--topology", "v5litepod-8",
-                "--dry_run_backend", "cpu"], devices=0)
-    assert out.returncode == 0, out.stderr[-3000:]
-    assert "SmolLM2-135M-Instruct on v5litepod-8 (8 chips" in out.stdout
-    assert "fits: yes" in out.stdout and "context 2000" in out.stdout
-    assert "config.mesh does not fit v5litepod-8" in out.stdout      # the config's 1x1x1 mesh -> auto
+def test_mesh_sizes_are_sharding_mesh_shape():
+    # the dry run resolves explicit sizes with the sweep's own function (rhead_jax.sharding.make_mesh's)
+    assert sharding.mesh_shape({"data": -1, "model": 8}, 32) == {"data": 4, "model": 8, "expert": 1}
+    assert sharding.mesh_shape({"data": 2, "model": 8, "expert": 2}, 32) == {"data": 2, "model": 8, "expert": 2}
+    for bad, match in [({"data": -1, "model": -1}, "at most one mesh axis may be -1"),
+                       ({"data": -1, "model": 3}, "cannot be split"), ({"data": 2}, "needs 2 devices, 8 are"),
+                       ({"model": 0}, "must be >= 1")]:
+        with pytest.raises(UserError, match=match):
+            sharding.mesh_shape(bad, 8)
+    yi = presets.preset_config("Yi-34B-200K")
+    p = dryrun.plan(yi, "v5p-64", context_len=1000, batch_size=8, mesh={"data": -1, "model": 8}, compile=False)
+    assert p.mesh == {"data": 4, "model": 8, "expert": 1} and p.mesh_source == "given"
+    with pytest.raises(UserError, match="needs 7 devices, 32 are available"):
+        dryrun.plan(yi, "v5p-64", context_len=1000, batch_size=8, mesh={"data": 7}, compile=False)
 
 
-@pytest.mark.slow
-@pytest.mark.skipif(importlib.util.find_spec("libtpu") is None, reason="needs libtpu (TPU compiler, no TPU)")
-def test_tpu_compiler_plan():
-    out = _run(["rhead_jax.dryrun", "--preset", "SmolLM2-135M-Instruct", "--topology", "v5p-8", "--context", "2048",
-                "--backend", "tpu", "--json"], devices=0, timeout=900)
-    assert out.returncode == 0, out.stderr[-3000:]
-    (p,) = _plans(out.stdout)
-    assert p["backend"] == "tpu" and p["fits"] and p["compiled_gib"]["temp"] > 0
+def test_plan_refuses_contexts_the_model_cannot_hold():
+    mistral = presets.preset_config("Mistral-7B-v0.2")
+    with pytest.raises(UserError, match=r"context 40000 is out of range.*1\.\.32718"):
+        dryrun.plan(mistral, "v5p-8", context_len=40000, batch_size=8, compile=False)
+    # between the sweep's limit and the model's positions: planned, with a note (the shapes round the same)
+    p = dryrun.plan(mistral, "v5p-8", context_len=32768, batch_size=8, compile=False)
+    assert any("the sweep refuses lengths > 32718" in n for n in p.notes)
+
+
+def test_plan_defaults_are_the_config_schemas():
+    s = default_config().sweep
+    p = dryrun.plan(presets.preset_config("Yi-6B-200K"), "v5p-8", context_len=1000, batch_size=8, compile=False)
+    assert (p.prefill_chunk, p.max_new_tokens) == (s.prefill_chunk, s.max_new_tokens)
+    assert p.prompt_len == -(-1000 // s.pad_multiple) * s.pad_multiple
+    assert p.cache_size % s.k_chunk == 0 and p.analytic["shared_prefix_cache"] > 0   # share_prefix on
+
+
+def test_plan_compiles_runners_own_step_in_process():
+    """One CPU device: the step `Runner.generate_jit` builds, compiled on abstract arguments."""
+    cfg = ModelConfig.from_hf(presets.preset_hf_config("SmolLM2-135M-Instruct") | {"num_hidden_layers": 2},
+                              dtype="bfloat16")
+    p = dryrun.plan(cfg, "v5litepod-1", context_len=200, batch_size=2, max_new_tokens=8, prefill_chunk=128,
+                    backend="cpu")
+    assert p.compiled is not None and p.compiled["temp"] > 0 and p.fits
+    a = p.analytic
+    # the compiled arguments and outputs are the analytic shard sizes (up to the buffers' alignment)
+    assert abs(p.compiled["argument"] - (a["params"] + a["kv_cache"] + a["shared_prefix_cache"] + a["inputs"])) < 1024
+    assert abs(p.compiled["output"] - (a["kv_cache_out"] + a["outputs"])) < 1024
+    donated = dryrun.plan(cfg, "v5litepod-1", context_len=200, batch_size=2, max_new_tokens=8, prefill_chunk=128,
+                          backend="cpu", donate_cache=True, share_prefix=False)
+    assert donated.compiled["alias"] == a["kv_cache"] and donated.analytic["shared_prefix_cache"] == 0
+    # Runner.generate goes through the same method: without a mesh there is no sharded step to build
+    with pytest.raises(ValueError, match="needs a mesh"):
+        Runner(cfg, None).generate_jit(2, 256, 512, spec=None, prefill_width=256)
+

@@ -1,0 +1,259 @@
+"""Per-device memory of the sweep step on a slice: the mesh, the analytic bytes, and the `Plan`.
+
+Analytic bytes come from the shardings alone (each leaf's bytes / its number of shards; no devices,
+no compile): params, the batch's KV cache (argument), the returned KV cache (Runner does not donate
+the cache, so the output is a second copy), the resident shared-prefix cache (a 1-row cache that
+`run_sweep` keeps for the whole sweep when `config.sweep.share_prefix`; batch 1 cannot be split on
+"data", so every data shard holds it whole), prompts/lengths and the replicated outputs. A `Plan`
+adds the compiler's `memory_analysis()` (rhead_jax.dryrun.planner) and judges the total against the
+chip's HBM less a margin (default 5%) left for the runtime.
+
+Default mesh (`auto_mesh`), for a slice of N chips and a model with K KV heads and E experts:
+  model  = the largest divisor of N that also divides K, at most `max_model` (8): the model axis
+           splits params (heads, MLP columns, vocab) and the KV cache (KV heads); an axis that does
+           not divide K would replicate the cache, and 8 is where the GQA models' KV heads end;
+           then, while the data axis would exceed the batch (rows wasted on padding) and 2*model
+           still divides gcd(N, K) and stays <= 2*max_model, model doubles;
+  expert = gcd(N / model, E) for MoE models (experts on their own axis), else 1;
+  data   = the rest (instances of a batch; Runner pads the batch to a multiple of it).
+Explicit sizes ({"data": -1, "model": 8}, config.mesh) are resolved by `rhead_jax.sharding.mesh_shape`,
+the function the sweep's own mesh (`sharding.make_mesh`) uses.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from types import SimpleNamespace
+from typing import Any, Mapping
+
+import jax
+import numpy as np
+
+from rhead_jax import sharding as shd
+from rhead_jax.dryrun.topology import GiB, Topology
+from rhead_jax.models.decoder import init_cache, param_shapes
+
+MARGIN = 0.05          # share of HBM left for the TPU runtime, fragmentation, and estimate error
+
+# ----------------------------------------------------------------------------- meshes
+
+
+def auto_mesh(cfg, chips: int, *, batch_size: int, max_model: int = 8) -> dict[str, int]:
+    """The default (data, model, expert) sizes for `chips` devices (heuristic in the module doc)."""
+    kv = math.gcd(chips, cfg.num_kv_heads)
+    model = max(d for d in range(1, min(kv, max_model) + 1) if kv % d == 0)
+    expert = math.gcd(chips // model, cfg.num_experts) if cfg.is_moe else 1
+    while (chips // (model * expert) > batch_size and kv % (2 * model) == 0 and 2 * model <= 2 * max_model
+           and chips % (2 * model * expert) == 0):
+        model *= 2
+    return {"data": chips // (model * expert), "model": model, "expert": expert}
+
+
+def padded_batch(batch_size: int, data: int) -> int:
+    """Rows compiled: `batch_size` rounded up to a multiple of the data axis (as Runner pads it)."""
+    return -(-batch_size // data) * data
+
+
+def rows_per_device(batch: int, data: int) -> int:
+    """Rows of a [batch, ...] array each device holds: split on "data" when it divides, else all."""
+    return batch // data if batch % data == 0 else batch
+
+
+# ----------------------------------------------------------------------------- analytic sizes
+
+
+def spec_shards(spec, sizes: Mapping[str, int]) -> int:
+    """Number of shards a PartitionSpec cuts an array into on a mesh of `sizes`."""
+    n = 1
+    for ax in spec:
+        for a in (ax if isinstance(ax, tuple) else (ax,)):
+            if a is not None:
+                n *= sizes[a]
+    return n
+
+
+def shard_bytes(shape, dtype, spec, sizes: Mapping[str, int]) -> int:
+    """Bytes one device holds of an array of `shape` sharded by `spec` (dims divide: the sharding
+    rules replicate any that don't)."""
+    total = math.prod(shape) * np.dtype(dtype).itemsize
+    return total // spec_shards(spec, sizes)
+
+
+def params_bytes(cfg, sizes: Mapping[str, int]) -> int:
+    """Per-device bytes of the parameters under `rhead_jax.sharding`'s rules on a mesh of `sizes`."""
+    mesh_like = SimpleNamespace(shape=dict(sizes))   # logical_to_spec only reads mesh.shape
+    out = 0
+    for kp, leaf in jax.tree_util.tree_flatten_with_path(param_shapes(cfg))[0]:
+        path = "/".join(k.key for k in kp)
+        spec = shd.logical_to_spec(shd.param_axes(cfg, path), leaf.shape, mesh_like, what=path)
+        out += shard_bytes(leaf.shape, leaf.dtype, spec, sizes)
+    return out
+
+
+def cache_bytes(cfg, sizes: Mapping[str, int], *, rows: int, cache_size: int) -> int:
+    """Per-device bytes of a [rows]-row KV cache of `cache_size` slots (k, v, pos, length)."""
+    mesh_like = SimpleNamespace(shape=dict(sizes))
+    shape = jax.eval_shape(lambda: init_cache(cfg, rows, cache_size))
+    out = 0
+    for name, axes in shd.CACHE_AXES.items():
+        leaf = getattr(shape, name)
+        spec = shd.logical_to_spec(axes, leaf.shape, mesh_like, what=f"cache/{name}")
+        out += shard_bytes(leaf.shape, leaf.dtype, spec, sizes)
+    return out
+
+
+def analytic_bytes(cfg, sizes: Mapping[str, int], *, batch: int, prompt_len: int, cache_size: int,
+                   max_new_tokens: int, top_k: int = 1, share_prefix: bool = True,
+                   donate_cache: bool = False) -> dict[str, int]:
+    """Per-device bytes from the shardings alone (no devices, no compile)."""
+    kv = cache_bytes(cfg, sizes, rows=batch, cache_size=cache_size)
+    data = sizes["data"] if batch % sizes["data"] == 0 else 1
+    L, H = cfg.num_layers, cfg.num_heads
+    inputs = (batch * prompt_len + batch) * 4 // data                  # prompts, lengths (int32)
+    outputs = (batch * max_new_tokens + batch) * 4 + 2 * batch * max_new_tokens * L * H * top_k * 4  # replicated
+    return {
+        "params": params_bytes(cfg, sizes),
+        "kv_cache": kv,
+        "kv_cache_out": 0 if donate_cache else kv,
+        "shared_prefix_cache": cache_bytes(cfg, sizes, rows=1, cache_size=cache_size) if share_prefix else 0,
+        "inputs": inputs,
+        "outputs": outputs,
+    }
+
+
+# ----------------------------------------------------------------------------- the plan
+
+
+@dataclasses.dataclass
+class Plan:
+    """Per-device memory of one sweep step on one slice. Byte counts are per device."""
+
+    model: str
+    topology: Topology
+    mesh: dict[str, int]
+    mesh_source: str
+    context_len: int
+    batch_size: int               # instances per batch as configured
+    batch: int                    # rows compiled (batch_size rounded up to the data axis)
+    prompt_len: int               # padded prompt length P
+    prefill_width: int
+    cache_size: int
+    prefill_chunk: int
+    max_new_tokens: int
+    backend: str                  # "tpu" or "cpu"
+    analytic: dict[str, int]
+    compiled: dict[str, int] | None = None
+    compile_error: str | None = None
+    compile_seconds: float = 0.0
+    margin: float = MARGIN
+    notes: list[str] = dataclasses.field(default_factory=list)
+
+    @property
+    def hbm_bytes(self) -> int:
+        return self.topology.hbm_bytes
+
+    @property
+    def usable_bytes(self) -> int:
+        return int(self.hbm_bytes * (1 - self.margin))
+
+    @property
+    def analytic_total(self) -> int:
+        return sum(self.analytic.values())
+
+    @property
+    def temp_bytes(self) -> int | None:
+        return None if self.compiled is None else self.compiled["temp"]
+
+    @property
+    def total_bytes(self) -> int:
+        """Peak estimate: the compiled program's arguments (the resident shared-prefix cache among
+        them) + outputs - aliased + temp + code; without a compile, the analytic lower bound."""
+        c = self.compiled
+        if c is None:
+            return self.analytic_total
+        if "required" in c:
+            return c["required"]
+        return c["argument"] + c["output"] - c["alias"] + c["temp"] + c["generated_code"]
+
+    @property
+    def fits(self) -> bool:
+        return self.compile_error is None and self.total_bytes <= self.usable_bytes
+
+    @property
+    def headroom_bytes(self) -> int:
+        return self.usable_bytes - self.total_bytes
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "model": self.model, "topology": self.topology.name, "chips": self.topology.chips,
+            "hosts": self.topology.hosts, "hbm_gib": self.hbm_bytes / GiB, "mesh": self.mesh,
+            "mesh_source": self.mesh_source, "context_len": self.context_len, "batch_size": self.batch_size,
+            "batch": self.batch, "prompt_len": self.prompt_len, "cache_size": self.cache_size,
+            "prefill_chunk": self.prefill_chunk, "backend": self.backend,
+            "analytic_gib": {k: v / GiB for k, v in self.analytic.items()},
+            "compiled_gib": None if self.compiled is None else {k: v / GiB for k, v in self.compiled.items()},
+            "compile_error": self.compile_error, "compile_seconds": round(self.compile_seconds, 1),
+            "total_gib": self.total_bytes / GiB, "usable_gib": self.usable_bytes / GiB, "fits": self.fits,
+            "headroom_gib": self.headroom_bytes / GiB, "notes": self.notes,
+        }
+
+    def table(self) -> str:
+        t, g = self.topology, (lambda b: f"{b / GiB:9.2f}")
+        donated = self.analytic["kv_cache_out"] == 0 and self.analytic["kv_cache"] > 0
+        rows_per_dev = rows_per_device(self.batch, self.mesh["data"])
+        lines = [
+            f"== dry run: {self.model} on {t.name} ({t.chips} chips, {t.hosts} host(s), "
+            f"{t.hbm_bytes / GiB:g} GiB HBM per chip) ==",
+            f"mesh: data={self.mesh['data']} model={self.mesh['model']} expert={self.mesh['expert']} "
+            f"({self.mesh_source})",
+            f"sweep step: batch {self.batch} ({rows_per_dev} row(s) per device), context {self.context_len} "
+            f"-> prompt {self.prompt_len} (prefill width {self.prefill_width}), cache {self.cache_size} slots, "
+            f"prefill chunk {self.prefill_chunk}, {self.max_new_tokens} new tokens, bf16",
+            f"compiler: {_BACKEND_TEXT[self.backend]}",
+            "",
+            f"{'per device':48s} {'GiB':>9s}",
+            f"{'params (analytic: leaf bytes / shards)':48s} {g(self.analytic['params'])}",
+            f"{'KV cache, batch (analytic)':48s} {g(self.analytic['kv_cache'])}",
+            f"{'KV cache, returned copy (analytic; ' + ('donated)' if donated else 'not donated)'):48s} "
+            f"{g(self.analytic['kv_cache_out'])}",
+            f"{'shared-prefix cache, resident (analytic)':48s} {g(self.analytic['shared_prefix_cache'])}",
+            f"{'prompts, lengths (analytic)':48s} {g(self.analytic['inputs'])}",
+            f"{'generated tokens, captured slots (analytic)':48s} {g(self.analytic['outputs'])}",
+            f"{'analytic total (no activations)':48s} {g(self.analytic_total)}",
+        ]
+        c = self.compiled
+        if c is not None and "required" not in c:
+            lines += [
+                f"{'compiler memory_analysis(): arguments':48s} {g(c['argument'])}",
+                f"{'  outputs':48s} {g(c['output'])}",
+                f"{'  aliased (outputs reusing arguments)':48s} {g(c['alias'])}",
+                f"{'  temp (activations, scratch)':48s} {g(c['temp'])}",
+                f"{'  generated code':48s} {g(c['generated_code'])}",
+            ]
+        elif c is not None:
+            lines.append(f"{'compiler: memory required (out of memory)':48s} {g(c['required'])}")
+        if self.compile_error:
+            lines.append(f"compile error: {self.compile_error}")
+        lines += [
+            f"{'total':48s} {g(self.total_bytes)}",
+            f"{'HBM per chip / usable (%d%% margin)' % round(100 * self.margin):48s} "
+            f"{g(self.hbm_bytes)} / {self.usable_bytes / GiB:.2f}",
+            (f"fits: yes, headroom {self.headroom_bytes / GiB:.2f} GiB "
+             f"({100 * self.headroom_bytes / self.hbm_bytes:.0f}% of HBM)" if self.fits else
+             f"fits: NO, over by {-self.headroom_bytes / GiB:.2f} GiB"),
+        ]
+        if self.compiled is None and self.compile_error is None:
+            lines.append("(no compile: the analytic lower bound alone decides; activations not counted)")
+        lines += [f"note: {n}" for n in self.notes]
+        if self.backend == "cpu" and (self.compiled or self.compile_error):
+            lines.append("note: CPU-compiled memory stands in for the TPU compiler's (simulated CPU devices); "
+                         "its temp overestimates a TPU's (bf16 dots and cache updates computed in f32 on CPU): "
+                         "'fits' is conservative, 'NO' inconclusive; install libtpu for the TPU compiler's numbers")
+        lines.append(f"(compiled in {self.compile_seconds:.1f} s)" if self.compiled or self.compile_error else "")
+        return "\n".join(l for l in lines if l is not None).rstrip()
+
+
+_BACKEND_TEXT = {
+    "tpu": "XLA:TPU, ahead of time for the slice's device description (libtpu, no TPU needed)",
+    "cpu": "XLA:CPU on simulated devices standing in for the chips",
+}

@@ -1,0 +1,240 @@
+"""Plans: the sweep step of a model on a slice, lowered and compiled without weights or TPUs.
+
+`plan(cfg, topology, context_len=..., batch_size=...)` builds the sweep's generate step with
+`rhead_jax.runner.Runner.generate_jit`, the function `Runner.generate` itself calls (same function,
+in/out shardings and static GenerateSpec), but on ABSTRACT arguments (`jax.ShapeDtypeStruct`s
+carrying NamedShardings): nothing is allocated and no checkpoint is read. The shared-prefix cache
+that the sweep keeps resident is passed as one more, unused argument (`keep_unused=True`) so the
+compiler's accounting (and, on TPU, its out-of-memory check) holds it. A program that exceeds HBM
+fails to compile on TPU; the plan then reports the compiler's required bytes and "does not fit".
+
+With the CPU backend (rhead_jax.dryrun.devices) the SPMD partitioning, shardings and argument/output
+sizes are the TPU program's, but temp comes from the CPU compiler, which computes bf16 dots and
+scatters in f32 (f32 copies of activations and of the whole KV cache around each cache update):
+CPU temp OVERESTIMATES the TPU's, from 1.2x to 28x in the README's comparison, so a CPU "fits" is
+conservative and a CPU "does not fit" is inconclusive.
+
+`plan`'s step settings default to the config schema's (`rhead_jax.config.default_config().sweep`:
+prefill chunk, tiles, padding, new tokens), so a plan with defaults is the step a default sweep runs.
+"""
+from __future__ import annotations
+
+import json
+import re
+import time
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import jax
+import jax.numpy as jnp
+
+from rhead_jax import presets
+from rhead_jax import sharding as shd
+from rhead_jax.config import default_config
+from rhead_jax.dryrun import devices as dev
+from rhead_jax.dryrun.memory import MARGIN, Plan, analytic_bytes, auto_mesh, padded_batch
+from rhead_jax.dryrun.topology import Topology, family_slices, parse_topology
+from rhead_jax.errors import UserError
+from rhead_jax.models.attention import AttentionOptions
+from rhead_jax.models.config import ModelConfig
+from rhead_jax.models.decoder import init_cache, param_shapes
+from rhead_jax.models.generate import GenerateSpec, cache_size_for
+from rhead_jax.runner import Runner
+
+SWEEP_DEFAULTS = default_config().sweep   # the one home of the step settings' defaults
+_OOM_RE = re.compile(r"required for [^(]*\(([\d.]+)([KMGT])\).*?available HBM \(([\d.]+)([KMGT])\)", re.S)
+_UNIT = {"K": 2 ** 10, "M": 2 ** 20, "G": 2 ** 30, "T": 2 ** 40}
+
+
+def context_limit(cfg: ModelConfig, max_new_tokens: int) -> int:
+    """The longest context the sweep accepts for a model: its positions less the new tokens."""
+    return cfg.max_position_embeddings - max_new_tokens
+
+
+def _abstract(tree, shardings):
+    """ShapeDtypeStructs of `tree`'s leaves carrying `shardings`: arguments that allocate nothing."""
+    return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), tree, shardings)
+
+
+def compiler_oom(error: BaseException) -> tuple[str, dict[str, int] | None] | None:
+    """(message, {"required", "available"} bytes or None) when `error` is the compiler's out-of-memory
+    error (a result of the plan, not a crash), else None."""
+    text = str(error)
+    m = _OOM_RE.search(text)
+    if not (m or "RESOURCE_EXHAUSTED" in text):
+        return None
+    msg = text.strip().splitlines()[0] if text.strip() else type(error).__name__
+    sizes = None if m is None else {"required": int(float(m.group(1)) * _UNIT[m.group(2)]),
+                                    "available": int(float(m.group(3)) * _UNIT[m.group(4)])}
+    return msg[:400], sizes
+
+
+def plan(cfg: ModelConfig, topology: Topology | str, *, context_len: int, batch_size: int,
+         max_new_tokens: int = SWEEP_DEFAULTS.max_new_tokens, prefill_chunk: int = SWEEP_DEFAULTS.prefill_chunk,
+         mesh: Any = None, pad_multiple: int = SWEEP_DEFAULTS.pad_multiple, q_chunk: int = SWEEP_DEFAULTS.q_chunk,
+         k_chunk: int = SWEEP_DEFAULTS.k_chunk, share_prefix: bool = SWEEP_DEFAULTS.share_prefix,
+         donate_cache: bool = False, backend: str = "auto", compile: bool = True, margin: float = MARGIN,
+         model_name: str | None = None, max_model: int = 8) -> Plan:
+    """Plan the sweep step of `cfg` at `context_len` on `topology` (see the module docstring).
+
+    mesh: None (auto_mesh), a mapping of sizes ({"data": -1, "model": 8}), or a jax Mesh whose
+      devices stand for the chips. compile=False: the analytic numbers only (no devices needed).
+    """
+    topo = parse_topology(topology) if isinstance(topology, str) else topology
+    backend = dev.resolve_backend(backend) if compile else ("tpu" if backend == "tpu" else "cpu")
+    notes: list[str] = []
+    if cfg.dtype != "bfloat16":
+        notes.append(f"params/activations in {cfg.dtype} (the paper configs run bfloat16)")
+    limit = context_limit(cfg, max_new_tokens)
+    if not 1 <= context_len <= cfg.max_position_embeddings:
+        raise UserError(f"context {context_len} is out of range for {model_name or cfg.model_type}: it holds "
+                        f"{cfg.max_position_embeddings} positions and the sweep accepts contexts up to {limit} "
+                        f"(+ {max_new_tokens} new tokens); give a context length in 1..{limit}")
+    if context_len > limit:
+        notes.append(f"context {context_len} + {max_new_tokens} new tokens exceeds the model's "
+                     f"max_position_embeddings={cfg.max_position_embeddings}: the sweep refuses lengths > {limit}")
+    mesh_obj = None
+    if mesh is None:
+        sizes, source = auto_mesh(cfg, topo.chips, batch_size=batch_size, max_model=max_model), "auto"
+    elif isinstance(mesh, Mapping):
+        sizes, source = shd.mesh_shape(mesh, topo.chips, what=f"the {topo.name} mesh"), "given"
+    else:
+        mesh_obj, sizes, source = mesh, dict(mesh.shape), "given Mesh"
+        if mesh.size != topo.chips:
+            raise UserError(f"the given mesh has {mesh.size} devices, {topo.name} has {topo.chips} chips; "
+                            f"give a mesh of {topo.chips} devices")
+    data = sizes["data"]
+    batch = padded_batch(batch_size, data)
+    spec = GenerateSpec(max_new_tokens=max_new_tokens, stop_tokens=(2,), top_k=1, mask_mode="zero",
+                        prefill_chunk=prefill_chunk, attn=AttentionOptions(q_chunk=q_chunk, k_chunk=k_chunk))
+    P = -(-context_len // pad_multiple) * pad_multiple
+    width = P                       # worst case: a row that shares no prefix prefills its whole prompt
+    S = cache_size_for(P, spec)
+    analytic = analytic_bytes(cfg, sizes, batch=batch, prompt_len=P, cache_size=S, max_new_tokens=max_new_tokens,
+                              share_prefix=share_prefix, donate_cache=donate_cache)
+    p = Plan(model=model_name or cfg.model_type, topology=topo, mesh=sizes, mesh_source=source,
+             context_len=context_len, batch_size=batch_size, batch=batch, prompt_len=P, prefill_width=width,
+             cache_size=S, prefill_chunk=prefill_chunk, max_new_tokens=max_new_tokens, backend=backend,
+             analytic=analytic, margin=margin, notes=notes)
+    if batch != batch_size:
+        notes.append(f"batch {batch_size} padded to {batch} rows for data={data} (as Runner does)")
+    for ax, dim, what in (("model", cfg.num_kv_heads, "KV heads: the KV cache is replicated on it"),
+                          ("model", cfg.num_heads, "query heads"), ("expert", cfg.num_experts or 1, "experts")):
+        if sizes[ax] > 1 and dim % sizes[ax]:
+            notes.append(f"{ax}={sizes[ax]} does not divide the {dim} {what}")
+    if not compile:
+        return p
+
+    if mesh_obj is None:
+        mesh_obj = shd.make_mesh(sizes, devices=dev.compile_devices(topo, backend))
+    runner = Runner(cfg, None, mesh_obj)      # no params: only its jitted step is used
+    cache_shape = jax.eval_shape(lambda: init_cache(cfg, batch, S))
+    cache_sh = shd.cache_shardings(cache_shape, mesh_obj)
+    args = [_abstract(param_shapes(cfg), runner.param_sh),
+            jax.ShapeDtypeStruct((batch, P), jnp.int32, sharding=shd.batch_sharding((batch, P), mesh_obj)),
+            jax.ShapeDtypeStruct((batch,), jnp.int32, sharding=shd.batch_sharding((batch,), mesh_obj)),
+            _abstract(cache_shape, cache_sh), None, None]
+    resident = None
+    if share_prefix:   # the resident 1-row shared-prefix cache
+        shared_shape = jax.eval_shape(lambda: init_cache(cfg, 1, S))
+        resident = shd.cache_shardings(shared_shape, mesh_obj)
+        args.append(_abstract(shared_shape, resident))
+    step = runner.generate_jit(batch, P, S, spec=spec, prefill_width=width, resident=resident,
+                               donate_cache=donate_cache)
+    t0 = time.time()
+    try:
+        compiled = step.lower(*args).compile(dev.CPU_COMPILER_OPTIONS if backend == "cpu" else None)
+    except Exception as e:  # noqa: BLE001 - the compiler's out-of-memory error is a result, not a crash
+        p.compile_seconds = time.time() - t0
+        oom = compiler_oom(e)
+        if oom is None:
+            raise
+        p.compile_error, p.compiled = oom
+        return p
+    p.compile_seconds = time.time() - t0
+    ma = compiled.memory_analysis()
+    p.compiled = {
+        "argument": int(ma.argument_size_in_bytes), "output": int(ma.output_size_in_bytes),
+        "alias": int(ma.alias_size_in_bytes), "temp": int(ma.temp_size_in_bytes),
+        "generated_code": int(ma.generated_code_size_in_bytes),
+    }
+    return p
+
+
+def find_smallest_slice(cfg: ModelConfig, family: str, context_len: int, batch_size: int, *,
+                        max_chips: int | None = None, on_attempt: Callable[[Plan], None] | None = None,
+                        **plan_kw) -> Plan | None:
+    """The plan of the smallest slice of `family` ("v4", "v5e", "v5p", "v6e") whose sweep step fits,
+    or None. Slices are tried in increasing size with `auto_mesh`; one whose analytic lower bound
+    (params + KV caches, no activations) already exceeds HBM is not compiled. The search stops
+    early when more chips no longer lower that bound (the data axis has outgrown the batch and the
+    model axis cannot grow): no larger slice of the family can fit then.
+
+    max_chips: largest slice tried (default: MAX_CPU_DEVICES with the CPU backend, no limit on TPU).
+    on_attempt(plan) is called with every plan (analytic-only ones included).
+    """
+    backend = dev.resolve_backend(plan_kw.pop("backend", "auto"))
+    if max_chips is None and backend == "cpu":
+        max_chips = dev.MAX_CPU_DEVICES
+    if plan_kw.pop("mesh", None) is not None:
+        raise UserError("find_smallest_slice chooses meshes itself (auto_mesh); do not pass mesh")
+    best_bound = None
+    for topo in family_slices(family):
+        if max_chips is not None and topo.chips > max_chips:
+            break
+        if backend == "tpu" and topo.tpu_topology_name is None:
+            continue
+        bound = plan(cfg, topo, context_len=context_len, batch_size=batch_size, backend=backend, compile=False,
+                     **plan_kw)
+        stalled = best_bound is not None and bound.analytic_total >= best_bound
+        best_bound = bound.analytic_total if best_bound is None else min(best_bound, bound.analytic_total)
+        if bound.analytic_total > bound.usable_bytes:
+            bound.notes.append("not compiled: the analytic lower bound exceeds usable HBM")
+            if stalled:
+                bound.notes.append("larger slices of this family do not lower the per-device bound: search stopped")
+            if on_attempt:
+                on_attempt(bound)
+            if stalled:
+                return None
+            continue
+        p = plan(cfg, topo, context_len=context_len, batch_size=batch_size, backend=backend, **plan_kw)
+        if on_attempt:
+            on_attempt(p)
+        if p.fits:
+            return p
+    return None
+
+
+# ----------------------------------------------------------------------------- model shapes of a config
+
+
+def model_config_for(config, config_path: str | None = None) -> tuple[ModelConfig, str, str]:
+    """(ModelConfig, label, source) for a sweep config: `<model.path>/config.json` when it exists
+    (a real checkpoint's config takes precedence), else the preset named by model.name or by the
+    config file's stem (rhead_jax.presets.CONFIG_PRESETS). UserError when neither exists."""
+    dtype = config.model.dtype
+    path = Path(str(config.model.path))
+    if (path / "config.json").is_file():
+        cfg = ModelConfig.from_hf(json.loads((path / "config.json").read_text()), dtype=dtype)
+        return cfg, config.model.name or path.name, f"{path / 'config.json'}"
+    candidates = [config.model.name, path.name]
+    if config_path:
+        candidates.append(Path(str(config_path).partition(":")[0]).stem)
+    for c in candidates:
+        try:
+            name = presets.resolve_preset(c) if c else None
+        except KeyError:
+            continue
+        if name:
+            return presets.preset_config(name, dtype=dtype), name, f"preset {name!r} (transcribed config.json)"
+    raise UserError(f"unknown model: no config.json under {path} and no preset matches {candidates}; set "
+                    f"config.model.path to a checkpoint directory or config.model.name to one of the presets: "
+                    f"{', '.join(presets.preset_names())}")
+
+
+def paper_context(config, cfg: ModelConfig) -> tuple[int, list[int]]:
+    """The longest of config.sweep.lengths the model accepts, and the lengths it refuses."""
+    limit = context_limit(cfg, config.sweep.max_new_tokens)
+    lengths = sorted(int(x) for x in config.sweep.lengths)
+    ok = [x for x in lengths if x <= limit]
+    return (max(ok) if ok else max(lengths)), [x for x in lengths if x > limit]
