@@ -41,13 +41,14 @@ from rhead_jax.checkpoints import LoadedModel
 from rhead_jax.errors import UserError
 from rhead_jax.models.attention import AttentionOptions
 from rhead_jax.models.decoder import KVCache
-from rhead_jax.models.generate import GenerateSpec, cache_size_for
+from rhead_jax.models.generate import GenerateSpec, cache_size_for, prefill_pieces, prefill_widths
 from rhead_jax.needle.prompts import Instance
 from rhead_jax.plan import plan_needles, stop_tokens
 from rhead_jax.runner import Runner
 
-__all__ = ["BatchOutput", "Engine", "ResultStore", "SharedPrefix", "barrier", "common_prefix", "enable_compile_cache",
-           "make_batches", "mesh_from_config", "round_up", "stop_tokens"]
+__all__ = ["COMPILES", "BatchOutput", "CompileStats", "Engine", "ResultStore", "SharedPrefix", "barrier",
+           "common_prefix", "count_compiles", "enable_compile_cache", "make_batches", "mesh_from_config",
+           "round_up", "stop_tokens"]
 
 
 def round_up(n: int, m: int) -> int:
@@ -94,9 +95,52 @@ def enable_compile_cache(enabled: bool = True) -> str | None:
 
     path = str(cache_root() / "jax_compilation_cache")
     jax.config.update("jax_compilation_cache_dir", path)
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)  # every program: even small
+    # ones add up (a SmolLM2 sweep needs ~30, a quarter of its compile time under 0.2 s each)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
     return path
+
+
+@dataclasses.dataclass
+class CompileStats:
+    """XLA programs this process needed: each is compiled or read from the persistent cache."""
+
+    programs: int = 0
+    cache_hits: int = 0
+    seconds: float = 0.0          # compiling and reading compiled programs
+
+    @property
+    def compiled(self) -> int:
+        return self.programs - self.cache_hits
+
+    def __str__(self) -> str:
+        return (f"{self.programs} XLA programs ({self.compiled} compiled, {self.cache_hits} read from the "
+                f"persistent compilation cache) in {self.seconds:.1f}s")
+
+
+COMPILES = CompileStats()
+_listening = False
+
+
+def count_compiles() -> CompileStats:
+    """Start counting programs into the process-wide `COMPILES` (idempotent); returns it."""
+    global _listening
+    if not _listening:
+        from jax import monitoring
+
+        def on_duration(event: str, seconds: float, **_):
+            if event == "/jax/core/compile/backend_compile_duration":  # a compile or a cache read
+                COMPILES.programs += 1
+                COMPILES.seconds += seconds
+
+        def on_event(event: str, **_):
+            if event == "/jax/compilation_cache/cache_hits":
+                COMPILES.cache_hits += 1
+
+        monitoring.register_event_duration_secs_listener(on_duration)
+        monitoring.register_event_listener(on_event)
+        _listening = True
+    return COMPILES
 
 
 def barrier(name: str) -> None:
@@ -173,6 +217,7 @@ class Engine:
         from rhead_jax.checkpoints import load_model
 
         self.config = config
+        count_compiles()
         cache = enable_compile_cache(config.compile_cache)
         if cache:
             logging.info("persistent compilation cache: %s", cache)
@@ -265,13 +310,18 @@ class Engine:
                  shared: SharedPrefix | None = None, keys: Sequence[str] | None = None,
                  prefill_mask=None, decode_mask=None) -> BatchOutput:
         """Greedy generation for one batch of prompts (token id lists) with optional shared prefix
-        (`keys` name each row's instance in it) and head masks; only the real rows come back."""
+        (`keys` name each row's instance in it) and head masks; only the real rows come back.
+
+        Each row is prefilled on its own, from the end of its shared prefix to its last prompt
+        token but one, in calls of the widths `prefill_widths(spec.prefill_chunk)`; then all rows
+        decode together. So the programs compiled for a batch shape are: one cache set-up, at most
+        four prefill widths and one decode loop, whatever the prompts' depths and needles."""
         real = len(rows)
-        pm = self.config.sweep.pad_multiple
-        n_rows = round_up(max(batch_size or real, real), self.runner.data_size)
+        d = self.runner.data_size
+        n_rows = round_up(max(batch_size or real, real), d)
         rows = list(rows) + [rows[-1]] * (n_rows - real)
         lens = np.array([len(r) for r in rows], np.int32)
-        P = round_up(int(lens.max()), pm)
+        P = round_up(int(lens.max()), self.config.sweep.pad_multiple)
         prompts = np.zeros((n_rows, P), np.int32)
         for b, r in enumerate(rows):
             prompts[b, :lens[b]] = r
@@ -283,9 +333,26 @@ class Engine:
         else:
             starts = np.zeros(n_rows, np.int32)
             cache = self.runner.init_cache(n_rows, size)
-        width = round_up(max(int((lens - 1 - starts).max()), 1), pm)
-        gen = self.runner.generate(prompts, lens, cache, spec=spec, prefill_width=width,
-                                   prefill_mask=prefill_mask, decode_mask=decode_mask)
+        widths = prefill_widths(spec.prefill_chunk)
+        n_blocks = n_rows // d
+        for j in range(n_blocks):
+            members = [s * n_blocks + j for s in range(d)]  # row j of every data shard
+            if all(b >= real for b in members):
+                continue  # padding rows: never read back, not worth a prefill
+            done = 0
+            for w in prefill_pieces(max(int(lens[b] - 1 - starts[b]) for b in members), widths):
+                toks = np.zeros((d, w), np.int32)
+                pos = np.full((d, w), -1, np.int32)
+                for i, b in enumerate(members):
+                    lo = int(starts[b]) + done
+                    hi = min(lo + w, int(lens[b]) - 1)
+                    if hi > lo:
+                        toks[i, :hi - lo] = prompts[b, lo:hi]
+                        pos[i, :hi - lo] = np.arange(lo, hi)
+                cache = self.runner.prefill_block(cache, j, toks, pos, spec, head_mask=prefill_mask)
+                done += w
+        first = prompts[np.arange(n_rows), lens - 1]
+        gen = self.runner.decode(first, lens, cache, spec, decode_mask=decode_mask)
         cap = spec.top_k > 0
         # outputs are replicated (readable on every host)
         return BatchOutput(prompts=prompts[:real], starts=starts[:real], tokens=np.asarray(gen.tokens)[:real],
@@ -323,5 +390,6 @@ class Engine:
                          time.time() - t)
         if own_bar:
             bar.close()
+        logging.info("%s: %s", desc, COMPILES)
         barrier(f"{desc}_done")
         return [computed[b] if b in computed else store.read(b) for b in range(len(sizes))]

@@ -16,7 +16,8 @@ import numpy as np
 from rhead_jax import sharding as shd
 from rhead_jax.models.config import ModelConfig
 from rhead_jax.models.decoder import KVCache, init_cache
-from rhead_jax.models.generate import Generation, GenerateSpec, generate, generate_impl, prefill
+from rhead_jax.models.generate import (Generation, GenerateSpec, decode_impl, generate, generate_impl, prefill,
+                                       prefill_block_impl)
 
 
 def _rows(cache: KVCache, starts, size: int) -> KVCache:
@@ -101,6 +102,50 @@ class Runner:
         fn = self._jit(("rows", B, size, cache1.size), lambda: jax.jit(
             partial(_rows, size=size), out_shardings=self._cache_sh(B, size)))
         return fn(cache1, self._put(starts, shd.batch_sharding))
+
+    def prefill_block(self, cache: KVCache, block: int, tokens: np.ndarray, positions: np.ndarray,
+                      spec: GenerateSpec, head_mask=None) -> KVCache:
+        """Append tokens [d, W] to the rows of row block `block` (one row per data shard, see
+        models.generate.take_row_block). The cache is donated: it is updated in place."""
+        d, W = tokens.shape
+        B, size = cache.k.shape[1], cache.size
+        key = ("prefill_block", B, size, W, spec, head_mask is None)
+
+        def make():
+            step = partial(prefill_block_impl, cfg=self.cfg, spec=spec, data=d)
+            if self.mesh is None:
+                return jax.jit(step, donate_argnums=(1,))
+            rep, csh = shd.replicated(self.mesh), self._cache_sh(B, size)
+            tsh = shd.batch_sharding((d, W), self.mesh)
+            return jax.jit(step, in_shardings=(self.param_sh, csh, rep, tsh, tsh, None if head_mask is None else rep),
+                           out_shardings=csh, donate_argnums=(1,))
+
+        fn = self._jit(key, make)
+        rep_fn = lambda shape, mesh: shd.replicated(mesh)  # noqa: E731
+        mask = None if head_mask is None else self._put(head_mask, rep_fn)
+        return fn(self.params, cache, self._put(np.int32(block), rep_fn), self._put(tokens, shd.batch_sharding),
+                  self._put(positions, shd.batch_sharding), mask)
+
+    def decode(self, first: np.ndarray, lens: np.ndarray, cache: KVCache, spec: GenerateSpec,
+               decode_mask=None) -> Generation:
+        """The greedy decode loop with capture over a prefilled [B]-row cache (donated); returns
+        host-readable (replicated) outputs."""
+        B, size = cache.k.shape[1], cache.size
+        key = ("decode", B, size, spec, decode_mask is None)
+
+        def make():
+            step = partial(decode_impl, cfg=self.cfg, spec=spec)
+            if self.mesh is None:
+                return jax.jit(step, donate_argnums=(3,))
+            rep, csh, lsh = shd.replicated(self.mesh), self._cache_sh(B, size), shd.batch_sharding((B,), self.mesh)
+            return jax.jit(step, in_shardings=(self.param_sh, lsh, lsh, csh, None if decode_mask is None else rep),
+                           out_shardings=(shd.generation_shardings(self.mesh), csh), donate_argnums=(3,))
+
+        fn = self._jit(key, make)
+        rep_fn = lambda shape, mesh: shd.replicated(mesh)  # noqa: E731
+        dm = None if decode_mask is None else self._put(decode_mask, rep_fn)
+        gen, _ = fn(self.params, self._put(first, shd.batch_sharding), self._put(lens, shd.batch_sharding), cache, dm)
+        return gen
 
     def generate_jit(self, batch: int, prompt_len: int, cache_size: int, *, spec: GenerateSpec, prefill_width: int,
                      prefill_mask: bool = False, decode_mask: bool = False, resident=None,

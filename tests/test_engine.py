@@ -64,3 +64,46 @@ def test_result_store_pins_its_configuration(tmp_path):
     ResultStore(str(tmp_path), '{"a": 1}')  # same pin: resumes
     with pytest.raises(UserError, match="different configuration"):
         ResultStore(str(tmp_path), '{"a": 2}')
+
+
+def test_prefill_pieces():
+    from rhead_jax.models.generate import prefill_pieces, prefill_widths
+
+    w = prefill_widths(1024)
+    assert w == (1024, 512, 256, 128) and prefill_widths(4096, 2) == (4096, 2048)
+    assert prefill_pieces(0, w) == [] and prefill_pieces(1, w) == [128]
+    assert prefill_pieces(1900, w) == [1024, 512, 256, 128]  # 1920: 20 tokens of padding
+    assert prefill_pieces(2048, w) == [1024, 1024] and prefill_pieces(640, w) == [512, 128]
+    for n in range(0, 5000, 37):
+        p = prefill_pieces(n, w)
+        assert n <= sum(p) < n + 128 and all(x in w for x in p)
+
+
+def test_compiled_programs_are_bounded_per_length(tmp_path):
+    """Over a grid of 2 lengths x 5 depths x 3 needles (6 batches), the sweep compiles a fixed set
+    of programs per length -- cache set-up, <= 4 prefill widths, one decode loop -- plus the shared
+    prefix's prefill and scoring: the count does not grow with depths or needles."""
+    from rhead_jax.detection import run_sweep
+    from rhead_jax.engine import count_compiles
+
+    d = make_tiny_smol(tmp_path / "tiny-smol", sharpen=False, hidden_size=32, intermediate_size=64,
+                       num_attention_heads=4)
+
+    def compiles(depths, batch_size, wd):
+        c = default_config()
+        c.model.path, c.model.name, c.compile_cache = str(d), "tiny", False
+        c.sweep.lengths, c.sweep.depths = (300, 400), depths
+        c.sweep.max_new_tokens, c.sweep.prefill_chunk, c.sweep.pad_multiple = 4, 128, 32
+        c.sweep.q_chunk = c.sweep.k_chunk = 64
+        c.sweep.batch_size = batch_size
+        stats = count_compiles()
+        before = stats.programs
+        run_sweep(validate(c), str(tmp_path / wd))
+        return stats.programs - before
+
+    few = compiles((0, 100), 3, "few")       # 2 lengths x 2 depths x 3 needles: 4 batches
+    many = compiles((0, 25, 50, 75, 100), 3, "many")  # 2 lengths x 5 depths: 10 batches
+    # the second run reuses the in-process jit caches of nothing (a new Engine), so both counts are
+    # whole sweeps; per length: rows + <= 4 prefill widths + decode (+ copy-count scoring shapes)
+    assert many <= few + 2, (few, many)
+    assert many <= 2 * (1 + 4 + 1 + 2) + 4, many

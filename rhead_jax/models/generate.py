@@ -121,10 +121,18 @@ def generate(params, cfg: ModelConfig, prompts, prompt_lens, cache: KVCache, *, 
     cache = prefill(params, cfg, rest, rest_pos, cache, chunk=spec.prefill_chunk,
                     head_mask=prefill_mask, mask_mode=spec.mask_mode, attn=spec.attn)
 
+    first = jnp.take_along_axis(prompts, (prompt_lens - 1)[:, None], axis=1)[:, 0]
+    return decode_impl(params, first, prompt_lens, cache, decode_mask, cfg=cfg, spec=spec)
+
+
+def decode_impl(params, first, prompt_lens, cache: KVCache, decode_mask, *, cfg: ModelConfig,
+                spec: GenerateSpec) -> tuple[Generation, KVCache]:
+    """The greedy decode loop with capture, after the prefill: the cache holds every prompt token
+    but the last; `first` [B] is that last token and `prompt_lens` [B] the prompt lengths."""
+    B = first.shape[0]
     N, k = spec.max_new_tokens, spec.top_k
     L, H = cfg.num_layers, cfg.num_heads
     stops = jnp.asarray(spec.stop_tokens or (-2,), jnp.int32)
-    first = jnp.take_along_axis(prompts, (prompt_lens - 1)[:, None], axis=1)[:, 0]
     capture = CaptureSpec(top_k=k)
 
     def cond(c):
@@ -153,6 +161,60 @@ def generate(params, cfg: ModelConfig, prompts, prompt_lens, cache: KVCache, *, 
     gen = Generation(tokens=out, num_tokens=n_tok, topk_index=cap_i if k else None,
                      topk_weight=cap_w if k else None)
     return gen, cache
+
+
+# ----------------------------------------------------------------------------- row blocks
+# The engine prefills a batch's rows separately (each at its own width) and decodes them together.
+# A row block is one row per data shard: with the batch axis sharded d ways into [d, B/d], block j
+# is local row j of every shard, so taking and writing it back never moves data between devices.
+
+
+def _block_axis(x, axis: int, d: int):
+    """[..., B, ...] -> [..., d, B/d, ...] (a view: the batch axis split by shard)."""
+    return x.reshape(x.shape[:axis] + (d, x.shape[axis] // d) + x.shape[axis + 1:])
+
+
+def take_row_block(cache: KVCache, j, d: int) -> KVCache:
+    """The d-row cache of block j: rows j, B/d + j, 2B/d + j, ... of a [B]-row cache."""
+    take = lambda x, axis: lax.dynamic_index_in_dim(_block_axis(x, axis, d), j, axis + 1, keepdims=False)  # noqa: E731
+    return KVCache(k=take(cache.k, 1), v=take(cache.v, 1), pos=take(cache.pos, 0), length=take(cache.length, 0))
+
+
+def put_row_block(cache: KVCache, block: KVCache, j, d: int) -> KVCache:
+    """`cache` with block j replaced by `block` (in place when the cache is donated)."""
+    def put(x, y, axis):
+        xb = lax.dynamic_update_index_in_dim(_block_axis(x, axis, d), y, j, axis + 1)
+        return xb.reshape(x.shape)
+
+    return KVCache(k=put(cache.k, block.k, 1), v=put(cache.v, block.v, 1), pos=put(cache.pos, block.pos, 0),
+                   length=put(cache.length, block.length, 0))
+
+
+def prefill_block_impl(params, cache: KVCache, j, tokens, positions, head_mask, *, cfg: ModelConfig,
+                       spec: GenerateSpec, data: int) -> KVCache:
+    """Append tokens [d, W] (position -1 = padding) to the rows of block j; W is one prefill call."""
+    block = take_row_block(cache, j, data)
+    block = prefill(params, cfg, tokens, positions, block, chunk=tokens.shape[1], head_mask=head_mask,
+                    mask_mode=spec.mask_mode, attn=spec.attn)
+    return put_row_block(cache, block, j, data)
+
+
+def prefill_widths(chunk: int, levels: int = 4) -> tuple[int, ...]:
+    """The prefill call widths the engine compiles: chunk, chunk/2, ... (`levels` of them)."""
+    return tuple(sorted({max(chunk >> i, 1) for i in range(levels)}, reverse=True))
+
+
+def prefill_pieces(n: int, widths: Sequence[int]) -> list[int]:
+    """Split n tokens into calls of the given widths (descending): full calls of the largest, then
+    the rest rounded up to the smallest width and written in binary (at most smallest - 1 padding)."""
+    big, small = widths[0], widths[-1]
+    pieces = [big] * (n // big)
+    rest = -(-(n - big * (n // big)) // small) * small
+    for w in widths:
+        while rest >= w:
+            pieces.append(w)
+            rest -= w
+    return pieces
 
 
 def pad_prompts(prompts: Sequence[Sequence[int]], multiple: int = 1) -> tuple[np.ndarray, np.ndarray]:
