@@ -8,7 +8,7 @@ SMOKE ?= workdir/smoke
 # the smoke grid: one length, two depths (the README's sweep command, smaller)
 SMOKE_GRID := --config.sweep.lengths='(500,)' --config.sweep.depths='(0,100)'
 
-.PHONY: install install-test sweep smoke test test-fast test-slow clean
+.PHONY: install install-test sweep smoke bench test test-fast test-slow clean
 
 $(VENV)/.venv:
 	$(PYTHON) -m venv $(VENV)
@@ -43,6 +43,12 @@ smoke: install
 	$(PY) -m rhead_jax.ablate --config smollm2_135m.py $(SMOKE_GRID) --scores $(SMOKE)/sweep/head_scores.json \
 	    --mask top:5 --workdir $(SMOKE)/ablate
 	$(PY) -m rhead_jax.analyze $(SMOKE)/sweep/head_scores.json --results $(SMOKE)/sweep/results.jsonl --out $(SMOKE)/analyze
+
+# The README's sweep vs the original method in PyTorch, whole processes (benchmarks/sweep_vs_original.py):
+# ours from a venv without torch (as users install it), the baseline from the test venv.
+bench: install-test
+	$(MAKE) VENV=.venv-user install
+	$(PY) -m benchmarks.sweep_vs_original --ours_python .venv-user/bin/python --runs $(or $(RUNS),1)
 
 test-fast: install-test
 	$(PY) -m pytest -q

@@ -4,6 +4,11 @@ whole processes, one after the other in this invocation (never a timed unit test
     python -m benchmarks.sweep_vs_original                          # SmolLM2, the original's needles
     python -m benchmarks.sweep_vs_original --runs 3 --json /tmp/bench.json
     python -m benchmarks.sweep_vs_original --config smollm2_135m.py -- --config.sweep.lengths='(500,)'
+    make bench      # ours from the user's venv without torch (.venv-user), the baseline from .venv
+
+Ours runs with `--ours_python` (default: this interpreter). Run it from a venv without torch, as a
+user or a TPU VM installs rhead_jax: with torch installed, transformers' tokenizer imports it,
+which costs ours ~240 MiB of RSS for nothing.
 
 Each run is a subprocess, timed from outside (wall time, CPU time, peak RSS of that process from
 os.wait4), in this order:
@@ -60,6 +65,8 @@ def main() -> int:
     ap.add_argument("--config", default="smollm2_135m.py")
     ap.add_argument("--needles", default=str(ORIGINAL_NEEDLES) if ORIGINAL_NEEDLES.exists() else "",
                     help="needles file (default: the original's three, ../shared/reference/needles.jsonl)")
+    ap.add_argument("--ours_python", default=sys.executable,
+                    help="the interpreter of our sweep (a venv without torch, like a user's)")
     ap.add_argument("--runs", type=int, default=1, help="repeat baseline/cold/warm this many times; medians")
     ap.add_argument("--json", help="write the figures here")
     ap.add_argument("overrides", nargs="*", help="more --config.* overrides for both sides (after --)")
@@ -78,8 +85,8 @@ def main() -> int:
             jax_env = {**env, "JAX_COMPILATION_CACHE_DIR": str(d / "jax_cache")}
             for name, cmd, e in (
                     ("baseline", [sys.executable, "-m", "benchmarks.hf_baseline", *common, f"--workdir={d / 'hf'}"], env),
-                    ("cold", [sys.executable, "-m", "rhead_jax.sweep", *common, f"--workdir={d / 'cold'}"], jax_env),
-                    ("warm", [sys.executable, "-m", "rhead_jax.sweep", *common, f"--workdir={d / 'warm'}"], jax_env)):
+                    ("cold", [args.ours_python, "-m", "rhead_jax.sweep", *common, f"--workdir={d / 'cold'}"], jax_env),
+                    ("warm", [args.ours_python, "-m", "rhead_jax.sweep", *common, f"--workdir={d / 'warm'}"], jax_env)):
                 r = timed(cmd, e, d / f"{name}.log")
                 rows[name].append(r)
                 print(f"run {run + 1}/{args.runs} {name:>8}: wall {r['wall_s']:7.1f} s  cpu {r['cpu_s']:7.1f} s  "

@@ -161,7 +161,12 @@ def sweep_json(c: ml_collections.ConfigDict) -> str:
 
 def shipped_configs() -> dict[str, Path]:
     """{name: path} of the config files shipped with the package (the repository's configs/)."""
-    root = importlib.resources.files("rhead_jax.configs")
+    try:
+        root = importlib.resources.files("rhead_jax.configs")
+    except ModuleNotFoundError:  # a checkout on PYTHONPATH, not installed: the configs/ beside the package
+        root = Path(__file__).resolve().parent.parent / "configs"
+        if not root.is_dir():
+            return {}
     return {p.name[:-3]: Path(str(p)) for p in root.iterdir()
             if p.name.endswith(".py") and not p.name.startswith("_")}
 

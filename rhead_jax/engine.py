@@ -233,6 +233,8 @@ class Engine:
         self.name = config.model.name or model.name
         self.is_writer = jax.process_index() == 0
         self._shared: dict[Any, SharedPrefix] = {}
+        self.timings = {"shared_prefix_s": 0.0, "prefill_s": 0.0, "decode_s": 0.0, "decode_steps": 0,
+                        "decode_row_steps": 0}
         if self.mesh is not None:
             logging.info("mesh %s over %d devices (%d processes)", dict(self.mesh.shape), self.mesh.size,
                          jax.process_count())
@@ -296,6 +298,7 @@ class Engine:
             pos = np.where(np.arange(width) < n, np.arange(width), -1)[None].astype(np.int32)
             cache = self.runner.prefill(toks, pos, cache, spec, head_mask=prefill_mask)
         jax.block_until_ready(cache.k)
+        self.timings["shared_prefix_s"] += time.time() - t
         shared = SharedPrefix(cache=cache, lengths=lengths, reference=ref.key, tokens=n)
         saved = sum(lengths.values())
         total = sum(i.num_prompt_tokens - 1 for i in instances)
@@ -333,6 +336,7 @@ class Engine:
         else:
             starts = np.zeros(n_rows, np.int32)
             cache = self.runner.init_cache(n_rows, size)
+        t0 = time.time()
         widths = prefill_widths(spec.prefill_chunk)
         n_blocks = n_rows // d
         for j in range(n_blocks):
@@ -351,14 +355,21 @@ class Engine:
                         pos[i, :hi - lo] = np.arange(lo, hi)
                 cache = self.runner.prefill_block(cache, j, toks, pos, spec, head_mask=prefill_mask)
                 done += w
+        jax.block_until_ready(cache.k)
+        t1 = time.time()
         first = prompts[np.arange(n_rows), lens - 1]
         gen = self.runner.decode(first, lens, cache, spec, decode_mask=decode_mask)
         cap = spec.top_k > 0
         # outputs are replicated (readable on every host)
-        return BatchOutput(prompts=prompts[:real], starts=starts[:real], tokens=np.asarray(gen.tokens)[:real],
-                           num_tokens=np.asarray(gen.num_tokens)[:real],
-                           topk_index=np.asarray(gen.topk_index)[:real] if cap else None,
-                           topk_weight=np.asarray(gen.topk_weight)[:real] if cap else None)
+        out = BatchOutput(prompts=prompts[:real], starts=starts[:real], tokens=np.asarray(gen.tokens)[:real],
+                          num_tokens=np.asarray(gen.num_tokens)[:real],
+                          topk_index=np.asarray(gen.topk_index)[:real] if cap else None,
+                          topk_weight=np.asarray(gen.topk_weight)[:real] if cap else None)
+        self.timings["prefill_s"] += t1 - t0
+        self.timings["decode_s"] += time.time() - t1
+        self.timings["decode_steps"] += int(np.asarray(gen.num_tokens).max())
+        self.timings["decode_row_steps"] += n_rows * int(np.asarray(gen.num_tokens).max())
+        return out
 
     def decode(self, ids: Sequence[int]) -> str:
         return self.tokenizer.decode(list(ids), skip_special_tokens=True).strip()
@@ -390,6 +401,9 @@ class Engine:
                          time.time() - t)
         if own_bar:
             bar.close()
-        logging.info("%s: %s", desc, COMPILES)
+        t = self.timings
+        logging.info("%s: %s; time in shared prefix %.1fs, prefill %.1fs, decode %.1fs for %d steps (%d row-steps); "
+                     "compiles included", desc, COMPILES, t["shared_prefix_s"], t["prefill_s"], t["decode_s"],
+                     t["decode_steps"], t["decode_row_steps"])
         barrier(f"{desc}_done")
         return [computed[b] if b in computed else store.read(b) for b in range(len(sizes))]
