@@ -19,8 +19,7 @@ Writes into DIR:
 `dynamic_activation` compute; `analyze` runs them all and writes the files above. A file the user
 gave that cannot be used (missing, not JSON, a malformed head key, ...) raises
 rhead_jax.errors.UserError naming the file and the fix. The figures and the page come from
-rhead_jax.report, which depends on this module's vocabulary (BUCKETS, parse_head), so `analyze`
-imports it where it draws.
+rhead_jax.report; the vocabulary both use (BUCKETS, parse_head) is rhead_jax.scoring's.
 """
 from __future__ import annotations
 
@@ -35,23 +34,16 @@ from scipy import stats
 
 from rhead_jax import io
 from rhead_jax.errors import UserError
-from rhead_jax.scoring import RETRIEVAL_THRESHOLD, head_means, retrieval_heads, top_heads
+from rhead_jax.report import plots, write_report
+from rhead_jax.scoring import (BUCKET_EDGES, BUCKETS, RETRIEVAL_THRESHOLD, head_means, parse_head,
+                               retrieval_heads, top_heads)
 
-# Paper Fig. 3 buckets of a head's mean score; labels are the keys written to summary.json.
-BUCKETS = ("=0", "(0,0.1]", "(0.1,0.5]", ">0.5")
-BUCKET_EDGES = (0.0, RETRIEVAL_THRESHOLD, 0.5)
 ALWAYS_ON_THRESHOLD = 0.9
 
 
 # ----------------------------------------------------------------------------------------------- loading
 FORMAT_HINT = ('a head-score file is a JSON object {"<layer>-<head>": [score, ...], ...} '
                "such as a sweep's head_scores.json")
-
-
-def parse_head(key: str) -> tuple[int, int]:
-    """'12-3' -> (12, 3); ValueError on anything else."""
-    layer, head = key.split("-")
-    return int(layer), int(head)
 
 
 def _read_json(path: str | os.PathLike, what: str):
@@ -324,8 +316,6 @@ def analyze(files: Sequence[str | os.PathLike], out_dir: str | os.PathLike, resu
             pairs: Iterable = (), top_k: int = 20, always_on: float = ALWAYS_ON_THRESHOLD,
             report: bool = True) -> dict:
     """Run every analysis and write all outputs; returns {"summary", "pairs", "dynamic", "data"}."""
-    from rhead_jax.report import plots, write_report  # the report package imports this module
-
     if not files:
         raise UserError("give at least one head-score JSON file")
     paths: dict[str, str] = {}

@@ -11,12 +11,29 @@ with `jax.vmap` over heads, layers and tests: no Python loop over heads or steps
 from __future__ import annotations
 
 import functools
+import re
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 RETRIEVAL_THRESHOLD = 0.1
+# Paper Fig. 3 buckets of a head's mean score (labels are the keys analysis writes to summary.json)
+BUCKETS = ("=0", "(0,0.1]", "(0.1,0.5]", ">0.5")
+BUCKET_EDGES = (0.0, RETRIEVAL_THRESHOLD, 0.5)
+_HEAD_KEY = re.compile(r"^(\d+)-(\d+)$")
+
+
+def parse_head(key: str) -> tuple[int, int]:
+    """A head-score file's key '12-3' -> (layer 12, query head 3); ValueError on anything else."""
+    m = _HEAD_KEY.match(str(key).strip())
+    if not m:
+        raise ValueError(f"malformed head {key!r}: expected LAYER-HEAD with 0-based integers, e.g. 16-19")
+    return int(m.group(1)), int(m.group(2))
+
+
+def head_key(head: tuple[int, int]) -> str:
+    return f"{head[0]}-{head[1]}"
 
 
 def _copy_count_one_head(top_slot, generated, prompt_ids, start, end):

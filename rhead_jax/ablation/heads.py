@@ -21,31 +21,17 @@ import dataclasses
 import hashlib
 import json
 import os
-import re
 from typing import Sequence
 
 import numpy as np
 from absl import logging
 
 from rhead_jax import io, scoring
+from rhead_jax.scoring import head_key, parse_head
 from rhead_jax.config import MASK_PHASES
 from rhead_jax.errors import UserError
 
 Head = tuple[int, int]
-_HEAD_KEY = re.compile(r"^(\d+)-(\d+)$")
-
-
-def parse_head(key: str) -> Head:
-    m = _HEAD_KEY.match(str(key).strip())
-    if not m:
-        raise UserError(f"malformed head {key!r}: expected LAYER-HEAD with 0-based integers, e.g. 16-19")
-    return int(m.group(1)), int(m.group(2))
-
-
-def head_key(head: Head) -> str:
-    return f"{head[0]}-{head[1]}"
-
-
 @dataclasses.dataclass(frozen=True)
 class MaskSpec:
     """A parsed mask spec (module docstring). `top:0` / `random:0` / `list:` normalize to `none`."""

@@ -23,7 +23,7 @@ import os
 from pathlib import Path
 from typing import Iterable, Sequence
 
-from rhead_jax.analysis import BUCKETS as BUCKET_ORDER
+from rhead_jax.scoring import BUCKETS as BUCKET_ORDER
 from rhead_jax.report.plots import BUCKET_COLORS
 
 BUCKET_TEXT = {

@@ -16,7 +16,7 @@ from typing import Sequence
 
 import numpy as np
 
-from rhead_jax.analysis import BUCKETS, parse_head
+from rhead_jax.scoring import BUCKETS, parse_head
 
 # one colour per Fig. 3 bucket, in BUCKETS order (the pie charts and the HTML report's swatches)
 BUCKET_COLORS = dict(zip(BUCKETS, ("#d9d9d9", "#9ecae1", "#3182bd", "#e6550d")))
