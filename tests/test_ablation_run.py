@@ -17,6 +17,7 @@ from rhead_jax.checkpoints import load_model
 from rhead_jax.config import default_config
 from rhead_jax.needle.haystack import SAN_FRANCISCO_NEEDLES_PATH
 from tests.helpers.ablation_scores import H, L, RETRIEVAL, SCORES
+from tests.helpers.config_files import write_config
 from tests.helpers.tiny_smol import make_tiny_smol
 
 REPO = Path(__file__).resolve().parents[1]
@@ -203,25 +204,8 @@ def test_qa_and_cot_tasks_with_masking(tiny_dir, model, tmp_path):
 
 # ----------------------------------------------------------------------------------- CLI
 def _config_file(tmp_path, tiny_dir):
-    f = tmp_path / "tiny_config.py"
-    f.write_text(f"""
-from rhead_jax.config import default_config
-def get_config():
-    c = default_config()
-    c.model.path = {str(tiny_dir)!r}
-    c.model.name = "tiny"
-    c.needles = {str(SAN_FRANCISCO_NEEDLES_PATH)!r}
-    c.sweep.lengths = [300]
-    c.sweep.depths = [0, 50, 100]
-    c.sweep.batch_size = 3
-    c.sweep.max_new_tokens = 6
-    c.sweep.prefill_chunk = 128
-    c.sweep.q_chunk = 64
-    c.sweep.k_chunk = 64
-    c.sweep.pad_multiple = 32
-    return c
-""")
-    return f
+    return write_config(tmp_path / "tiny_config.py", tiny_dir, needles=SAN_FRANCISCO_NEEDLES_PATH,
+                        lengths=(300,), depths=(0, 50, 100), batch_size=3)
 
 
 @pytest.mark.slow  # a subprocess: JAX start-up and compilation again (~15 s)

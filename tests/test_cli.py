@@ -17,6 +17,7 @@ from rhead_jax import cli
 from rhead_jax import config as config_lib
 from rhead_jax.errors import UserError
 from rhead_jax.needle.haystack import SAN_FRANCISCO_NEEDLES_PATH
+from tests.helpers.config_files import write_config
 from tests.helpers.tiny_smol import make_tiny_smol
 
 REPO = Path(__file__).resolve().parents[1]
@@ -68,23 +69,8 @@ def tiny_config(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("cli")
     model = make_tiny_smol(tmp / "tiny", sharpen=False, hidden_size=32, intermediate_size=64,
                            num_attention_heads=4, max_position_embeddings=512)
-    f = tmp / "tiny_config.py"
-    f.write_text(f"""
-from rhead_jax.config import default_config
-def get_config():
-    c = default_config()
-    c.model.path = {str(model)!r}
-    c.needles = {str(SAN_FRANCISCO_NEEDLES_PATH)!r}
-    c.sweep.lengths = (300,)
-    c.sweep.depths = (50,)
-    c.sweep.max_new_tokens = 4
-    c.sweep.prefill_chunk = 128
-    c.sweep.q_chunk = 64
-    c.sweep.k_chunk = 64
-    c.sweep.pad_multiple = 32
-    return c
-""")
-    return f
+    return write_config(tmp / "tiny_config.py", model, needles=SAN_FRANCISCO_NEEDLES_PATH, lengths=(300,),
+                        depths=(50,), max_new_tokens=4)
 
 
 def run_cli(module: str, *args, timeout: int = 240) -> subprocess.CompletedProcess:

@@ -82,17 +82,6 @@ def iter_grid(
                                      data=data)
 
 
-def build_grid(
-    tokenizer: Any,
-    haystack_text: Union[str, TokenizedHaystack],
-    needles: Sequence[Needle],
-    lengths: Sequence[int],
-    depths: Sequence[float],
-    *,
-    chat: bool,
-    faithful: bool = False,
-    max_positions: Optional[int] = None,
-) -> List[Instance]:
-    """All instances of the grid as a list; see :func:`iter_grid` for order and checks."""
-    return list(iter_grid(tokenizer, haystack_text, needles, lengths, depths,
-                          chat=chat, faithful=faithful, max_positions=max_positions))
+def build_grid(*args: Any, **kwargs: Any) -> List[Instance]:
+    """All instances of the grid as a list: `iter_grid`'s arguments, order and checks."""
+    return list(iter_grid(*args, **kwargs))
