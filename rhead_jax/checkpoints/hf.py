@@ -38,10 +38,8 @@ def load_config(directory: str | Path, *, dtype: str | None = None) -> ModelConf
     hf = load_hf_config(directory)
     try:
         return ModelConfig.from_hf(hf, dtype=dtype)
-    except CheckpointError:
-        raise
-    except ValueError as e:
-        raise CheckpointError(f"checkpoint {directory}: {e}") from e
+    except ValueError as e:  # the same error, naming the checkpoint it came from
+        raise type(e)(f"checkpoint {directory}: {e}") from e
 
 
 # One entry per per-layer leaf: a function (store, layer prefix) -> array in our layout.
