@@ -1,0 +1,51 @@
+"""llama GGUF files -> Hugging Face model directories (config, safetensors, tokenizer), without torch.
+
+* :mod:`.convert`: reads the GGUF, builds the config, dequantizes/renames/un-permutes the weights and
+  installs the finished directory atomically (:func:`convert_gguf_to_hf`, :func:`is_converted_dir`);
+* :mod:`.tokenizer`: ``tokenizer.json`` / ``tokenizer_config.json`` from the GGUF vocabulary;
+* :mod:`.default_model`: the embedded SmolLM2-135M-Instruct, converted once into :func:`cache_root`.
+
+Typical use::
+
+    from rhead_jax.checkpoints.gguf import default_model_dir
+    model_dir = default_model_dir()  # converted once, then cached
+"""
+from __future__ import annotations
+
+from rhead_jax.checkpoints.gguf.convert import (
+    CONVERTER_VERSION,
+    MARKER_FILENAME,
+    convert_gguf_to_hf,
+    is_converted_dir,
+    permute_qk,
+    unpermute_qk,
+)
+from rhead_jax.checkpoints.gguf.default_model import (
+    CACHE_ENV_VAR,
+    DEFAULT_GGUF_FILENAME,
+    DEFAULT_GGUF_PACKAGE,
+    DEFAULT_GGUF_PIP_NAME,
+    DEFAULT_MODEL_NAME,
+    cache_root,
+    default_gguf_path,
+    default_model_dir,
+)
+from rhead_jax.checkpoints.gguf.tokenizer import build_tokenizer
+
+__all__ = [
+    "CACHE_ENV_VAR",
+    "CONVERTER_VERSION",
+    "DEFAULT_GGUF_FILENAME",
+    "DEFAULT_GGUF_PACKAGE",
+    "DEFAULT_GGUF_PIP_NAME",
+    "DEFAULT_MODEL_NAME",
+    "MARKER_FILENAME",
+    "build_tokenizer",
+    "cache_root",
+    "convert_gguf_to_hf",
+    "default_gguf_path",
+    "default_model_dir",
+    "is_converted_dir",
+    "permute_qk",
+    "unpermute_qk",
+]
