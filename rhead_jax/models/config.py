@@ -11,11 +11,13 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Mapping
 
+from rhead_jax.errors import UserError
+
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "mixtral", "qwen2", "qwen3", "yi")
 ROPE_TYPES = ("default", "linear", "dynamic", "yarn", "llama3")
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError):
     """A HF config.json that rhead_jax cannot represent faithfully."""
 
 
