@@ -9,8 +9,11 @@ the mean of its list; a mean > 0.1 (`scoring.RETRIEVAL_THRESHOLD`) marks a retri
 Writes into DIR:
   summary.json                {"<file name>": {"buckets", "layers", "heads", "tests", "retrieval_heads", "top"}}
   <stem>_pie.png              share of heads per score bucket (paper Fig. 3)
-  <stem>_heatmap.png          layer x head mean scores
-  pairs.json                  per --pair: top-k overlap and Spearman correlation of all heads' means
+  <stem>_heatmap.png          layer x head mean scores, one colour scale 0..max over all files
+  pairs.json                  per pair (--pair, or detected from the file names: a base model and its
+                              -Chat / -Instruct, Mistral and Mixtral): top-k overlap, Spearman correlation
+  provenance.json             the input files (path, bytes, sha256, git blob id, notes next to them), the
+                              command, the shared colour scale, the cross-model top-k overlap
   dynamic.json                (--results) activation rate per head, always-on vs context-specific heads
   dynamic_activation.png      (--results) activation rate per head, sorted
   report.html                 everything above in one self-contained page (rhead_jax.report)
@@ -35,6 +38,7 @@ from scipy import stats
 from rhead_jax import io
 from rhead_jax.errors import UserError
 from rhead_jax.report import plots, write_report
+from rhead_jax.report.provenance import file_record, run_record
 from rhead_jax.scoring import (BUCKET_EDGES, BUCKETS, RETRIEVAL_THRESHOLD, head_means, parse_head,
                                retrieval_heads, top_heads)
 
@@ -170,6 +174,31 @@ def compare_pair(a: dict[str, list[float]], b: dict[str, list[float]], k: int = 
     rho = spearman([ma[h] for h in keys], [mb[h] for h in keys])
     return {"a": name_a, "b": name_b, "k": k, "overlap": n, "overlap_frac": n / k if k else 0.0,
             "spearman": None if math.isnan(rho) else rho, "common": common}
+
+
+VARIANT_SUFFIXES = ("-chat", "-instruct", "-it", "_chat", "_instruct")
+
+
+def detect_pairs(data: dict[str, dict]) -> list[tuple[str, str]]:
+    """Pairs of files the paper compares, from their names: a base model and its -Chat / -Instruct
+    variant (Qwen1.5-14B.json, Qwen1.5-14B-Chat.json), and Mistral and Mixtral. Only files with the same
+    heads are paired."""
+    stems = {Path(n).stem.lower(): n for n in data}
+    found = []
+    for stem, name in stems.items():
+        for suf in VARIANT_SUFFIXES:
+            if stem.endswith(suf) and stem[: -len(suf)] in stems:
+                found.append((stems[stem[: -len(suf)]], name))
+    found += [(a, b) for a in data if "mistral" in a.lower() for b in data if "mixtral" in b.lower()]
+    return [(a, b) for a, b in found if set(data[a]) == set(data[b])]
+
+
+def overlap_matrix(data: dict[str, dict], k: int = 20) -> dict:
+    """Top-k overlap of every two files ({"k", "files", "matrix"}; None where the heads differ)."""
+    names = list(data)
+    tops = {n: {h for h, _ in top_heads(data[n], k)} for n in names}
+    matrix = [[len(tops[a] & tops[b]) if set(data[a]) == set(data[b]) else None for b in names] for a in names]
+    return {"k": k, "files": names, "matrix": matrix}
 
 
 # --------------------------------------------------------------------------------------- dynamic activation
@@ -313,9 +342,12 @@ def parse_pairs(pairs: Iterable[str | Sequence[str]]) -> list[tuple[str, str]]:
 
 
 def analyze(files: Sequence[str | os.PathLike], out_dir: str | os.PathLike, results: str | None = None,
-            pairs: Iterable = (), top_k: int = 20, always_on: float = ALWAYS_ON_THRESHOLD,
-            report: bool = True) -> dict:
-    """Run every analysis and write all outputs; returns {"summary", "pairs", "dynamic", "data"}."""
+            pairs: Iterable | None = None, top_k: int = 20, always_on: float = ALWAYS_ON_THRESHOLD,
+            report: bool = True, shared_scale: bool = True) -> dict:
+    """Run every analysis and write all outputs; returns {"summary", "pairs", "dynamic", "data", "provenance"}.
+
+    pairs: None or empty = detected from the file names (`detect_pairs`). shared_scale: one colour scale
+    (0 to the largest mean over all files) for every heatmap, so equal colours mean equal scores."""
     if not files:
         raise UserError("give at least one head-score JSON file")
     paths: dict[str, str] = {}
@@ -327,7 +359,9 @@ def analyze(files: Sequence[str | os.PathLike], out_dir: str | os.PathLike, resu
         paths[name] = str(f)
     data = {name: load_head_scores(p) for name, p in paths.items()}
     # every input is read and checked before anything is written: a bad file or pair fails fast
-    named = [(_resolve_pair_name(a, paths), _resolve_pair_name(b, paths)) for a, b in parse_pairs(pairs)]
+    named = [(_resolve_pair_name(a, paths), _resolve_pair_name(b, paths)) for a, b in parse_pairs(pairs or ())]
+    pairs_source = "given (--pair)" if named else "detected from the file names"
+    named = named or detect_pairs(data)
     pair_rows = [compare_pair(data[na], data[nb], top_k, na, nb) for na, nb in named]
     dynamic = None
     if results:
@@ -339,16 +373,27 @@ def analyze(files: Sequence[str | os.PathLike], out_dir: str | os.PathLike, resu
         out.mkdir(parents=True, exist_ok=True)
     except (FileExistsError, NotADirectoryError, PermissionError) as e:
         raise UserError(f"cannot create the output directory {out} ({e.strerror}): give another --out") from None
-    summary = {}
+    summary, shown = {}, {}
+    means = {name: head_means(hs) for name, hs in data.items()}
+    vmax = max(max(m.values()) for m in means.values()) if shared_scale else None
+    above_one = {name: sorted(((h, float(v)) for h, v in m.items() if v > 1.0), key=lambda x: -x[1])
+                 for name, m in means.items()}
     for name, hs in data.items():
         entry = file_summary(hs, top_k)
         summary[name] = entry
+        shown[name] = {**entry, "scale_max": vmax, "above_one": above_one[name]}
         stem = Path(name).stem
         plots.plot_pie(entry, name, out / f"{stem}_pie.png")
         plots.plot_heatmap(mean_matrix(hs), f"{name} ({entry['layers']}x{entry['heads']})",
-                           out / f"{stem}_heatmap.png", top=entry["top"])
+                           out / f"{stem}_heatmap.png", top=entry["top"], vmax=vmax)
     io.atomic_write_json(out / "summary.json", summary, indent=1, end="\n")
     io.atomic_write_json(out / "pairs.json", pair_rows, indent=1, end="\n")
+    overlap = overlap_matrix(data, top_k)
+    prov = {"files": [file_record(p) for p in paths.values()], "results": file_record(results) if results else None,
+            "run": run_record(), "pairs": pairs_source,
+            "colour_scale": {"shared": bool(shared_scale), "max": vmax}, "above_one": above_one,
+            "overlap": overlap}
+    io.atomic_write_json(out / "provenance.json", prov, indent=1, end="\n")
 
     if dynamic is not None:
         io.atomic_write_json(out / "dynamic.json", dynamic, indent=1, end="\n")
@@ -356,5 +401,7 @@ def analyze(files: Sequence[str | os.PathLike], out_dir: str | os.PathLike, resu
                            f"{os.path.basename(os.path.dirname(os.path.abspath(results))) or results}: "
                            f"head activation over {dynamic['kept']} kept tests")
     if report:
-        write_report(out, summary, pair_rows, dynamic)
-    return {"summary": summary, "pairs": pair_rows, "dynamic": dynamic, "data": data}
+        from rhead_jax.report.sections import analysis_sections, analysis_provenance
+        write_report(out, shown, pair_rows, dynamic, sections=analysis_sections(prov, pairs_source, top_k),
+                     provenance=analysis_provenance(prov))
+    return {"summary": summary, "pairs": pair_rows, "dynamic": dynamic, "data": data, "provenance": prov}

@@ -1,9 +1,13 @@
 """Analysis of head-score files (paper Fig. 3, §3) and of one sweep's per-test results: the command.
 
     python -m rhead_jax.analyze a.json [b.json ...] --out DIR [--results results.jsonl]
-        [--pair a.json b.json] [--pair a.json,b.json] [--top_k 20] [--always_on 0.9] [--debug]
+        [--pair a.json b.json] [--pair a.json,b.json] [--top_k 20] [--always_on 0.9]
+        [--noshared_scale] [--debug]
 
-Writes summary.json, pairs.json, <stem>_{pie,heatmap}.png, (--results) dynamic.json and
+Without --pair, pairs are detected from the file names (a base model and its -Chat / -Instruct,
+Mistral and Mixtral). Every heatmap shares one colour scale unless --noshared_scale.
+
+Writes summary.json, pairs.json, provenance.json, <stem>_{pie,heatmap}.png, (--results) dynamic.json and
 dynamic_activation.png, and report.html into DIR, then prints a compact table. The work and the
 output formats are in rhead_jax/analysis.py; a bad input prints one `error:` line and exits with
 status 2 (rhead_jax.cli).
@@ -48,6 +52,7 @@ def _define_flags() -> None:
     flags.DEFINE_string("results", None, "A sweep's results.jsonl for the dynamic-activation analysis.")
     flags.DEFINE_multi_string("pair", [], "Two input files to compare: --pair A B or --pair A,B (repeatable); "
                                           "by path or file name.")
+    flags.DEFINE_bool("shared_scale", True, "One colour scale (0 to the largest mean of all files) for every heatmap.")
     flags.DEFINE_integer("top_k", 20, "Number of top heads in summary.json and in the pair overlap.")
     flags.DEFINE_float("always_on", analysis.ALWAYS_ON_THRESHOLD,
                        "A retrieval head active in at least this fraction of kept tests is 'always-on'.")
@@ -61,7 +66,7 @@ def format_table(summary: dict, pairs: Sequence[dict] = (), dynamic: dict | None
     lines = [head, "-" * len(head)]
     for name, e in summary.items():
         b = e["buckets"]
-        top = " ".join(f"{h}:{s:.2f}" for h, s in e["top"][:n_top])
+        top = " ".join(f"{h}:{s:.2f}" if s <= 1 else f"{h}:{s:.3f}(>1)" for h, s in e["top"][:n_top])
         lines.append(f"{name:<{name_w}}  {e['layers']:>3}x{e['heads']:<3}  {e['tests']:>5}  {b['=0']:>5.1f}  "
                      f"{b['(0,0.1]']:>6.1f}  {b['(0.1,0.5]']:>7.1f}  {b['>0.5']:>5.1f}  "
                      f"{e['retrieval_heads']:>4}  {top}")
@@ -88,7 +93,7 @@ def main(argv: Sequence[str]) -> None:
     if FLAGS.top_k < 0:
         raise UserError(f"--top_k must be 0 or more, got {FLAGS.top_k}")
     res = analysis.analyze(files, FLAGS.out, results=FLAGS.results, pairs=FLAGS.pair, top_k=FLAGS.top_k,
-                           always_on=FLAGS.always_on)
+                           always_on=FLAGS.always_on, shared_scale=FLAGS.shared_scale)
     print(format_table(res["summary"], res["pairs"], res["dynamic"]))
     print(f"wrote {os.path.join(FLAGS.out, 'report.html')}")
 

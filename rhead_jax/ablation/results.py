@@ -1,16 +1,14 @@
-"""An ablation's numbers: group means over seeds, the top-k vs random table, text summaries and
-the report's sections (figures from rhead_jax.report)."""
+"""An ablation's numbers: group means over seeds, the top-k vs random table, text summaries (the
+report's sections are in rhead_jax.ablation.report)."""
 from __future__ import annotations
 
 import collections
-from pathlib import Path
-from typing import Any, Sequence
+from typing import Sequence
 
 import numpy as np
 
-from rhead_jax.ablation.heads import Group, head_key
-from rhead_jax.ablation.taxonomy import CATEGORIES, FRAGMENT
-from rhead_jax.report import table
+from rhead_jax.ablation.heads import Group
+from rhead_jax.ablation.taxonomy import CATEGORIES
 
 def group_summary(group: Group, run_summaries: dict[str, dict]) -> dict:
     """Mean (and std over seeds) of a group's runs."""
@@ -74,52 +72,6 @@ def sweep_k_markdown(table: dict, metric: str = "accuracy") -> str:
     for r in table["rows"]:
         lines.append(f"| {r['k']} | {100 * r['top']:.1f} | {100 * r['random']:.1f} ± {100 * r['random_std']:.1f} |")
     return "\n".join(lines) + "\n"
-
-
-def _heads_html(heads) -> str:
-    if heads and isinstance(heads[0][0], list):
-        return "<br>".join(" ".join(head_key(h) for h in hs) for hs in heads)
-    return " ".join(head_key(h) for h in heads) or "—"
-
-
-def report_sections(results: dict, files: dict[str, Path]) -> list[tuple[str, Any]]:
-    """The ablation's sections for rhead_jax.report.write_report(extra_sections=...)."""
-    niah = results["task"] == "niah"
-    rows = []
-    for g in results["groups"].values():
-        cats = " ".join(f"{c}: {g['categories'][c]}" for c in CATEGORIES) if niah else ""
-        rows.append([g["spec"], len(g["runs"]), f"{100 * g['accuracy']:.1f}",
-                     f"{100 * g['accuracy_std']:.1f}" if g["kind"] == "random" else "",
-                     ", ".join(f"{k} {100 * v:.1f}" for k, v in g["metrics"].items()),
-                     cats, f'<div class="heads">{_heads_html(g["masked_heads"])}</div>'])
-    m = results["mask"]
-    note = (f'<p class="note">Model <b>{results["model"]}</b>, task <b>{results["task"]}</b>, mask mode '
-            f'<b>{m["mode"]}</b>, phase <b>{m["phase"]}</b>. Accuracy: '
-            + ("mean ROUGE-1 recall of the answer span x 100." if niah else
-               "mean SQuAD F1 x 100." if results["task"].startswith("qa") else "share of problems solved x 100.")
-            + " Random heads are drawn once per seed from heads scoring ≤ "
-            f'{results["retrieval_threshold"]} (never retrieval heads).</p>')
-    sections = [("Ablation: accuracy with heads masked",
-                 note + table(["mask", "runs", "accuracy", "std over seeds", "metrics",
-                               "answers (taxonomy)" if niah else "", "masked heads"], rows, left=()))]
-    if niah:
-        heat = [files[k] for k in files if k.startswith("heatmap_")]
-        if heat:
-            sections.append(("Needle in a haystack with heads masked (Fig. 1 style)", heat))
-        rules = ("<p class=\"note\">Failed answers (recall &lt; 1): <b>empty</b> no words; <b>incomplete</b> "
-                 f"≥ half of the answer's content words present, or a verbatim {FRAGMENT}-word fragment of the "
-                 "answer; <b>wrong_extraction</b> a run of "
-                 f"{results['taxonomy']['extraction_ngram']} consecutive response words occurs verbatim in the "
-                 "haystack; <b>hallucination</b> otherwise. See rhead_jax/ablation/taxonomy.py.</p>")
-        sections.append(("Failure taxonomy", rules))
-    if results.get("sweep_k"):
-        t = results["sweep_k"]
-        trows = [[r["k"], f"{100 * r['top']:.1f}", f"{100 * r['random']:.1f} ± {100 * r['random_std']:.1f}"]
-                 for r in t["rows"]]
-        sections.append(("Accuracy vs number of masked heads: top-k vs random",
-                         [files["sweep_k.png"],
-                          table(["k", "top-k retrieval heads", "k random heads"], trows, left=())]))
-    return sections
 
 
 def format_summary(results: dict) -> str:

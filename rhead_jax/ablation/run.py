@@ -25,13 +25,16 @@ from rhead_jax import config as config_lib
 from rhead_jax import io, qa
 from rhead_jax.ablation.heads import (MaskSpec, Run, build_head_mask, check_scores, load_scores, phase_masks,
                                       plan_groups)
-from rhead_jax.ablation.results import format_summary, group_summary, report_sections, sweep_k_csv, \
-    sweep_k_markdown, sweep_k_table
+from rhead_jax.ablation.results import format_summary, group_summary, sweep_k_csv, sweep_k_markdown, \
+    sweep_k_table
+from rhead_jax.ablation.report import report_intro, report_meta, report_provenance, report_sections
 from rhead_jax.ablation.taxonomy import CATEGORIES
 from rhead_jax.ablation.tasks import make_task, parse_task
 from rhead_jax.engine import Engine
 from rhead_jax.errors import UserError
 from rhead_jax.report import plot_fig1_heatmap, plot_sweep_k, write_report
+from rhead_jax.report.provenance import file_record, run_record
+from rhead_jax.scoring import head_means
 
 
 def with_overrides(config, **overrides):
@@ -60,6 +63,31 @@ def _run_json(config, task, run: Run) -> str:
     return json.dumps({"model": config.model.to_dict(), "task": task.tag, **task.pinned(),
                        "mask": {"mode": config.mask.mode, "phase": config.mask.phase},
                        "run": run.label, "heads": [list(h) for h in run.heads]}, sort_keys=True, indent=1)
+
+
+def _provenance(config, task, score_data, runs) -> dict:
+    """What the numbers depend on (no time stamps: results.json stays byte-identical on a rerun)."""
+    prov: dict[str, Any] = {
+        "model": {"name": config.model.name, "path": config.model.path, "dtype": config.model.dtype},
+        "scores": None, "needles": config.needles or "(bundled default needles)",
+        "haystack": config.haystack or "(bundled Areopagitica)",
+        "max_new_tokens": {"niah": config.sweep.max_new_tokens, "qa": config.ablation.qa_max_new_tokens,
+                           "cot": config.ablation.cot_max_new_tokens}[task.kind],
+        "faithful": config.sweep.faithful,
+        "batch_size": getattr(task, "batch_size", config.sweep.batch_size)}
+    if score_data is not None:
+        rec = file_record(config.ablation.scores)
+        rec.pop("modified", None)
+        means = head_means(score_data)
+        heads = sorted({tuple(h) for r in runs.values() for h in r.heads})
+        prov["scores"] = {**rec, "tests": len(next(iter(score_data.values())))}
+        prov["masked_head_scores"] = {f"{l}-{h}": float(means.get(f"{l}-{h}", 0.0)) for l, h in heads}
+    if task.kind == "niah":
+        by_len: dict[int, list[int]] = {}
+        for i in task.instances:
+            by_len.setdefault(int(i.length), []).append(int(i.num_prompt_tokens))
+        prov["prompt_tokens"] = {str(L): [min(v), max(v)] for L, v in sorted(by_len.items())}
+    return prov
 
 
 def run_ablation(config, workdir: str, *, model=None, scores: str | None = None, mask: str | None = None,
@@ -142,6 +170,7 @@ def run_ablation(config, workdir: str, *, model=None, scores: str | None = None,
     results["sweep_k"] = sweep_k_table(ks, group_sums, list(a.seeds)) if ks else None
     results["runs"] = {lbl: {"spec": r.spec.text, "seed": r.seed, "heads": [list(h) for h in r.heads],
                              **run_sums[lbl], "instances": run_records[lbl]} for lbl, r in runs.items()}
+    results["provenance"] = _provenance(config, the_task, score_data, runs)
 
     files: dict[str, Path] = {}
     if is_writer:
@@ -168,7 +197,9 @@ def run_ablation(config, workdir: str, *, model=None, scores: str | None = None,
                     files[fname] = tmp / fname
             results["files"] = sorted(files) + ["results.json", "report.html"]
             report = write_report(tmp / "report", {}, extra_sections=report_sections(results, files),
-                                  title=f"Retrieval-head ablation: {name}")
+                                  title=f"Retrieval-head ablation: {name}", meta=report_meta(results),
+                                  intro=report_intro(results),
+                                  provenance=report_provenance(results, run_record()))
             for fname, f in files.items():
                 io.atomic_write_bytes(root / fname, f.read_bytes())
             io.atomic_write_bytes(root / "report.html", report.read_bytes())

@@ -11,6 +11,14 @@ one file, images embedded as base64 data URIs, inline CSS, no scripts and nothin
   extra_sections   [(title, content), ...] appended at the end. content is an image path (Path, or a str
                    ending in .png/.jpg/.jpeg/.gif/.svg), an HTML fragment (any other str), or a list of those
                    (shown side by side), so other tools (e.g. ablations) can add figures and tables.
+  sections         [(title, content), ...] like extra_sections, placed right after the overview (the
+                   analysis puts its colour scale and cross-model overlap there).
+  meta             the HTML of the line under the title (default: the date and the number of files).
+  intro            the HTML of the introductory note (default: what a retrieval score is).
+  provenance       an HTML fragment: where the inputs came from, shown as the last section.
+
+Scores above 1 (possible: a head can copy an answer token more than once per test) are printed with
+three decimals and a dagger that links to the explanation (`ABOVE_ONE`).
 
 `table(header, rows, left=(0,))` is the one HTML table of every report (extra sections use it too).
 """
@@ -32,6 +40,10 @@ BUCKET_TEXT = {
     "(0.1,0.5]": "retrieval head (0.1 < mean ≤ 0.5)",
     ">0.5": "strong retrieval head (mean > 0.5)",
 }
+ABOVE_ONE = ("A head's score in one test is the number of decode steps at which it copies a token of the "
+             "answer span, divided by the span's length: a head that copies a token twice (a repeated answer "
+             "word, a repeated answer) scores above 1 in that test, so a mean above 1 is possible and "
+             "is not an error.")
 IMAGE_SUFFIXES = {".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".gif": "image/gif",
                   ".svg": "image/svg+xml"}
 
@@ -63,6 +75,7 @@ figcaption { font-size: 12px; color: #666; max-width: 520px; }
 .tag { display: inline-block; padding: 0 6px; border-radius: 8px; font-size: 12px; color: #fff; }
 .tag.on { background: #e6550d; } .tag.ctx { background: #3182bd; }
 .missing { color: #a33; font-style: italic; }
+.wrap { white-space: normal; max-width: 860px; overflow-wrap: anywhere; text-align: left; }
 .heads { text-align: left; font-family: ui-monospace, Menlo, Consolas, monospace; font-size: 12px;
          max-width: 520px; white-space: normal; }
 """
@@ -78,6 +91,23 @@ def _fmt(x, digits: int = 3) -> str:
     if isinstance(x, float):
         return f"{x:.{digits}f}"
     return _e(x)
+
+
+def score_html(x: float, digits: int = 3) -> str:
+    """A mean score; above 1 it gets a dagger linking to the explanation (#s-above-one)."""
+    if x is not None and x > 1.0:
+        return f'{x:.3f}<a href="#s-above-one" title="above 1: see the note">†</a>'
+    return _fmt(float(x), digits) if x is not None else "n/a"
+
+
+def above_one_note(entries: dict) -> str:
+    """The explanation of scores above 1 (the anchor #s-above-one), listing them; '' when there are none."""
+    items = [f"{_e(name)}: " + ", ".join(f"{_e(h)} ({s:.3f})" for h, s in heads)
+             for name, heads in entries.items() if heads]
+    if not items:
+        return ""
+    return (f'<p class="note" id="s-above-one"><b>† Mean scores above 1.</b> {_e(ABOVE_ONE)} Here: '
+            + "; ".join(items) + ".</p>")
 
 
 def _anchor(text: str) -> str:
@@ -146,7 +176,7 @@ def _overview(summary: dict) -> str:
     for name, e in summary.items():
         b = e["buckets"]
         n = e["layers"] * e["heads"]
-        top3 = ", ".join(f"{_e(h)} ({s:.2f})" for h, s in e["top"][:3])
+        top3 = ", ".join(f"{_e(h)} ({score_html(s, 2)})" for h, s in e["top"][:3])
         rows.append([f'<a href="#{_anchor(name)}">{_e(name)}</a>', f"{e['layers']}×{e['heads']}", e["tests"],
                      *(f"{b[k]:.1f}" for k in BUCKET_ORDER),
                      f"{e['retrieval_heads']} ({100 * e['retrieval_heads'] / n:.1f}%)" if n else e["retrieval_heads"],
@@ -161,10 +191,14 @@ def _file_section(out_dir: Path, name: str, e: dict) -> str:
     b = e["buckets"]
     bucket_rows = [[f'<span class="swatch" style="background:{BUCKET_COLORS[k]}"></span>{_e(k)}',
                     _e(BUCKET_TEXT[k]), f"{b[k]:.1f}%", f"{round(b[k] * n / 100)}"] for k in BUCKET_ORDER]
-    top_rows = [[i + 1, _e(h), *map(str, h.split("-")), f"{s:.3f}"] for i, (h, s) in enumerate(e["top"])]
+    top_rows = [[i + 1, _e(h), *map(str, h.split("-")), score_html(s)] for i, (h, s) in enumerate(e["top"])]
+    scale = e.get("scale_max")
+    scale_txt = (f" The colour scale, 0 to {scale:.3f}, is shared by every file of this report, so equal colours "
+                 "mean equal scores." if scale is not None else "")
     heat = image_html(out_dir / f"{stem}_heatmap.png", f"{name} heatmap",
                       "Mean retrieval score of every head (rows: layers from 0 at the top; columns: heads). "
-                      "Outlined cells are the top heads listed below.", max_w=600, max_h=520)
+                      f"Outlined cells are the top heads listed below; hatched cells score above 1.{scale_txt}",
+                      max_w=600, max_h=520)
     pie = image_html(out_dir / f"{stem}_pie.png", f"{name} pie",
                      "Share of all heads in each score bucket (paper Fig. 3).", max_w=440)
     return f"""
@@ -241,22 +275,41 @@ retrieval heads (mean &gt; {dyn.get('threshold', 0.1)}), <b>{len(dyn.get('always
 </section>"""
 
 
+INTRO = """A head's <b>retrieval score</b> is how often, while the model answers a needle-in-a-haystack
+question, the head's strongest attention points at the needle token that is being copied (Wu et al. 2024,
+“Retrieval Head Mechanistically Explains Long-Context Factuality”), averaged over tests. Heads with a mean
+score above 0.1 are <b>retrieval heads</b>; the paper finds they are few (under 5% of heads) and sparse."""
+
+
+def _section(title: str, content) -> str:
+    return f'<section id="{_anchor("x-" + str(title))}"><h2>{_e(title)}</h2>{_content_html(content)}</section>'
+
+
 def write_report(out_dir: str | os.PathLike, summary: dict, pairs: Sequence[dict] | None = None,
                  dynamic: dict | None = None, extra_sections: Sequence[tuple] | None = None,
-                 title: str = "Retrieval-head analysis") -> Path:
+                 title: str = "Retrieval-head analysis", *, sections: Sequence[tuple] | None = None,
+                 meta: str | None = None, intro: str | None = None, provenance: str | None = None) -> Path:
     """Write out_dir/report.html and return its path."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     pairs = list(pairs or [])
     extra_sections = list(extra_sections or [])
+    sections = list(sections or [])
+    if meta is None:
+        meta = f"Generated {datetime.datetime.now().strftime('%Y-%m-%d %H:%M')}"
+        if summary:
+            meta += f" · {len(summary)} head-score file{'s' if len(summary) != 1 else ''}"
 
     nav = ['<a href="#s-overview">Overview</a>'] if summary else []  # the section exists only then
+    nav += [f'<a href="#{_anchor("x-" + str(t))}">{_e(t)}</a>' for t, _ in sections]
     nav += [f'<a href="#{_anchor(n)}">{_e(n)}</a>' for n in summary]
     if pairs:
         nav.append('<a href="#s-pairs">Model pairs</a>')
     if dynamic:
         nav.append('<a href="#s-dynamic">Dynamic activation</a>')
     nav += [f'<a href="#{_anchor("x-" + str(t))}">{_e(t)}</a>' for t, _ in extra_sections]
+    if provenance:
+        nav.append('<a href="#s-provenance">Provenance</a>')
 
     parts = [f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8">
@@ -264,24 +317,24 @@ def write_report(out_dir: str | os.PathLike, summary: dict, pairs: Sequence[dict
 <title>{_e(title)}</title><style>{CSS}</style></head>
 <body><main>
 <h1>{_e(title)}</h1>
-<p class="meta">Generated {datetime.datetime.now().strftime('%Y-%m-%d %H:%M')} ·
-{len(summary)} head-score file{'s' if len(summary) != 1 else ''}</p>
+<p class="meta">{meta}</p>
 <nav>{''.join(nav)}</nav>
-<p class="note">A head's <b>retrieval score</b> is how often, while the model answers a needle-in-a-haystack
-question, the head's strongest attention points at the needle token that is being copied (Wu et al. 2024,
-“Retrieval Head Mechanistically Explains Long-Context Factuality”), averaged over tests. Heads with a mean
-score above 0.1 are <b>retrieval heads</b>; the paper finds they are few (under 5% of heads) and sparse.</p>
+<p class="note">{INTRO if intro is None else intro}</p>
 """]
     if summary:
-        parts.append(f'<section id="s-overview"><h2>Overview</h2>{_overview(summary)}</section>')
+        note = above_one_note({n: e.get("above_one", [(h, s) for h, s in e["top"] if s > 1.0])
+                               for n, e in summary.items()})
+        parts.append(f'<section id="s-overview"><h2>Overview</h2>{_overview(summary)}{note}</section>')
+    parts += [_section(t, c) for t, c in sections]
     for name, e in summary.items():
         parts.append(_file_section(out, name, e))
     if pairs:
         parts.append(_pairs_section(pairs))
     if dynamic:
         parts.append(_dynamic_section(out, dynamic))
-    for t, content in extra_sections:
-        parts.append(f'<section id="{_anchor("x-" + str(t))}"><h2>{_e(t)}</h2>{_content_html(content)}</section>')
+    parts += [_section(t, c) for t, c in extra_sections]
+    if provenance:
+        parts.append(f'<section id="s-provenance"><h2>Provenance</h2>{provenance}</section>')
     parts.append("</main></body></html>\n")
     path = out / "report.html"
     path.write_text("".join(parts), encoding="utf-8")

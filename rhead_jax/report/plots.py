@@ -1,9 +1,11 @@
 """Every figure of the reports, drawn with matplotlib's Agg backend into PNG files (dpi 110).
 
   plot_pie(summary_entry, title, path)         share of heads per score bucket (paper Fig. 3)
-  plot_heatmap(means, title, path, top=())     layer x head mean scores, the `top` heads outlined
+  plot_heatmap(means, title, path, top=(), vmax=None)
+                                               layer x head mean scores, the `top` heads outlined; one
+                                               colour scale 0..vmax (shared across files when given)
   plot_dynamic(dynamic, path, title="")        activation rate per head, and per context length
-  plot_fig1_heatmap(cells, path, title="")     context length x needle depth accuracy (paper Fig. 1)
+  plot_fig1_heatmap(cells, path, title="")     nominal context length x needle depth accuracy (paper Fig. 1)
   plot_sweep_k(table, path, title="", ...)     accuracy vs number of masked heads: top-k vs random
 
 matplotlib is imported on the first plot (`_plt`), not with this module.
@@ -56,13 +58,20 @@ def plot_pie(summary_entry: dict, title: str, path: str | os.PathLike) -> None:
 
 
 def plot_heatmap(means: np.ndarray, title: str, path: str | os.PathLike,
-                 top: Sequence[Sequence] = ()) -> None:
-    """Layer (rows, 0 at top) x head (columns) mean scores; the `top` heads are outlined."""
+                 top: Sequence[Sequence] = (), vmax: float | None = None) -> None:
+    """Layer (rows, 0 at top) x head (columns) mean scores; the `top` heads are outlined. The colour
+    scale runs from 0 to `vmax` (default: this file's largest mean), so that several files drawn with
+    one vmax are comparable colour for colour; cells above 1 are hatched."""
     plt = _plt()
     L, H = means.shape
     fig, ax = plt.subplots(figsize=(min(8.0, max(4.5, 0.16 * H + 2.4)), min(6.5, max(3.5, 0.15 * L + 1.4))))
-    vmax = max(float(np.nanmax(means)) if np.isfinite(means).any() else 0.0, 1e-9)
+    if vmax is None:
+        vmax = float(np.nanmax(means)) if np.isfinite(means).any() else 0.0
+    vmax = max(float(vmax), 1e-9)
     im = ax.imshow(means, aspect="auto", cmap="magma_r", vmin=0, vmax=vmax, interpolation="nearest")
+    for l, h in zip(*np.nonzero(np.nan_to_num(means) > 1.0)):
+        ax.add_patch(plt.Rectangle((h - 0.5, l - 0.5), 1, 1, fill=False, hatch="xxx", edgecolor="#2b8cbe",
+                                   linewidth=0))
     for key, _ in top:
         l, h = parse_head(key)
         ax.add_patch(plt.Rectangle((h - 0.5, l - 0.5), 1, 1, fill=False, edgecolor="#1f9e89", linewidth=1.2))
@@ -142,7 +151,7 @@ def plot_fig1_heatmap(cells: Sequence[dict], path, title: str = "") -> None:
     ax.set_yticks(np.arange(len(depths)) + 0.5)
     ax.set_yticklabels([f"{d:g}" for d in depths], fontsize=8)
     ax.invert_yaxis()  # depth 0 at the top, as in the paper
-    ax.set_xlabel("context length (tokens)")
+    ax.set_xlabel("context length (grid's nominal length, tokens)")
     ax.set_ylabel("needle depth (%)")
     ax.set_title(title, fontsize=10)
     fig.colorbar(im, ax=ax, label="score (ROUGE-1 recall x 100)")
@@ -150,13 +159,19 @@ def plot_fig1_heatmap(cells: Sequence[dict], path, title: str = "") -> None:
 
 
 def plot_sweep_k(table: dict, path, title: str = "", metric: str = "accuracy (%)") -> None:
-    """Accuracy vs k: the top-k retrieval heads masked vs k random non-retrieval heads (mean ± std)."""
+    """Accuracy vs k: the top-k retrieval heads masked vs k random non-retrieval heads (mean, with
+    ± std error bars only when there are several seeds)."""
     plt = _plt()
     fig, ax = plt.subplots(figsize=(5.6, 3.8))
     k = np.asarray(table["k"])
     ax.plot(k, 100 * np.asarray(table["top"]), "o-", color="#d62728", label="top-k retrieval heads masked")
-    ax.errorbar(k, 100 * np.asarray(table["random"]), yerr=100 * np.asarray(table["random_std"]), fmt="s--",
-                color="#1f77b4", capsize=3, label=f"k random non-retrieval heads ({len(table['seeds'])} seeds)")
+    n = len(table["seeds"])
+    if n > 1:
+        ax.errorbar(k, 100 * np.asarray(table["random"]), yerr=100 * np.asarray(table["random_std"]), fmt="s--",
+                    color="#1f77b4", capsize=3, label=f"k random non-retrieval heads (mean ± std, {n} seeds)")
+    else:
+        ax.plot(k, 100 * np.asarray(table["random"]), "s--", color="#1f77b4",
+                label=f"k random non-retrieval heads ({n} seed)")
     ax.set_xlabel("number of masked heads (k)")
     ax.set_ylabel(metric)
     ax.set_ylim(-3, 103)
