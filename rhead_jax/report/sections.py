@@ -31,7 +31,7 @@ def analysis_sections(prov: dict, pairs_source: str, k: int) -> list[tuple[str, 
         txt = "Each heatmap has its own colour scale (0 to that file's largest mean): compare colours within a file only."
     if above:
         txt += (" Heads whose mean is above 1 are hatched in the heatmaps and marked † in the tables "
-                f"({sum(len(v) for v in above.values())} in {len(above)} file(s)); '
+                f"({sum(len(v) for v in above.values())} in {len(above)} file(s)); "
                 'why a mean can exceed 1: <a href="#s-above-one">the note under the overview</a>.')
     parts = [("Colour scale", f'<p class="note">{txt}</p>')]
     if len(prov["overlap"]["files"]) > 1:
