@@ -6,7 +6,8 @@
                 runs (one head set) and groups (a spec over its seeds)
   tasks.py      what is measured: the needle grid (niah) or a QA / CoT task file, on the engine
   taxonomy.py   the paper's failure taxonomy of one needle answer
-  results.py    group means, the top-k vs random table, text and report sections
+  results.py    group means, the top-k vs random table, text summaries
+  report.py     the report page's sections: groups, captions, example answers, provenance
   run.py        run_ablation: plan the runs, run them resumably, write results.json and the figures
 
 results.json (accuracies are fractions 0-1; a "group" is one spec, e.g. random:20, over its seeds):
@@ -29,6 +30,10 @@ results.json (accuracies are fractions 0-1; a "group" is one spec, e.g. random:2
                                copied_words};
                                qa/cot instances: {key, index, question, answer, response, generated,
                                em, f1 | prediction, correct, score}
+  provenance                   {model {name, path, dtype}, scores {path, name, bytes, sha256, git_blob, tests} | null,
+                               masked_head_scores {"L-H": mean}, needles, haystack, max_new_tokens, faithful,
+                               batch_size[, prompt_tokens {nominal length: [min, max] real prompt tokens}]}
+                               (no time stamps: a rerun writes the same bytes)
   files                        the files written next to results.json
 """
 from rhead_jax.ablation.heads import (Group, Head, MaskSpec, Run, build_head_mask, check_heads, check_scores,
