@@ -150,7 +150,7 @@ def load_params(directory: str | Path, cfg: ModelConfig | None = None, *, dtype:
                 layers = range(*idx[0].indices(leaf.shape[0]))
                 parts = [expect(getter(store, f"model.layers.{i}."), leaf.shape[1:], f"layer {i} {path[1]}")
                          [idx[1:]] for i in layers]
-                return np.stack(parts).astype(dt)
+                return np.stack(parts).astype(dt, copy=False)
         else:
             name = {"embed": "model.embed_tokens.weight", "final_norm": "model.norm.weight",
                     "lm_head": "lm_head.weight"}[path[0]]
