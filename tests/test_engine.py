@@ -84,7 +84,7 @@ def test_compiled_programs_are_bounded_per_length(tmp_path):
     of programs per length -- cache set-up, <= 4 prefill widths, one decode loop -- plus the shared
     prefix's prefill and scoring: the count does not grow with depths or needles."""
     from rhead_jax.detection import run_sweep
-    from rhead_jax.engine import count_compiles
+    from rhead_jax.compilation import count_compiles
 
     d = make_tiny_smol(tmp_path / "tiny-smol", sharpen=False, hidden_size=32, intermediate_size=64,
                        num_attention_heads=4)
