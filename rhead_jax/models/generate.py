@@ -87,14 +87,6 @@ def prefill(params, cfg: ModelConfig, tokens, positions, cache: KVCache, *, chun
     return cache
 
 
-def generate_impl(params, prompts, prompt_lens, cache: KVCache, prefill_mask, decode_mask, *,
-                  cfg: ModelConfig, spec: GenerateSpec, prefill_width: int) -> tuple[Generation, KVCache]:
-    """`generate` before jit, with every array positional (so callers can give in_shardings)."""
-    return generate.__wrapped__(params, cfg, prompts, prompt_lens, cache, spec=spec,
-                                prefill_width=prefill_width, prefill_mask=prefill_mask,
-                                decode_mask=decode_mask)
-
-
 @partial(jax.jit, static_argnames=("cfg", "spec", "prefill_width"))
 def generate(params, cfg: ModelConfig, prompts, prompt_lens, cache: KVCache, *, spec: GenerateSpec,
              prefill_width: int, prefill_mask=None, decode_mask=None) -> tuple[Generation, KVCache]:
