@@ -239,7 +239,7 @@ class Plan:
             f"({self.mesh_source})",
             f"sweep batch: {self.batch} rows ({rows_per_dev} per device), context {self.context_len} "
             f"-> prompt {self.prompt_len}, cache {self.cache_size} slots (donated through every call), "
-            f"prefill calls of up to {self.prefill_width} tokens per row block (chunk {self.prefill_chunk}), "
+            f"prefill calls of up to {self.prefill_width} tokens per row block (prefill chunk {self.prefill_chunk}), "
             f"{self.max_new_tokens} new tokens, bf16",
             f"compiler: {_BACKEND_TEXT[self.backend]}",
             "",
