@@ -48,6 +48,7 @@ class Runner:
     # -- helpers -------------------------------------------------------------------------------
 
     def cache_sharding(self, batch: int, size: int) -> KVCache:
+        """The NamedShardings of a [batch]-row cache of `size` slots on the mesh (a KVCache of them)."""
         shape = jax.eval_shape(lambda: init_cache(self.cfg, batch, size))
         return shd.cache_shardings(shape, self.mesh)
 
@@ -70,7 +71,9 @@ class Runner:
         """() -> a zeroed [batch]-row cache of `size` slots (sharded on the mesh)."""
         def make():
             step = partial(init_cache, self.cfg, batch, size)
-            return jax.jit(step) if self.mesh is None else jax.jit(step, out_shardings=self.cache_sharding(batch, size))
+            if self.mesh is None:
+                return jax.jit(step)
+            return jax.jit(step, out_shardings=self.cache_sharding(batch, size))
 
         return self._jit(("init", batch, size), make)
 
@@ -81,8 +84,8 @@ class Runner:
             step = partial(_rows, size=size)
             if self.mesh is None:
                 return jax.jit(step)
-            return jax.jit(step, in_shardings=(self.cache_sharding(1, prefix_size), shd.batch_sharding((batch,), self.mesh)),
-                           out_shardings=self.cache_sharding(batch, size))
+            in_sh = (self.cache_sharding(1, prefix_size), shd.batch_sharding((batch,), self.mesh))
+            return jax.jit(step, in_shardings=in_sh, out_shardings=self.cache_sharding(batch, size))
 
         return self._jit(("rows", batch, size, prefix_size), make)
 

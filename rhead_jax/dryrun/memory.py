@@ -256,7 +256,8 @@ class Plan:
             names = list(c)
             lines += ["", f"{'compiler memory_analysis()':36s}" + "".join(f"{PROGRAMS.get(n, n):>16s}" for n in names)]
             for key, label in (("argument", "arguments"), ("output", "outputs"),
-                               ("alias", "aliased (outputs reusing arguments)"), ("temp", "temp (activations, scratch)"),
+                               ("alias", "aliased (outputs reusing arguments)"),
+                               ("temp", "temp (activations, scratch)"),
                                ("generated_code", "generated code"), ("resident", "resident besides arguments"),
                                ("required", "required (did not fit)")):
                 if any(key in c[n] for n in names):
@@ -266,7 +267,8 @@ class Plan:
             lines.append("")
         if self.compile_error:
             lines.append(f"compile error: {self.compile_error}")
-        total_label = "total (analytic)" if not c else f"total (peak: {PROGRAMS.get(self.peak_program, self.peak_program)})"
+        peak = self.peak_program
+        total_label = f"total (peak: {PROGRAMS.get(peak, peak)})" if c else "total (analytic)"
         lines += [
             f"{total_label:48s} {g(self.total_bytes)}",
             f"{'HBM per chip / usable (%d%% margin)' % round(100 * self.margin):48s} "

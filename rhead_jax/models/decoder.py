@@ -95,10 +95,16 @@ def write_rows(buf, new, i, slots):
     """buf [L, B, K, S, D] with new [B, T, K, D] written at buf[i, b, :, slots[b] + t, :]; tokens
     that would land past the last slot are dropped (as a scatter with mode="drop" drops them).
 
-    One `lax.dynamic_update_slice` per row (a contiguous run of T slots): updated in place, where a
-    scatter of [K, D] windows across the slot axis makes XLA:TPU copy the whole cache when a device
-    holds 2+ KV heads. A run that would pass the end is written at S - T instead, its tokens shifted
-    into place and the slots before slots[b] rewritten with what they held.
+    Written so that XLA:TPU updates the cache in place. A scatter of [K, D] windows across the slot
+    axis (the earlier form) made it copy the whole cache when a device holds 2+ KV heads, and so did
+    a one-slot dynamic_update_slice in the decode loop (it re-lays the cache out as [L, B, S, K, D]
+    for the loop and copies it back). So:
+      T > 1 (prefill): one `lax.dynamic_update_slice` per row, a contiguous run of T slots; a run
+        that would pass the end is written at S - T instead, its tokens shifted into place and the
+        slots before slots[b] rewritten with what they held;
+      T == 1 (decode): an elementwise select of each row's slot over layer i (no layout change; it
+        reads and writes layer i's cache once per step, as much as the attention reads).
+    Bit-identical to the scatter (tests/test_models.py::test_write_rows_is_the_dropping_scatter).
     """
     B, T = new.shape[:2]
     S = buf.shape[3]

@@ -57,7 +57,7 @@ class Generation:
 def cache_size_for(prompt_len: int, spec: GenerateSpec) -> int:
     """Cache slots for a padded prompt length and its generation, rounded up to the key chunk.
 
-    Padding tokens past the end are dropped by the scatter that writes the cache, so only real
+    Padding tokens past the end are dropped by the write into the cache (decoder.write_rows), so only real
     tokens need a slot.
     """
     need = prompt_len + spec.max_new_tokens
