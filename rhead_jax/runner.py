@@ -16,8 +16,7 @@ import numpy as np
 from rhead_jax import sharding as shd
 from rhead_jax.models.config import ModelConfig
 from rhead_jax.models.decoder import KVCache, init_cache
-from rhead_jax.models.generate import (Generation, GenerateSpec, decode_impl, generate, generate_impl, prefill,
-                                       prefill_block_impl)
+from rhead_jax.models.generate import Generation, GenerateSpec, decode_impl, prefill, prefill_block_impl
 
 
 def _rows(cache: KVCache, starts, size: int) -> KVCache:
@@ -31,9 +30,8 @@ def _rows(cache: KVCache, starts, size: int) -> KVCache:
                    length=starts.astype(jnp.int32))
 
 
-def _without_resident(step, params, prompts, lens, cache, prefill_mask, decode_mask, _resident):
-    """`step` with one more argument it does not read (arrays kept resident on the devices)."""
-    return step(params, prompts, lens, cache, prefill_mask, decode_mask)
+def _rep_fn(shape, mesh):
+    return shd.replicated(mesh)
 
 
 class Runner:
@@ -49,7 +47,8 @@ class Runner:
 
     # -- helpers -------------------------------------------------------------------------------
 
-    def _cache_sh(self, batch: int, size: int) -> KVCache:
+    def cache_sharding(self, batch: int, size: int) -> KVCache:
+        """The NamedShardings of a [batch]-row cache of `size` slots on the mesh (a KVCache of them)."""
         shape = jax.eval_shape(lambda: init_cache(self.cfg, batch, size))
         return shd.cache_shardings(shape, self.mesh)
 
@@ -64,13 +63,66 @@ class Runner:
         return self._jits[key]
 
     # -- programs ------------------------------------------------------------------------------
+    # Each `*_jit` method builds (once per shape) the jitted program the sweep runs: the call methods
+    # below use it, and rhead_jax.dryrun lowers and compiles the same function on abstract arguments
+    # (`jax.ShapeDtypeStruct`s carrying the mesh's shardings). One wiring for both.
+
+    def init_cache_jit(self, batch: int, size: int):
+        """() -> a zeroed [batch]-row cache of `size` slots (sharded on the mesh)."""
+        def make():
+            step = partial(init_cache, self.cfg, batch, size)
+            if self.mesh is None:
+                return jax.jit(step)
+            return jax.jit(step, out_shardings=self.cache_sharding(batch, size))
+
+        return self._jit(("init", batch, size), make)
+
+    def rows_jit(self, batch: int, size: int, prefix_size: int):
+        """(cache1, starts [batch]) -> a [batch]-row cache of `size` slots taken from the 1-row
+        shared-prefix cache of `prefix_size` slots (row b keeps its slots < starts[b])."""
+        def make():
+            step = partial(_rows, size=size)
+            if self.mesh is None:
+                return jax.jit(step)
+            in_sh = (self.cache_sharding(1, prefix_size), shd.batch_sharding((batch,), self.mesh))
+            return jax.jit(step, in_shardings=in_sh, out_shardings=self.cache_sharding(batch, size))
+
+        return self._jit(("rows", batch, size, prefix_size), make)
+
+    def prefill_block_jit(self, batch: int, size: int, width: int, spec: GenerateSpec, mask: bool = False):
+        """(params, cache, block, tokens [d, width], positions [d, width], head_mask or None) -> cache:
+        one prefill call of row block `block` (models.generate.prefill_block_impl) on a [batch]-row
+        cache of `size` slots, d = the data axis. The cache is DONATED (updated in place)."""
+        d = self.data_size
+
+        def make():
+            step = partial(prefill_block_impl, cfg=self.cfg, spec=spec, data=d)
+            if self.mesh is None:
+                return jax.jit(step, donate_argnums=(1,))
+            rep, csh = shd.replicated(self.mesh), self.cache_sharding(batch, size)
+            tsh = shd.batch_sharding((d, width), self.mesh)
+            return jax.jit(step, in_shardings=(self.param_sh, csh, rep, tsh, tsh, rep if mask else None),
+                           out_shardings=csh, donate_argnums=(1,))
+
+        return self._jit(("prefill_block", batch, size, width, spec, mask), make)
+
+    def decode_jit(self, batch: int, size: int, spec: GenerateSpec, mask: bool = False):
+        """(params, first [batch], prompt_lens [batch], cache, decode_mask or None) -> (Generation, cache):
+        the greedy decode loop with capture (models.generate.decode_impl). The cache is DONATED;
+        the Generation comes back replicated (host-readable on every process)."""
+        def make():
+            step = partial(decode_impl, cfg=self.cfg, spec=spec)
+            if self.mesh is None:
+                return jax.jit(step, donate_argnums=(3,))
+            rep, csh = shd.replicated(self.mesh), self.cache_sharding(batch, size)
+            lsh = shd.batch_sharding((batch,), self.mesh)
+            return jax.jit(step, in_shardings=(self.param_sh, lsh, lsh, csh, rep if mask else None),
+                           out_shardings=(shd.generation_shardings(self.mesh), csh), donate_argnums=(3,))
+
+        return self._jit(("decode", batch, size, spec, mask), make)
 
     def init_cache(self, batch: int, size: int) -> KVCache:
-        if self.mesh is None:
-            return init_cache(self.cfg, batch, size)
-        fn = self._jit(("init", batch, size), lambda: jax.jit(
-            partial(init_cache, self.cfg, batch, size), out_shardings=self._cache_sh(batch, size)))
-        return fn()
+        return self.init_cache_jit(batch, size)()
 
     def prefill(self, tokens: np.ndarray, positions: np.ndarray, cache: KVCache, spec: GenerateSpec,
                 head_mask=None) -> KVCache:
@@ -86,122 +138,31 @@ class Runner:
         if self.mesh is None:
             fn = self._jit(key, lambda: jax.jit(run))
         else:
-            csh, rep = self._cache_sh(B, size), shd.replicated(self.mesh)
+            csh, rep = self.cache_sharding(B, size), shd.replicated(self.mesh)
             fn = self._jit(key, lambda: jax.jit(
                 run, in_shardings=(self.param_sh, rep, rep, csh, None if head_mask is None else rep),
                 out_shardings=csh))
-        rep_fn = lambda shape, mesh: shd.replicated(mesh)  # noqa: E731
-        mask = None if head_mask is None else self._put(head_mask, rep_fn)
-        return fn(self.params, self._put(tokens, rep_fn), self._put(positions, rep_fn), cache, mask)
+        mask = None if head_mask is None else self._put(head_mask, _rep_fn)
+        return fn(self.params, self._put(tokens, _rep_fn), self._put(positions, _rep_fn), cache, mask)
 
     def rows(self, cache1: KVCache, starts: np.ndarray, size: int) -> KVCache:
-        B = len(starts)
-        if self.mesh is None:
-            fn = self._jit(("rows", B, size, cache1.size), lambda: jax.jit(partial(_rows, size=size)))
-            return fn(cache1, jnp.asarray(starts))
-        fn = self._jit(("rows", B, size, cache1.size), lambda: jax.jit(
-            partial(_rows, size=size), out_shardings=self._cache_sh(B, size)))
+        fn = self.rows_jit(len(starts), size, cache1.size)
         return fn(cache1, self._put(starts, shd.batch_sharding))
 
     def prefill_block(self, cache: KVCache, block: int, tokens: np.ndarray, positions: np.ndarray,
                       spec: GenerateSpec, head_mask=None) -> KVCache:
         """Append tokens [d, W] to the rows of row block `block` (one row per data shard, see
         models.generate.take_row_block). The cache is donated: it is updated in place."""
-        d, W = tokens.shape
-        B, size = cache.k.shape[1], cache.size
-        key = ("prefill_block", B, size, W, spec, head_mask is None)
-
-        def make():
-            step = partial(prefill_block_impl, cfg=self.cfg, spec=spec, data=d)
-            if self.mesh is None:
-                return jax.jit(step, donate_argnums=(1,))
-            rep, csh = shd.replicated(self.mesh), self._cache_sh(B, size)
-            tsh = shd.batch_sharding((d, W), self.mesh)
-            return jax.jit(step, in_shardings=(self.param_sh, csh, rep, tsh, tsh, None if head_mask is None else rep),
-                           out_shardings=csh, donate_argnums=(1,))
-
-        fn = self._jit(key, make)
-        rep_fn = lambda shape, mesh: shd.replicated(mesh)  # noqa: E731
-        mask = None if head_mask is None else self._put(head_mask, rep_fn)
-        return fn(self.params, cache, self._put(np.int32(block), rep_fn), self._put(tokens, shd.batch_sharding),
+        fn = self.prefill_block_jit(cache.k.shape[1], cache.size, tokens.shape[1], spec, head_mask is not None)
+        mask = None if head_mask is None else self._put(head_mask, _rep_fn)
+        return fn(self.params, cache, self._put(np.int32(block), _rep_fn), self._put(tokens, shd.batch_sharding),
                   self._put(positions, shd.batch_sharding), mask)
 
     def decode(self, first: np.ndarray, lens: np.ndarray, cache: KVCache, spec: GenerateSpec,
                decode_mask=None) -> Generation:
         """The greedy decode loop with capture over a prefilled [B]-row cache (donated); returns
         host-readable (replicated) outputs."""
-        B, size = cache.k.shape[1], cache.size
-        key = ("decode", B, size, spec, decode_mask is None)
-
-        def make():
-            step = partial(decode_impl, cfg=self.cfg, spec=spec)
-            if self.mesh is None:
-                return jax.jit(step, donate_argnums=(3,))
-            rep, csh, lsh = shd.replicated(self.mesh), self._cache_sh(B, size), shd.batch_sharding((B,), self.mesh)
-            return jax.jit(step, in_shardings=(self.param_sh, lsh, lsh, csh, None if decode_mask is None else rep),
-                           out_shardings=(shd.generation_shardings(self.mesh), csh), donate_argnums=(3,))
-
-        fn = self._jit(key, make)
-        rep_fn = lambda shape, mesh: shd.replicated(mesh)  # noqa: E731
-        dm = None if decode_mask is None else self._put(decode_mask, rep_fn)
+        fn = self.decode_jit(cache.k.shape[1], cache.size, spec, decode_mask is not None)
+        dm = None if decode_mask is None else self._put(decode_mask, _rep_fn)
         gen, _ = fn(self.params, self._put(first, shd.batch_sharding), self._put(lens, shd.batch_sharding), cache, dm)
-        return gen
-
-    def generate_jit(self, batch: int, prompt_len: int, cache_size: int, *, spec: GenerateSpec, prefill_width: int,
-                     prefill_mask: bool = False, decode_mask: bool = False, resident=None,
-                     donate_cache: bool = False):
-        """The jitted, sharded generate step for [batch, prompt_len] prompts and a `cache_size`-slot
-        cache: what `generate` calls, and what `rhead_jax.dryrun` lowers and compiles on abstract
-        arguments (`jax.ShapeDtypeStruct`s). Needs a mesh.
-
-        Arguments of the returned function: (params, prompts, lengths, cache, prefill_mask or None,
-        decode_mask or None) -> (Generation, cache). `resident`: shardings of arrays that stay on the
-        devices during the step (the dry run passes the shared-prefix cache's): the function then
-        takes them as one more, unused argument (`keep_unused=True`) so the compiler counts them.
-        `donate_cache`: donate the cache argument (the sweep does not).
-        """
-        if self.mesh is None:
-            raise ValueError("Runner.generate_jit needs a mesh (Runner(cfg, params, mesh))")
-        B, P, size = batch, prompt_len, cache_size
-        resident_key = None if resident is None else tuple(jax.tree.leaves(resident))
-        key = ("generate", B, P, size, spec, prefill_width, not prefill_mask, not decode_mask, resident_key,
-               donate_cache)
-
-        def make():
-            rep = shd.replicated(self.mesh)
-            bsh = shd.batch_sharding((B, P), self.mesh)
-            lsh = shd.batch_sharding((B,), self.mesh)
-            csh = self._cache_sh(B, size)
-            in_sh = (self.param_sh, bsh, lsh, csh, rep if prefill_mask else None, rep if decode_mask else None)
-            step = partial(generate_impl, cfg=self.cfg, spec=spec, prefill_width=prefill_width)
-            kw = {}
-            if resident is not None:
-                in_sh += (resident,)
-                step = partial(_without_resident, step)
-                kw["keep_unused"] = True
-            if donate_cache:
-                kw["donate_argnums"] = (3,)
-            return jax.jit(step, in_shardings=in_sh, out_shardings=(shd.generation_shardings(self.mesh), csh), **kw)
-
-        return self._jit(key, make)
-
-    def generate(self, prompts: np.ndarray, lens: np.ndarray, cache: KVCache, *, spec: GenerateSpec,
-                 prefill_width: int, prefill_mask=None, decode_mask=None) -> Generation:
-        """Greedy generation with capture; returns host-readable (replicated) outputs."""
-        if self.mesh is None:
-            gen, _ = generate(self.params, self.cfg, jnp.asarray(prompts), jnp.asarray(lens), cache,
-                              spec=spec, prefill_width=prefill_width, prefill_mask=prefill_mask,
-                              decode_mask=decode_mask)
-            return gen
-        B, P = prompts.shape
-        if B % self.data_size:
-            raise ValueError(f"batch of {B} rows does not divide the data axis ({self.data_size}); "
-                             "pad the batch (run_batch does) or change config.mesh")
-        fn = self.generate_jit(B, P, cache.size, spec=spec, prefill_width=prefill_width,
-                               prefill_mask=prefill_mask is not None, decode_mask=decode_mask is not None)
-        rep_fn = lambda shape, mesh: shd.replicated(mesh)  # noqa: E731
-        pm = None if prefill_mask is None else self._put(prefill_mask, rep_fn)
-        dm = None if decode_mask is None else self._put(decode_mask, rep_fn)
-        gen, _ = fn(self.params, self._put(prompts, shd.batch_sharding), self._put(lens, shd.batch_sharding),
-                    cache, pm, dm)
         return gen

@@ -43,12 +43,15 @@ def test_dry_run_on_8_simulated_devices_reports_fit_and_compiler_temp():
     assert p["chips"] == 8 and p["mesh"] == {"data": 1, "model": 8, "expert": 1} and p["fits"]
     assert p["mesh_source"] == "auto" and p["batch"] == 8 and p["prefill_chunk"] == 4096
     c, a = p["compiled_gib"], p["analytic_gib"]
-    assert c["temp"] > 0
-    # the compiled program's per-device arguments are exactly the analytic shard sizes
-    args = a["params"] + a["kv_cache"] + a["shared_prefix_cache"] + a["inputs"]
-    assert abs(c["argument"] - args) * 2**30 < 1024
-    assert abs(c["output"] - (a["kv_cache_out"] + a["outputs"])) * 2**30 < 1024
-    assert f"{c['temp']:9.2f}" in out.stdout
+    assert set(c) == {"setup", "prefill", "decode"} and p["temp_gib"] > 0 and p["prefill_width"] == 4096
+    # each program's per-device arguments are exactly the analytic shard sizes; the cache is donated
+    # through prefill and decode (aliased: held once)
+    assert abs(c["decode"]["argument"] - (a["params"] + a["kv_cache"])) * 2**30 < 4096
+    assert abs(c["decode"]["output"] - (a["kv_cache"] + a["outputs"])) * 2**30 < 4096
+    for name in ("prefill", "decode"):
+        assert abs(c[name]["alias"] - a["kv_cache"]) * 2**30 < 4096
+        assert f"{c[name]['temp']:16.2f}" in out.stdout
+    assert abs(p["total_gib"] - (a["params"] + a["kv_cache"] + a["shared_prefix_cache"] + p["temp_gib"])) < 0.05
 
 
 def test_sweep_dry_run_sets_up_devices_itself():
@@ -124,4 +127,7 @@ def test_tpu_compiler_plan():
                 "v5p-8", "--context", "2048", "--backend", "tpu", "--json"], devices=0, timeout=900)
     assert out.returncode == 0, out.stderr[-3000:]
     (p,) = _plans(out.stdout)
-    assert p["backend"] == "tpu" and p["fits"] and p["compiled_gib"]["temp"] > 0
+    assert p["backend"] == "tpu" and p["fits"] and p["temp_gib"] > 0
+    c, a = p["compiled_gib"], p["analytic_gib"]
+    for name in ("prefill", "decode"):   # the donated cache is aliased on TPU too: no returned copy
+        assert abs(c[name]["alias"] - a["kv_cache"]) * 2**30 < 4096

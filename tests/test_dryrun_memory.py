@@ -69,7 +69,7 @@ def test_preset_shapes():
 ])
 def test_analytic_params_bytes_are_total_over_shards(name, sizes):
     cfg = presets.preset_config(name)
-    got = dryrun.analytic_bytes(cfg, sizes, batch=8, prompt_len=1024, cache_size=1536, max_new_tokens=50)["params"]
+    got = dryrun.analytic_bytes(cfg, sizes, batch=8, prefill_width=1024, cache_size=1536, max_new_tokens=50)["params"]
     want = 0
     for kp, leaf in jax.tree_util.tree_flatten_with_path(param_shapes(cfg))[0]:
         path = "/".join(k.key for k in kp)
@@ -90,10 +90,10 @@ def test_kv_cache_bytes_and_auto_mesh():
     yi = presets.preset_config("Yi-34B-200K")
     sizes = dryrun.auto_mesh(yi, 32, batch_size=8)
     assert sizes == {"data": 4, "model": 8, "expert": 1}
-    a = dryrun.analytic_bytes(yi, sizes, batch=8, prompt_len=200000, cache_size=200192, max_new_tokens=50)
+    a = dryrun.analytic_bytes(yi, sizes, batch=8, prefill_width=4096, cache_size=200192, max_new_tokens=50)
     kv_total = 2 * 60 * 8 * 200192 * 8 * 128 * 2            # k and v, bf16
     assert a["kv_cache"] == kv_total // 32 + (8 * 200192 + 8) * 4 // 4   # + pos, length (sharded on data)
-    assert a["kv_cache_out"] == a["kv_cache"]
+    assert "kv_cache_out" not in a      # donated through every program: held once
     # the 1-row shared-prefix cache cannot split on data: each data shard holds it whole
     assert a["shared_prefix_cache"] == kv_total // 8 // 8 + 200192 * 4 + 4
     assert dryrun.auto_mesh(presets.preset_config("Mixtral-8x7B-v0.1"), 16, batch_size=8) == \
@@ -177,21 +177,54 @@ def test_plan_defaults_are_the_config_schemas():
     assert p.cache_size % s.k_chunk == 0 and p.analytic["shared_prefix_cache"] > 0   # share_prefix on
 
 
-def test_plan_compiles_runners_own_step_in_process():
-    """One CPU device: the step `Runner.generate_jit` builds, compiled on abstract arguments."""
+def test_plan_compiles_the_engines_programs_in_process():
+    """One CPU device: the programs `Runner.*_jit` builds for a batch (what Engine.generate calls),
+    compiled on abstract arguments, the cache donated through prefill and decode."""
     cfg = ModelConfig.from_hf(presets.preset_hf_config("SmolLM2-135M-Instruct") | {"num_hidden_layers": 2},
                               dtype="bfloat16")
     p = dryrun.plan(cfg, "v5litepod-1", context_len=200, batch_size=2, max_new_tokens=8, prefill_chunk=128,
                     backend="cpu")
-    assert p.compiled is not None and p.compiled["temp"] > 0 and p.fits
-    a = p.analytic
-    # the compiled arguments and outputs are the analytic shard sizes (up to the buffers' alignment)
-    assert abs(p.compiled["argument"] - (a["params"] + a["kv_cache"] + a["shared_prefix_cache"] + a["inputs"])) < 1024
-    assert abs(p.compiled["output"] - (a["kv_cache_out"] + a["outputs"])) < 1024
-    donated = dryrun.plan(cfg, "v5litepod-1", context_len=200, batch_size=2, max_new_tokens=8, prefill_chunk=128,
-                          backend="cpu", donate_cache=True, share_prefix=False)
-    assert donated.compiled["alias"] == a["kv_cache"] and donated.analytic["shared_prefix_cache"] == 0
-    # Runner.generate goes through the same method: without a mesh there is no sharded step to build
-    with pytest.raises(ValueError, match="needs a mesh"):
-        Runner(cfg, None).generate_jit(2, 256, 512, spec=None, prefill_width=256)
+    assert p.compiled is not None and set(p.compiled) == {"setup", "prefill", "decode"} and p.fits
+    assert p.prefill_width == 128          # the widest call of prefill_pieces(199, (128, 64, 32, 16))
+    a, c = p.analytic, p.compiled
+    assert all(c[n]["temp"] > 0 for n in ("prefill", "decode")) and p.temp_bytes == max(x["temp"] for x in c.values())
+    # the compiled arguments and outputs are the analytic shard sizes (up to the buffers' alignment);
+    # the cache is donated: its output aliases its argument, no second copy
+    for name in ("prefill", "decode"):
+        assert abs(c[name]["alias"] - a["kv_cache"]) < 4096, name
+        assert c[name]["resident"] == a["shared_prefix_cache"] > 0
+    assert abs(c["decode"]["argument"] - (a["params"] + a["kv_cache"] + 2 * 2 * 4)) < 4096
+    assert abs(c["decode"]["output"] - (a["kv_cache"] + a["outputs"])) < 4096
+    assert abs(c["prefill"]["argument"] - (a["params"] + a["kv_cache"] + 2 * 128 * 4 + 4)) < 4096
+    # set-up from the shared prefix: its argument is the 1-row cache, its output the batch's
+    assert abs(c["setup"]["argument"] - (a["shared_prefix_cache"] + 2 * 4)) < 4096
+    assert abs(c["setup"]["output"] - a["kv_cache"]) < 4096 and c["setup"]["resident"] == a["params"]
+    # the peak: params + cache + shared prefix + the largest program's temp (and its small buffers)
+    floor = a["params"] + a["kv_cache"] + a["shared_prefix_cache"]
+    assert p.total_bytes == max(dryrun.memory.program_peak(x) for x in c.values())
+    assert floor + p.temp_bytes - 4096 <= p.total_bytes < floor + p.temp_bytes + a["outputs"] + 2**20 + \
+        max(x["generated_code"] for x in c.values())
+    table = p.table()
+    assert "decode loop" in table and "prefill call" in table and "peak while it runs" in table
+    plain = dryrun.plan(cfg, "v5litepod-1", context_len=200, batch_size=2, max_new_tokens=8, prefill_chunk=128,
+                        backend="cpu", share_prefix=False)
+    assert plain.analytic["shared_prefix_cache"] == 0 and plain.compiled["setup"]["argument"] == 0
+    assert abs(plain.compiled["setup"]["output"] - a["kv_cache"]) < 4096
 
+
+def test_runner_calls_use_the_programs_the_dry_run_compiles():
+    """Runner's call methods go through the same `*_jit` methods (one wiring, cached per shape)."""
+    from rhead_jax.models.decoder import init_params
+    from rhead_jax.models.generate import GenerateSpec
+
+    cfg = ModelConfig.from_hf(presets.preset_hf_config("SmolLM2-135M-Instruct") | {
+        "num_hidden_layers": 1, "hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 4,
+        "num_key_value_heads": 2, "vocab_size": 256}, dtype="float32")
+    r = Runner(cfg, init_params(cfg, jax.random.PRNGKey(0)))
+    spec = GenerateSpec(max_new_tokens=2, prefill_chunk=16)
+    cache = r.init_cache(2, 64)
+    assert r.init_cache_jit(2, 64) is r.init_cache_jit(2, 64)
+    cache = r.prefill_block(cache, 0, np.ones((1, 16), np.int32), np.arange(16, dtype=np.int32)[None], spec)
+    assert ("prefill_block", 2, 64, 16, spec, False) in r._jits
+    assert r.prefill_block_jit(2, 64, 16, spec) is r._jits[("prefill_block", 2, 64, 16, spec, False)]
+    assert not hasattr(r, "generate_jit")

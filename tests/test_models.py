@@ -225,3 +225,30 @@ def test_bf16_forward_close_to_fp32(tiny_model_dir):
     assert out.dtype == jnp.float32
     assert np.abs(np.asarray(out) - np.asarray(ref)).max() < 0.1 * np.abs(np.asarray(ref)).max()
     assert (np.argmax(out, -1) == np.argmax(ref, -1)).mean() > 0.8
+
+
+@pytest.mark.parametrize("T, slots", [
+    (1, [0, 5, 11, 12]),          # decode steps: the last row is past the end (dropped)
+    (4, [0, 3, 9, 12]),           # prefill runs: the third ends past the end (its tail dropped)
+    (4, [10, 12, 8, 0]),          # runs that start in the last tile, or past the end
+    (12, [0, 1, 0, 6]),           # as wide as the cache
+    (16, [0, 2, 0, 0]),           # wider than the cache: the scatter form
+])
+@pytest.mark.parametrize("B", [1, 4])
+def test_write_rows_is_the_dropping_scatter(T, slots, B):
+    """decoder.write_rows (a select per decode step, dynamic_update_slice for one row, the scatter
+    for several) writes exactly what the scatter `buf.at[i, b, :, slots[b] + t].set(new[b, t],
+    mode="drop")` wrote, old slots kept."""
+    from rhead_jax.models.decoder import write_rows
+
+    L, K, S, D = 3, 2, 12, 5
+    rng = np.random.default_rng(0)
+    buf = jnp.asarray(rng.normal(size=(L, B, K, S, D)), jnp.bfloat16)
+    new = jnp.asarray(rng.normal(size=(B, T, K, D)), jnp.float32)
+    for row_slots in ([slots] if B == 4 else [[s] for s in slots]):
+        sl = jnp.asarray(row_slots, jnp.int32)
+        for i in range(L):
+            at = sl[:, None] + jnp.arange(T)[None]
+            want = buf.at[i, jnp.arange(B)[:, None], :, at].set(new.astype(buf.dtype), mode="drop")
+            got = jax.jit(write_rows)(buf, new, jnp.int32(i), sl)
+            np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(want, np.float32))

@@ -9,7 +9,7 @@ Modules, by concept (each imports only those above it):
   devices   the compiler backend (tpu: libtpu device descriptions; cpu: simulated devices) and the
             process set-up it needs (prepare_process, ensure_cpu_devices)
   memory    meshes (auto_mesh), analytic per-device bytes, and the Plan report
-  planner   plan(): the sweep step compiled through Runner.generate_jit on abstract arguments;
+  planner   plan(): the programs of a sweep batch (Runner.*_jit) compiled on abstract arguments;
             find_smallest_slice; the model shapes of a sweep config (model_config_for)
   cli       `sweep --dry_run` (sweep_cli) and the `python -m rhead_jax.dryrun` command (main)
 """

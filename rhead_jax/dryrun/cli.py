@@ -71,8 +71,8 @@ def parse_mesh(text: str) -> dict[str, int]:
 
 def sweep_dry_run(config, *, topology: str, context_len: int | None = None, config_path: str | None = None,
                   mesh: str | Mapping[str, int] = "config", backend: str = "auto",
-                  model: tuple[ModelConfig, str, str] | None = None, donate_cache: bool = False) -> Plan:
-    """The plan of the config's sweep step on `topology`: what `python -m rhead_jax.sweep --dry_run` prints.
+                  model: tuple[ModelConfig, str, str] | None = None) -> Plan:
+    """The plan of the config's sweep batch on `topology`: what `python -m rhead_jax.sweep --dry_run` prints.
 
     mesh: "config" (config.mesh when its sizes fit the slice, else auto_mesh with a note), "auto", or
     explicit sizes. model: (ModelConfig, label, source) instead of `model_config_for(config)`.
@@ -92,7 +92,7 @@ def sweep_dry_run(config, *, topology: str, context_len: int | None = None, conf
     elif mesh != "auto":
         raise UserError(f"mesh must be 'config', 'auto' or sizes such as data=-1,model=8, got {mesh!r}")
     p = plan(cfg, topo, context_len=context_len, batch_size=config.sweep.batch_size, mesh=mesh_sizes,
-             backend=backend, model_name=label, donate_cache=donate_cache, **step_settings(config))
+             backend=backend, model_name=label, **step_settings(config))
     if mesh == "config" and mesh_sizes is not None:
         p.mesh_source = "config.mesh"
     p.notes[:0] = notes
@@ -127,7 +127,6 @@ def define_flags() -> None:
                       "simulated CPU devices, or auto (tpu when libtpu is installed).")
     flags.DEFINE_integer("max_chips", None, "Largest slice --smallest tries (default: 256 on the cpu backend).")
     flags.DEFINE_bool("json", False, "Also print each plan as a line `JSON {...}`.")
-    flags.DEFINE_bool("donate_cache", False, "Plan with the cache argument donated (the sweep does not donate).")
     flags.DEFINE_string("preset", None, "Model shapes from this preset (rhead_jax.presets) instead of the "
                         "config's model.")
     flags.DEFINE_string("hf_config", None, "Model shapes from this checkpoint config.json instead of the "
@@ -193,7 +192,7 @@ def main(argv) -> int:
     model = model_override(config) or model_config_for(config, cli.config_path())
     if FLAGS.topology:
         p = sweep_dry_run(config, topology=FLAGS.topology, context_len=FLAGS.context, mesh=mesh, backend=backend,
-                          model=model, donate_cache=FLAGS.donate_cache)
+                          model=model)
         _print_plan(p, FLAGS.json)
         return 0
 
@@ -210,7 +209,7 @@ def main(argv) -> int:
             print("JSON " + json.dumps(p.as_dict()), flush=True)
 
     found = find_smallest_slice(cfg, FLAGS.smallest, context_len, config.sweep.batch_size, max_chips=FLAGS.max_chips,
-                                on_attempt=show, donate_cache=FLAGS.donate_cache, backend=backend, model_name=label,
+                                on_attempt=show, backend=backend, model_name=label,
                                 **step_settings(config))
     if found is None:
         print(f"no {FLAGS.smallest} slice (up to {FLAGS.max_chips or 'the largest'} chips) fits {label} at "

@@ -1,12 +1,17 @@
-"""Per-device memory of the sweep step on a slice: the mesh, the analytic bytes, and the `Plan`.
+"""Per-device memory of a sweep batch on a slice: the mesh, the analytic bytes, and the `Plan`.
 
-Analytic bytes come from the shardings alone (each leaf's bytes / its number of shards; no devices,
-no compile): params, the batch's KV cache (argument), the returned KV cache (Runner does not donate
-the cache, so the output is a second copy), the resident shared-prefix cache (a 1-row cache that
-`run_sweep` keeps for the whole sweep when `config.sweep.share_prefix`; batch 1 cannot be split on
-"data", so every data shard holds it whole), prompts/lengths and the replicated outputs. A `Plan`
-adds the compiler's `memory_analysis()` (rhead_jax.dryrun.planner) and judges the total against the
-chip's HBM less a margin (default 5%) left for the runtime.
+A batch runs three kinds of programs (rhead_jax.engine.Engine.generate): the cache set-up
+(`Runner.rows` from the shared prefix, or `Runner.init_cache`), prefill calls of one row block
+(`Runner.prefill_block`) and the decode loop (`Runner.decode`); the batch's KV cache is donated
+through every call, so it exists once. Analytic bytes come from the shardings alone (each leaf's
+bytes / its number of shards; no devices, no compile): params, the batch's KV cache, the resident
+shared-prefix cache (a 1-row cache the engine keeps for the whole sweep when
+`config.sweep.share_prefix`; batch 1 cannot be split on "data", so every data shard holds it whole),
+one prefill call's tokens/positions and the decode loop's inputs, and the replicated outputs. A `Plan`
+adds each program's `memory_analysis()` (rhead_jax.dryrun.planner): the peak is the largest of the
+programs' (arguments + outputs - aliased + temp + code + what stays resident besides its
+arguments), i.e. params + cache + shared prefix + the largest temp; it is judged against the chip's
+HBM less a margin (default 5%) left for the runtime.
 
 Default mesh (`auto_mesh`), for a slice of N chips and a model with K KV heads and E experts:
   model  = the largest divisor of N that also divides K, at most `max_model` (8): the model axis
@@ -102,19 +107,19 @@ def cache_bytes(cfg, sizes: Mapping[str, int], *, rows: int, cache_size: int) ->
     return out
 
 
-def analytic_bytes(cfg, sizes: Mapping[str, int], *, batch: int, prompt_len: int, cache_size: int,
-                   max_new_tokens: int, top_k: int = 1, share_prefix: bool = True,
-                   donate_cache: bool = False) -> dict[str, int]:
-    """Per-device bytes from the shardings alone (no devices, no compile)."""
+def analytic_bytes(cfg, sizes: Mapping[str, int], *, batch: int, prefill_width: int, cache_size: int,
+                   max_new_tokens: int, top_k: int = 1, share_prefix: bool = True) -> dict[str, int]:
+    """Per-device bytes from the shardings alone (no devices, no compile). The batch's cache is
+    counted once: every program of a batch takes it donated and returns it in place."""
     kv = cache_bytes(cfg, sizes, rows=batch, cache_size=cache_size)
-    data = sizes["data"] if batch % sizes["data"] == 0 else 1
+    d = sizes["data"]
+    data = d if batch % d == 0 else 1
     L, H = cfg.num_layers, cfg.num_heads
-    inputs = (batch * prompt_len + batch) * 4 // data                  # prompts, lengths (int32)
+    inputs = 2 * prefill_width * 4 + 2 * batch * 4 // data      # one prefill call's tokens, positions; first, lens
     outputs = (batch * max_new_tokens + batch) * 4 + 2 * batch * max_new_tokens * L * H * top_k * 4  # replicated
     return {
         "params": params_bytes(cfg, sizes),
         "kv_cache": kv,
-        "kv_cache_out": 0 if donate_cache else kv,
         "shared_prefix_cache": cache_bytes(cfg, sizes, rows=1, cache_size=cache_size) if share_prefix else 0,
         "inputs": inputs,
         "outputs": outputs,
@@ -124,9 +129,26 @@ def analytic_bytes(cfg, sizes: Mapping[str, int], *, batch: int, prompt_len: int
 # ----------------------------------------------------------------------------- the plan
 
 
+PROGRAMS = {"setup": "cache set-up", "prefill": "prefill call", "decode": "decode loop"}
+
+
+def program_peak(c: Mapping[str, int]) -> int:
+    """Per-device peak while one compiled program runs: its arguments + outputs - aliased + temp +
+    code, plus what stays resident besides its arguments (`resident`); or, when it did not fit, the
+    compiler's required bytes + `resident`."""
+    if "required" in c:
+        return c["required"] + c.get("resident", 0)
+    return c["argument"] + c["output"] - c["alias"] + c["temp"] + c["generated_code"] + c.get("resident", 0)
+
+
 @dataclasses.dataclass
 class Plan:
-    """Per-device memory of one sweep step on one slice. Byte counts are per device."""
+    """Per-device memory of one sweep batch on one slice. Byte counts are per device.
+
+    compiled: per program ("setup", "prefill", "decode"; see PROGRAMS) the compiler's
+    memory_analysis() ("argument", "output", "alias", "temp", "generated_code") and "resident": the
+    bytes that stay on the device besides its arguments (params during the set-up, the shared-prefix
+    cache during prefill and decode); a program that did not fit has "required" / "available"."""
 
     model: str
     topology: Topology
@@ -136,13 +158,13 @@ class Plan:
     batch_size: int               # instances per batch as configured
     batch: int                    # rows compiled (batch_size rounded up to the data axis)
     prompt_len: int               # padded prompt length P
-    prefill_width: int
+    prefill_width: int            # the widest prefill call (tokens per row of a row block)
     cache_size: int
     prefill_chunk: int
     max_new_tokens: int
     backend: str                  # "tpu" or "cpu"
     analytic: dict[str, int]
-    compiled: dict[str, int] | None = None
+    compiled: dict[str, dict[str, int]] | None = None
     compile_error: str | None = None
     compile_seconds: float = 0.0
     margin: float = MARGIN
@@ -162,18 +184,25 @@ class Plan:
 
     @property
     def temp_bytes(self) -> int | None:
-        return None if self.compiled is None else self.compiled["temp"]
+        """The largest temp of the compiled programs."""
+        if not self.compiled:
+            return None
+        return max(c.get("temp", 0) for c in self.compiled.values())
+
+    @property
+    def peak_program(self) -> str | None:
+        if not self.compiled:
+            return None
+        return max(self.compiled, key=lambda k: program_peak(self.compiled[k]))
 
     @property
     def total_bytes(self) -> int:
-        """Peak estimate: the compiled program's arguments (the resident shared-prefix cache among
-        them) + outputs - aliased + temp + code; without a compile, the analytic lower bound."""
-        c = self.compiled
-        if c is None:
+        """Peak estimate: the largest `program_peak` of the compiled programs (params + the batch's
+        cache + the shared prefix + that program's temp, code and small buffers); without a compile,
+        the analytic lower bound."""
+        if not self.compiled:
             return self.analytic_total
-        if "required" in c:
-            return c["required"]
-        return c["argument"] + c["output"] - c["alias"] + c["temp"] + c["generated_code"]
+        return max(program_peak(c) for c in self.compiled.values())
 
     @property
     def fits(self) -> bool:
@@ -188,10 +217,13 @@ class Plan:
             "model": self.model, "topology": self.topology.name, "chips": self.topology.chips,
             "hosts": self.topology.hosts, "hbm_gib": self.hbm_bytes / GiB, "mesh": self.mesh,
             "mesh_source": self.mesh_source, "context_len": self.context_len, "batch_size": self.batch_size,
-            "batch": self.batch, "prompt_len": self.prompt_len, "cache_size": self.cache_size,
-            "prefill_chunk": self.prefill_chunk, "backend": self.backend,
+            "batch": self.batch, "prompt_len": self.prompt_len, "prefill_width": self.prefill_width,
+            "cache_size": self.cache_size, "prefill_chunk": self.prefill_chunk, "backend": self.backend,
             "analytic_gib": {k: v / GiB for k, v in self.analytic.items()},
-            "compiled_gib": None if self.compiled is None else {k: v / GiB for k, v in self.compiled.items()},
+            "compiled_gib": None if self.compiled is None else
+            {p: {k: v / GiB for k, v in c.items()} for p, c in self.compiled.items()},
+            "temp_gib": None if self.temp_bytes is None else self.temp_bytes / GiB,
+            "peak_program": self.peak_program,
             "compile_error": self.compile_error, "compile_seconds": round(self.compile_seconds, 1),
             "total_gib": self.total_bytes / GiB, "usable_gib": self.usable_bytes / GiB, "fits": self.fits,
             "headroom_gib": self.headroom_bytes / GiB, "notes": self.notes,
@@ -199,43 +231,46 @@ class Plan:
 
     def table(self) -> str:
         t, g = self.topology, (lambda b: f"{b / GiB:9.2f}")
-        donated = self.analytic["kv_cache_out"] == 0 and self.analytic["kv_cache"] > 0
         rows_per_dev = rows_per_device(self.batch, self.mesh["data"])
         lines = [
             f"== dry run: {self.model} on {t.name} ({t.chips} chips, {t.hosts} host(s), "
             f"{t.hbm_bytes / GiB:g} GiB HBM per chip) ==",
             f"mesh: data={self.mesh['data']} model={self.mesh['model']} expert={self.mesh['expert']} "
             f"({self.mesh_source})",
-            f"sweep step: batch {self.batch} ({rows_per_dev} row(s) per device), context {self.context_len} "
-            f"-> prompt {self.prompt_len} (prefill width {self.prefill_width}), cache {self.cache_size} slots, "
-            f"prefill chunk {self.prefill_chunk}, {self.max_new_tokens} new tokens, bf16",
+            f"sweep batch: {self.batch} rows ({rows_per_dev} per device), context {self.context_len} "
+            f"-> prompt {self.prompt_len}, cache {self.cache_size} slots (donated through every call), "
+            f"prefill calls of up to {self.prefill_width} tokens per row block (prefill chunk {self.prefill_chunk}), "
+            f"{self.max_new_tokens} new tokens, bf16",
             f"compiler: {_BACKEND_TEXT[self.backend]}",
             "",
             f"{'per device':48s} {'GiB':>9s}",
             f"{'params (analytic: leaf bytes / shards)':48s} {g(self.analytic['params'])}",
-            f"{'KV cache, batch (analytic)':48s} {g(self.analytic['kv_cache'])}",
-            f"{'KV cache, returned copy (analytic; ' + ('donated)' if donated else 'not donated)'):48s} "
-            f"{g(self.analytic['kv_cache_out'])}",
+            f"{'KV cache, batch (analytic; donated, held once)':48s} {g(self.analytic['kv_cache'])}",
             f"{'shared-prefix cache, resident (analytic)':48s} {g(self.analytic['shared_prefix_cache'])}",
-            f"{'prompts, lengths (analytic)':48s} {g(self.analytic['inputs'])}",
+            f"{'prefill tokens, decode inputs (analytic)':48s} {g(self.analytic['inputs'])}",
             f"{'generated tokens, captured slots (analytic)':48s} {g(self.analytic['outputs'])}",
             f"{'analytic total (no activations)':48s} {g(self.analytic_total)}",
         ]
-        c = self.compiled
-        if c is not None and "required" not in c:
-            lines += [
-                f"{'compiler memory_analysis(): arguments':48s} {g(c['argument'])}",
-                f"{'  outputs':48s} {g(c['output'])}",
-                f"{'  aliased (outputs reusing arguments)':48s} {g(c['alias'])}",
-                f"{'  temp (activations, scratch)':48s} {g(c['temp'])}",
-                f"{'  generated code':48s} {g(c['generated_code'])}",
-            ]
-        elif c is not None:
-            lines.append(f"{'compiler: memory required (out of memory)':48s} {g(c['required'])}")
+        c = self.compiled or {}
+        if c:
+            names = list(c)
+            lines += ["", f"{'compiler memory_analysis()':36s}" + "".join(f"{PROGRAMS.get(n, n):>16s}" for n in names)]
+            for key, label in (("argument", "arguments"), ("output", "outputs"),
+                               ("alias", "aliased (outputs reusing arguments)"),
+                               ("temp", "temp (activations, scratch)"),
+                               ("generated_code", "generated code"), ("resident", "resident besides arguments"),
+                               ("required", "required (did not fit)")):
+                if any(key in c[n] for n in names):
+                    lines.append(f"{'  ' + label:36s}" + "".join(
+                        f"{c[n][key] / GiB:16.2f}" if key in c[n] else f"{'':16s}" for n in names))
+            lines.append(f"{'  peak while it runs':36s}" + "".join(f"{program_peak(c[n]) / GiB:16.2f}" for n in names))
+            lines.append("")
         if self.compile_error:
             lines.append(f"compile error: {self.compile_error}")
+        peak = self.peak_program
+        total_label = f"total (peak: {PROGRAMS.get(peak, peak)})" if c else "total (analytic)"
         lines += [
-            f"{'total':48s} {g(self.total_bytes)}",
+            f"{total_label:48s} {g(self.total_bytes)}",
             f"{'HBM per chip / usable (%d%% margin)' % round(100 * self.margin):48s} "
             f"{g(self.hbm_bytes)} / {self.usable_bytes / GiB:.2f}",
             (f"fits: yes, headroom {self.headroom_bytes / GiB:.2f} GiB "

@@ -1,12 +1,15 @@
-"""Plans: the sweep step of a model on a slice, lowered and compiled without weights or TPUs.
+"""Plans: the programs of a sweep batch on a slice, lowered and compiled without weights or TPUs.
 
-`plan(cfg, topology, context_len=..., batch_size=...)` builds the sweep's generate step with
-`rhead_jax.runner.Runner.generate_jit`, the function `Runner.generate` itself calls (same function,
-in/out shardings and static GenerateSpec), but on ABSTRACT arguments (`jax.ShapeDtypeStruct`s
-carrying NamedShardings): nothing is allocated and no checkpoint is read. The shared-prefix cache
-that the sweep keeps resident is passed as one more, unused argument (`keep_unused=True`) so the
-compiler's accounting (and, on TPU, its out-of-memory check) holds it. A program that exceeds HBM
-fails to compile on TPU; the plan then reports the compiler's required bytes and "does not fit".
+`plan(cfg, topology, context_len=..., batch_size=...)` compiles the programs `Engine.generate` runs
+for one batch, built by the same `Runner` methods its calls use (same functions, in/out shardings,
+donation and static GenerateSpec), on ABSTRACT arguments (`jax.ShapeDtypeStruct`s carrying
+NamedShardings): nothing is allocated and no checkpoint is read. The programs:
+  setup    `Runner.rows_jit` (a batch cache from the shared prefix) or `Runner.init_cache_jit`
+  prefill  `Runner.prefill_block_jit` at the widest call the batch makes (cache donated)
+  decode   `Runner.decode_jit`, the greedy decode loop with capture (cache donated)
+The shared-prefix cache the engine keeps resident is not an argument of prefill or decode: it is
+added to their peak (`memory.program_peak`). A program that exceeds HBM fails to compile on TPU;
+the plan then reports the compiler's required bytes and "does not fit".
 
 With the CPU backend (rhead_jax.dryrun.devices) the SPMD partitioning, shardings and argument/output
 sizes are the TPU program's, but temp comes from the CPU compiler, which computes bf16 dots and
@@ -38,7 +41,7 @@ from rhead_jax.errors import UserError
 from rhead_jax.models.attention import AttentionOptions
 from rhead_jax.models.config import ModelConfig
 from rhead_jax.models.decoder import init_cache, param_shapes
-from rhead_jax.models.generate import GenerateSpec, cache_size_for
+from rhead_jax.models.generate import GenerateSpec, cache_size_for, prefill_pieces, prefill_widths
 from rhead_jax.runner import Runner
 
 SWEEP_DEFAULTS = default_config().sweep   # the one home of the step settings' defaults
@@ -73,9 +76,9 @@ def plan(cfg: ModelConfig, topology: Topology | str, *, context_len: int, batch_
          max_new_tokens: int = SWEEP_DEFAULTS.max_new_tokens, prefill_chunk: int = SWEEP_DEFAULTS.prefill_chunk,
          mesh: Any = None, pad_multiple: int = SWEEP_DEFAULTS.pad_multiple, q_chunk: int = SWEEP_DEFAULTS.q_chunk,
          k_chunk: int = SWEEP_DEFAULTS.k_chunk, share_prefix: bool = SWEEP_DEFAULTS.share_prefix,
-         donate_cache: bool = False, backend: str = "auto", compile: bool = True, margin: float = MARGIN,
+         backend: str = "auto", compile: bool = True, margin: float = MARGIN,
          model_name: str | None = None, max_model: int = 8) -> Plan:
-    """Plan the sweep step of `cfg` at `context_len` on `topology` (see the module docstring).
+    """Plan a sweep batch of `cfg` at `context_len` on `topology` (see the module docstring).
 
     mesh: None (auto_mesh), a mapping of sizes ({"data": -1, "model": 8}), or a jax Mesh whose
       devices stand for the chips. compile=False: the analytic numbers only (no devices needed).
@@ -108,10 +111,11 @@ def plan(cfg: ModelConfig, topology: Topology | str, *, context_len: int, batch_
     spec = GenerateSpec(max_new_tokens=max_new_tokens, stop_tokens=(2,), top_k=1, mask_mode="zero",
                         prefill_chunk=prefill_chunk, attn=AttentionOptions(q_chunk=q_chunk, k_chunk=k_chunk))
     P = -(-context_len // pad_multiple) * pad_multiple
-    width = P                       # worst case: a row that shares no prefix prefills its whole prompt
+    # the widest prefill call: a row that shares no prefix prefills its whole prompt but the last token
+    width = max(prefill_pieces(max(context_len - 1, 1), prefill_widths(prefill_chunk)))
     S = cache_size_for(P, spec)
-    analytic = analytic_bytes(cfg, sizes, batch=batch, prompt_len=P, cache_size=S, max_new_tokens=max_new_tokens,
-                              share_prefix=share_prefix, donate_cache=donate_cache)
+    analytic = analytic_bytes(cfg, sizes, batch=batch, prefill_width=width, cache_size=S,
+                              max_new_tokens=max_new_tokens, share_prefix=share_prefix)
     p = Plan(model=model_name or cfg.model_type, topology=topo, mesh=sizes, mesh_source=source,
              context_len=context_len, batch_size=batch_size, batch=batch, prompt_len=P, prefill_width=width,
              cache_size=S, prefill_chunk=prefill_chunk, max_new_tokens=max_new_tokens, backend=backend,
@@ -127,37 +131,47 @@ def plan(cfg: ModelConfig, topology: Topology | str, *, context_len: int, batch_
 
     if mesh_obj is None:
         mesh_obj = shd.make_mesh(sizes, devices=dev.compile_devices(topo, backend))
-    runner = Runner(cfg, None, mesh_obj)      # no params: only its jitted step is used
-    cache_shape = jax.eval_shape(lambda: init_cache(cfg, batch, S))
-    cache_sh = shd.cache_shardings(cache_shape, mesh_obj)
-    args = [_abstract(param_shapes(cfg), runner.param_sh),
-            jax.ShapeDtypeStruct((batch, P), jnp.int32, sharding=shd.batch_sharding((batch, P), mesh_obj)),
-            jax.ShapeDtypeStruct((batch,), jnp.int32, sharding=shd.batch_sharding((batch,), mesh_obj)),
-            _abstract(cache_shape, cache_sh), None, None]
-    resident = None
-    if share_prefix:   # the resident 1-row shared-prefix cache
-        shared_shape = jax.eval_shape(lambda: init_cache(cfg, 1, S))
-        resident = shd.cache_shardings(shared_shape, mesh_obj)
-        args.append(_abstract(shared_shape, resident))
-    step = runner.generate_jit(batch, P, S, spec=spec, prefill_width=width, resident=resident,
-                               donate_cache=donate_cache)
-    t0 = time.time()
-    try:
-        compiled = step.lower(*args).compile(dev.CPU_COMPILER_OPTIONS if backend == "cpu" else None)
-    except Exception as e:  # noqa: BLE001 - the compiler's out-of-memory error is a result, not a crash
-        p.compile_seconds = time.time() - t0
-        oom = compiler_oom(e)
-        if oom is None:
-            raise
-        p.compile_error, p.compiled = oom
-        return p
-    p.compile_seconds = time.time() - t0
-    ma = compiled.memory_analysis()
-    p.compiled = {
-        "argument": int(ma.argument_size_in_bytes), "output": int(ma.output_size_in_bytes),
-        "alias": int(ma.alias_size_in_bytes), "temp": int(ma.temp_size_in_bytes),
-        "generated_code": int(ma.generated_code_size_in_bytes),
+    runner = Runner(cfg, None, mesh_obj)      # no params: only its jitted programs are used
+    rep = shd.replicated(mesh_obj)
+    cache = _abstract(jax.eval_shape(lambda: init_cache(cfg, batch, S)), runner.cache_sharding(batch, S))
+    params = _abstract(param_shapes(cfg), runner.param_sh)
+    rows = jax.ShapeDtypeStruct((batch,), jnp.int32, sharding=shd.batch_sharding((batch,), mesh_obj))
+    call = jax.ShapeDtypeStruct((data, width), jnp.int32, sharding=shd.batch_sharding((data, width), mesh_obj))
+    shared = analytic["shared_prefix_cache"]
+    if share_prefix:
+        cache1 = _abstract(jax.eval_shape(lambda: init_cache(cfg, 1, S)), runner.cache_sharding(1, S))
+        setup = (runner.rows_jit(batch, S, S), (cache1, rows), analytic["params"])
+    else:
+        setup = (runner.init_cache_jit(batch, S), (), analytic["params"])
+    programs = {
+        "setup": setup,
+        "prefill": (runner.prefill_block_jit(batch, S, width, spec),
+                    (params, cache, jax.ShapeDtypeStruct((), jnp.int32, sharding=rep), call, call, None), shared),
+        "decode": (runner.decode_jit(batch, S, spec), (params, rows, rows, cache, None), shared),
     }
+    p.compiled = {}
+    t0 = time.time()
+    for name, (fn, args, resident) in programs.items():
+        try:
+            compiled = fn.lower(*args).compile(dev.CPU_COMPILER_OPTIONS if backend == "cpu" else None)
+        except Exception as e:  # noqa: BLE001 - the compiler's out-of-memory error is a result, not a crash
+            oom = compiler_oom(e)
+            if oom is None:
+                raise
+            msg, need = oom
+            p.compile_error = f"{name}: {msg}"
+            if need is not None:
+                p.compiled[name] = dict(need, resident=resident)
+            break
+        ma = compiled.memory_analysis()
+        p.compiled[name] = {
+            "argument": int(ma.argument_size_in_bytes), "output": int(ma.output_size_in_bytes),
+            "alias": int(ma.alias_size_in_bytes), "temp": int(ma.temp_size_in_bytes),
+            "generated_code": int(ma.generated_code_size_in_bytes), "resident": resident,
+        }
+    p.compile_seconds = time.time() - t0
+    if not p.compiled:
+        p.compiled = None
     return p
 
 

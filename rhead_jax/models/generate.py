@@ -57,7 +57,7 @@ class Generation:
 def cache_size_for(prompt_len: int, spec: GenerateSpec) -> int:
     """Cache slots for a padded prompt length and its generation, rounded up to the key chunk.
 
-    Padding tokens past the end are dropped by the scatter that writes the cache, so only real
+    Padding tokens past the end are dropped by the write into the cache (decoder.write_rows), so only real
     tokens need a slot.
     """
     need = prompt_len + spec.max_new_tokens
@@ -85,14 +85,6 @@ def prefill(params, cfg: ModelConfig, tokens, positions, cache: KVCache, *, chun
 
     cache, _ = lax.scan(step, cache, (tokens, positions))
     return cache
-
-
-def generate_impl(params, prompts, prompt_lens, cache: KVCache, prefill_mask, decode_mask, *,
-                  cfg: ModelConfig, spec: GenerateSpec, prefill_width: int) -> tuple[Generation, KVCache]:
-    """`generate` before jit, with every array positional (so callers can give in_shardings)."""
-    return generate.__wrapped__(params, cfg, prompts, prompt_lens, cache, spec=spec,
-                                prefill_width=prefill_width, prefill_mask=prefill_mask,
-                                decode_mask=decode_mask)
 
 
 @partial(jax.jit, static_argnames=("cfg", "spec", "prefill_width"))
