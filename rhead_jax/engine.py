@@ -40,7 +40,7 @@ from rhead_jax import io
 from rhead_jax.checkpoints import LoadedModel
 from rhead_jax.compilation import COMPILES, count_compiles, enable_compile_cache
 from rhead_jax.errors import UserError
-from rhead_jax.models.attention import AttentionOptions
+from rhead_jax.models.attention import AttentionOptions, cache_writes_for
 from rhead_jax.models.decoder import KVCache
 from rhead_jax.models.generate import GenerateSpec, cache_size_for, prefill_pieces, prefill_widths
 from rhead_jax.needle.prompts import Instance
@@ -201,7 +201,9 @@ class Engine:
             stops = stop_tokens(self.tokenizer, faithful=s.faithful)
         return GenerateSpec(max_new_tokens=max_new_tokens or s.max_new_tokens, stop_tokens=stops,
                             top_k=1 if capture else 0, mask_mode=self.config.mask.mode,
-                            prefill_chunk=s.prefill_chunk, attn=AttentionOptions(q_chunk=s.q_chunk, k_chunk=s.k_chunk))
+                            prefill_chunk=s.prefill_chunk,
+                            attn=AttentionOptions(q_chunk=s.q_chunk, k_chunk=s.k_chunk,
+                                                  cache_writes=cache_writes_for(self.runner.platform)))
 
     # -- shared prefix -------------------------------------------------------------------------
 

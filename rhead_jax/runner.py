@@ -42,6 +42,12 @@ class Runner:
             self.param_sh = shd.param_shardings(cfg, mesh)
 
     @property
+    def platform(self) -> str:
+        """"cpu", "gpu" or "tpu": the devices the programs run on."""
+        devices = jax.devices() if self.mesh is None else self.mesh.devices.flat
+        return next(iter(devices)).platform
+
+    @property
     def data_size(self) -> int:
         return 1 if self.mesh is None else self.mesh.shape["data"]
 

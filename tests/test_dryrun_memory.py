@@ -228,3 +228,18 @@ def test_runner_calls_use_the_programs_the_dry_run_compiles():
     assert ("prefill_block", 2, 64, 16, spec, False) in r._jits
     assert r.prefill_block_jit(2, 64, 16, spec) is r._jits[("prefill_block", 2, 64, 16, spec, False)]
     assert not hasattr(r, "generate_jit")
+
+
+def test_grid_programs_bound_does_not_grow_with_depths():
+    from rhead_jax.config import default_config, paper_grid
+    from rhead_jax.dryrun.planner import grid_programs, grid_programs_line
+
+    c = paper_grid(default_config())
+    c.sweep.prefill_chunk = 4096
+    g = grid_programs(c)
+    assert g["lengths"] == 20 and g["depths"] == 10 and g["widths"] == [4096, 2048, 1024, 512]
+    assert g["bound"] == 20 * 7 + 1 and g["batches_of_one_cell"] == 200
+    c.sweep.depths = (0, 100)
+    assert grid_programs(c)["bound"] == g["bound"]
+    c.sweep.depths = tuple(range(0, 101, 10))
+    assert "at most 141 (20 lengths" in grid_programs_line(c)

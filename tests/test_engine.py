@@ -107,3 +107,20 @@ def test_compiled_programs_are_bounded_per_length(tmp_path):
     # whole sweeps; per length: rows + <= 4 prefill widths + decode (+ copy-count scoring shapes)
     assert many <= few + 2, (few, many)
     assert many <= 2 * (1 + 4 + 1 + 2) + 4, many
+
+
+def test_cache_write_forms_agree(engine):
+    """The TPU forms of the cache writes (slot select, dynamic_update_slice) and the scatter the
+    engine uses on CPU give the same generations, bit for bit."""
+    import dataclasses
+
+    inst = [i for i in engine.plan_needles() if i.length == 300]
+    spec = engine.spec(capture=True)
+    assert spec.attn.cache_writes == "scatter"  # on CPU
+    tpu = dataclasses.replace(spec, attn=dataclasses.replace(spec.attn, cache_writes="tpu"))
+    rows = [i.prompt_ids for i in inst[:3]]
+    a = engine.generate(rows, spec, batch_size=3)
+    b = engine.generate(rows, tpu, batch_size=3)
+    np.testing.assert_array_equal(a.tokens, b.tokens)
+    np.testing.assert_array_equal(a.topk_index, b.topk_index)
+    np.testing.assert_array_equal(a.topk_weight, b.topk_weight)

@@ -25,7 +25,8 @@ from absl import flags
 from rhead_jax import cli, presets, sharding
 from rhead_jax.dryrun import devices as dev
 from rhead_jax.dryrun.memory import Plan
-from rhead_jax.dryrun.planner import find_smallest_slice, model_config_for, paper_context, plan
+from rhead_jax.dryrun.planner import (find_smallest_slice, grid_programs_line, model_config_for, paper_context,
+                                      plan)
 from rhead_jax.dryrun.topology import EXAMPLES, FAMILIES, GiB, family_slices, parse_topology
 from rhead_jax.errors import UserError
 from rhead_jax.models.config import ModelConfig
@@ -108,6 +109,7 @@ def sweep_cli(config, *, topology: str | None, context_len: int | None = None, c
     p = sweep_dry_run(config, topology=topology, context_len=context_len, config_path=config_path, mesh=mesh,
                       backend=backend)
     print(p.table(), flush=True)
+    print(grid_programs_line(config), flush=True)
     return 0
 
 

@@ -108,8 +108,10 @@ def plan(cfg: ModelConfig, topology: Topology | str, *, context_len: int, batch_
                             f"give a mesh of {topo.chips} devices")
     data = sizes["data"]
     batch = padded_batch(batch_size, data)
+    # the TPU program's cache writes, whichever compiler stands in (the engine on TPUs picks the same)
     spec = GenerateSpec(max_new_tokens=max_new_tokens, stop_tokens=(2,), top_k=1, mask_mode="zero",
-                        prefill_chunk=prefill_chunk, attn=AttentionOptions(q_chunk=q_chunk, k_chunk=k_chunk))
+                        prefill_chunk=prefill_chunk,
+                        attn=AttentionOptions(q_chunk=q_chunk, k_chunk=k_chunk, cache_writes="tpu"))
     P = -(-context_len // pad_multiple) * pad_multiple
     # the widest prefill call: a row that shares no prefix prefills its whole prompt but the last token
     width = max(prefill_pieces(max(context_len - 1, 1), prefill_widths(prefill_chunk)))
@@ -252,3 +254,24 @@ def paper_context(config, cfg: ModelConfig) -> tuple[int, list[int]]:
     lengths = sorted(int(x) for x in config.sweep.lengths)
     ok = [x for x in lengths if x <= limit]
     return (max(ok) if ok else max(lengths)), [x for x in lengths if x > limit]
+
+
+def grid_programs(config) -> dict[str, Any]:
+    """The XLA programs a sweep of config's grid needs, at most (the engine's bound): per context
+    length, one cache set-up, the prefill call widths, one decode loop and one copy-count scoring;
+    plus the shared prefix's prefill once. Depths and needles add none (lengths whose batches have
+    the same cache size even share theirs)."""
+    s = config.sweep
+    widths = prefill_widths(s.prefill_chunk)
+    lengths, depths = sorted(set(s.lengths)), sorted(set(s.depths))
+    per_length = 1 + len(widths) + 1 + 1
+    return {"lengths": len(lengths), "depths": len(depths), "widths": list(widths), "per_length": per_length,
+            "bound": len(lengths) * per_length + 1, "batches_of_one_cell": len(lengths) * len(depths)}
+
+
+def grid_programs_line(config) -> str:
+    g = grid_programs(config)
+    return (f"XLA programs for the whole grid: at most {g['bound']} ({g['lengths']} lengths x (1 cache set-up + "
+            f"{len(g['widths'])} prefill widths {'/'.join(map(str, g['widths']))} + 1 decode loop + 1 scoring) + the "
+            f"shared prefix), whatever the {g['depths']} depths and the needles; a program per (length, depth) "
+            f"batch would be {g['batches_of_one_cell']} or more")

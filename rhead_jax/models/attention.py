@@ -30,10 +30,22 @@ class AttentionOptions:
     """Static knobs of the attention kernel.
 
     q_chunk / k_chunk: tile sizes of the chunked path (multiples of 8 are friendliest to TPUs).
+    cache_writes: how new keys and values go into the cache (decoder.write_rows; same values either
+      way): "scatter" (XLA:CPU and GPU update the cache in place) or "tpu" (forms that XLA:TPU
+      updates without copying the cache). The engine picks it from its devices' platform.
     """
 
     q_chunk: int = 512
     k_chunk: int = 512
+    cache_writes: str = "scatter"
+
+
+CACHE_WRITES = ("scatter", "tpu")
+
+
+def cache_writes_for(platform: str) -> str:
+    """The `cache_writes` of a platform ("tpu" for TPUs, "scatter" elsewhere)."""
+    return "tpu" if platform == "tpu" else "scatter"
 
 
 def _visible(q_pos, k_pos, window):

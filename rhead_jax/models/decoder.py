@@ -91,7 +91,7 @@ def init_cache(cfg: ModelConfig, batch: int, size: int, *, dtype=None) -> KVCach
                    pos=jnp.full((batch, size), -1, jnp.int32), length=jnp.zeros((batch,), jnp.int32))
 
 
-def write_rows(buf, new, i, slots):
+def write_rows(buf, new, i, slots, mode: str = "tpu"):
     """buf [L, B, K, S, D] with new [B, T, K, D] written at buf[i, b, :, slots[b] + t, :]; tokens
     that would land past the last slot are dropped (as a scatter with mode="drop" drops them).
 
@@ -110,6 +110,8 @@ def write_rows(buf, new, i, slots):
       otherwise (a row block over 2+ data shards, one row per device): the scatter, partitioned
         row-wise (what it may copy is that device's row of the block).
     Bit-identical to the scatter (tests/test_models.py::test_write_rows_is_the_dropping_scatter).
+    mode "scatter" uses the scatter for everything: XLA:CPU updates it in place, and a decode step
+    is 20% faster than with the select (SmolLM2, batch 3, 2048 slots: 108 vs 135 ms).
     """
     B, T = new.shape[:2]
     S = buf.shape[3]
@@ -119,7 +121,7 @@ def write_rows(buf, new, i, slots):
         at = slots[:, None] + jnp.arange(T)[None]
         return buf.at[i, jnp.arange(B)[:, None], :, at].set(new.swapaxes(1, 2), mode="drop")
 
-    if T > S:  # more tokens than slots (tiny caches)
+    if mode == "scatter" or T > S:  # CPU / GPU; or more tokens than slots (tiny caches)
         return scatter()
     if T == 1:  # a decode step: select the slot (elementwise; keeps the cache's layout on TPU)
         hit = (jnp.arange(S)[None, :] == slots[:, None])[:, None, :, None]      # [B, 1, S, 1]
@@ -295,8 +297,8 @@ def forward(params: Params, cfg: ModelConfig, tokens, positions, cache: KVCache 
             q, k = rms_norm(q, lp["q_norm"], c.rms_norm_eps), rms_norm(k, lp["k_norm"], c.rms_norm_eps)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         # write just the new rows into the carried cache (in place inside loops)
-        k_all = write_rows(k_all, k, i, slots)
-        v_all = write_rows(v_all, v, i, slots)
+        k_all = write_rows(k_all, k, i, slots, attn.cache_writes)
+        v_all = write_rows(v_all, v, i, slots, attn.cache_writes)
         kc, vc = k_all[i], v_all[i]
         q = q.reshape(B, T, K, G, D)
         hm_kg = hm_l.reshape(K, G)
