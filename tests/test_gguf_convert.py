@@ -18,8 +18,6 @@ from rhead_jax.checkpoints.gguf.convert import convert_gguf_to_hf, is_converted_
 from tests.helpers.tiny_gguf import (
     TINY,
     leftovers,
-    smollm_converted_dir,
-    smollm_gguf_or_skip,
     tiny_hf_weights,
     tiny_vocab,
     write_tiny_gguf,
@@ -173,16 +171,6 @@ def test_bad_dtype(tmp_path: Path) -> None:
 # --------------------------------------------------------------------------------------------------
 # Slow tests: the real SmolLM2-135M-Instruct GGUF
 # --------------------------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def smollm_gguf() -> Path:
-    return smollm_gguf_or_skip()
-
-
-@pytest.fixture(scope="module")
-def smollm_dir(smollm_gguf: Path, tmp_path_factory) -> Path:
-    return smollm_converted_dir(tmp_path_factory)
 
 
 @pytest.mark.slow

@@ -13,8 +13,6 @@ import pytest
 from rhead_jax.checkpoints.gguf.convert import convert_gguf_to_hf
 from rhead_jax.checkpoints.gguf.tokenizer import build_tokenizer
 from tests.helpers.tiny_gguf import (
-    smollm_converted_dir,
-    smollm_gguf_or_skip,
     tiny_hf_weights,
     tiny_vocab,
     write_tiny_gguf,
@@ -44,16 +42,6 @@ def test_unsupported_tokenizer_model(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match=r"tokenizer\.ggml\.model.*'llama'"):
         convert_gguf_to_hf(src, tmp_path / "out")
 
-
-
-@pytest.fixture(scope="module")
-def smollm_gguf() -> Path:
-    return smollm_gguf_or_skip()
-
-
-@pytest.fixture(scope="module")
-def smollm_dir(smollm_gguf: Path, tmp_path_factory) -> Path:
-    return smollm_converted_dir(tmp_path_factory)
 
 
 @pytest.mark.slow
