@@ -45,13 +45,14 @@ def main(argv):
     if FLAGS.seed is not None and FLAGS.seeds is not None:
         raise flags.Error("give --seed or --seeds, not both")
     seeds = [FLAGS.seed] if FLAGS.seed is not None else _ints(FLAGS.seeds, "seeds")
-    config = ablation.validate(ablation.with_overrides(
-        cli.get_config(), scores=FLAGS.scores, mask=FLAGS.mask, seeds=seeds,
-        sweep_k=_ints(FLAGS.sweep_k, "sweep_k"), task=FLAGS.task))
+    config = cli.get_config()
+    sweep_k = _ints(FLAGS.sweep_k, "sweep_k")
     cli.maybe_initialize_distributed()
     workdir = FLAGS.workdir or cli.default_workdir(config, "ablate")
     logging.info("workdir: %s", workdir)
-    ablation.run_ablation(config, workdir)
+    # run_ablation puts the flags into config.ablation and validates before it loads the model
+    ablation.run_ablation(config, workdir, scores=FLAGS.scores, mask=FLAGS.mask, seeds=seeds, sweep_k=sweep_k,
+                          task=FLAGS.task)
 
 
 if __name__ == "__main__":

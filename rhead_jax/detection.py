@@ -101,9 +101,6 @@ def run_sweep(config, workdir: str, *, model: LoadedModel | None = None) -> dict
     bs = config.sweep.batch_size
     batches = make_batches(instances, bs)
     store = engine.store(workdir, config_lib.sweep_json(config))
-    todo = sum(not store.done(b) for b in range(len(batches)))
-    logging.info("%s: %d instances in %d batches, %d to run (%d already done)", engine.name, len(instances),
-                 len(batches), todo, len(batches) - todo)
 
     def run_one(b: int) -> list[dict]:
         batch = [instances[i] for i in batches[b]]

@@ -42,7 +42,7 @@ from rhead_jax.compilation import COMPILES, count_compiles, enable_compile_cache
 from rhead_jax.errors import UserError
 from rhead_jax.models.attention import AttentionOptions, cache_writes_for
 from rhead_jax.models.decoder import KVCache
-from rhead_jax.models.generate import GenerateSpec, cache_size_for, prefill_pieces, prefill_widths
+from rhead_jax.models.generate import GenerateSpec, cache_size_for, pad_prompts, prefill_pieces, prefill_widths
 from rhead_jax.needle.prompts import Instance
 from rhead_jax.plan import plan_needles, stop_tokens
 from rhead_jax.runner import Runner
@@ -263,13 +263,8 @@ class Engine:
         real = len(rows)
         d = self.runner.data_size
         n_rows = round_up(max(batch_size or real, real), d)
-        rows = list(rows) + [rows[-1]] * (n_rows - real)
-        lens = np.array([len(r) for r in rows], np.int32)
-        P = round_up(int(lens.max()), self.config.sweep.pad_multiple)
-        prompts = np.zeros((n_rows, P), np.int32)
-        for b, r in enumerate(rows):
-            prompts[b, :lens[b]] = r
-        size = cache_size_for(P, spec)
+        prompts, lens = pad_prompts(list(rows) + [rows[-1]] * (n_rows - real), self.config.sweep.pad_multiple)
+        size = cache_size_for(prompts.shape[1], spec)
         if shared is not None:
             keys = list(keys) + [keys[-1]] * (n_rows - real)
             starts = np.array([shared.lengths[k] for k in keys], np.int32)
@@ -301,15 +296,15 @@ class Engine:
         first = prompts[np.arange(n_rows), lens - 1]
         gen = self.runner.decode(first, lens, cache, spec, decode_mask=decode_mask)
         cap = spec.top_k > 0
-        # outputs are replicated (readable on every host)
+        n_tok = np.asarray(gen.num_tokens)  # outputs are replicated (readable on every host)
         out = BatchOutput(prompts=prompts[:real], starts=starts[:real], tokens=np.asarray(gen.tokens)[:real],
-                          num_tokens=np.asarray(gen.num_tokens)[:real],
+                          num_tokens=n_tok[:real],
                           topk_index=np.asarray(gen.topk_index)[:real] if cap else None,
                           topk_weight=np.asarray(gen.topk_weight)[:real] if cap else None)
         self.timings["prefill_s"] += t1 - t0
         self.timings["decode_s"] += time.time() - t1
-        self.timings["decode_steps"] += int(np.asarray(gen.num_tokens).max())
-        self.timings["decode_row_steps"] += n_rows * int(np.asarray(gen.num_tokens).max())
+        self.timings["decode_steps"] += int(n_tok.max())
+        self.timings["decode_row_steps"] += n_rows * int(n_tok.max())
         return out
 
     def decode(self, ids: Sequence[int]) -> str:
@@ -328,6 +323,8 @@ class Engine:
         hosts need no shared disk."""
         barrier(f"{desc}_start")
         todo = [b for b in range(len(sizes)) if not store.done(b)]
+        logging.info("%s: %d tests in %d batches, %d to run (%d already done)", desc, sum(sizes), len(sizes),
+                     len(todo), len(sizes) - len(todo))
         own_bar = bar is None
         if own_bar:
             bar = tqdm(total=sum(sizes), initial=sum(sizes) - sum(sizes[b] for b in todo), desc=desc, unit="test")
