@@ -11,7 +11,9 @@ Two execution paths, one semantics:
   of O(T * S), visiting only the key chunks that the causal (and sliding-window) mask can reach.
 
 Masking is by positions: key slot s is visible to a query at position p iff
-`0 <= k_pos[s] <= p` and `p - k_pos[s] < window`. Empty or padded slots hold position -1.
+`0 <= k_pos[s] <= p` and (`p - k_pos[s] < window` or `k_pos[s] < sink`). Empty or padded slots
+hold position -1. `sink` (0 by default) keeps the first positions visible past the window: a
+streaming head (StreamingLLM, DuoAttention) is window = recent, sink = sink.
 """
 from __future__ import annotations
 
@@ -48,10 +50,13 @@ def cache_writes_for(platform: str) -> str:
     return "tpu" if platform == "tpu" else "scatter"
 
 
-def _visible(q_pos, k_pos, window):
-    """[B, Tq, Sk] bool visibility from positions [B, Tq] and [B, Sk]."""
+def visible(q_pos, k_pos, window, sink=0):
+    """[B, Tq, Sk] bool visibility from positions [B, Tq] and [B, Sk] (see the module docstring)."""
     qp, kp = q_pos[:, :, None], k_pos[:, None, :]
-    return (kp >= 0) & (kp <= qp) & (qp - kp < window)
+    near = qp - kp < window
+    if not (isinstance(sink, int) and sink == 0):
+        near = near | (kp < sink)
+    return (kp >= 0) & (kp <= qp) & near
 
 
 def _scores(q, k, scale, score_scale):
@@ -63,21 +68,22 @@ def _scores(q, k, scale, score_scale):
     return s
 
 
-def dense_attention(q, k, v, q_pos, k_pos, *, window, scale, score_scale=None):
+def dense_attention(q, k, v, q_pos, k_pos, *, window, scale, score_scale=None, sink=0):
     """Returns (out [B, T, K, G, D] in v.dtype, probs [B, K, G, T, S] fp32)."""
     s = _scores(q, k, scale, score_scale)
-    s = jnp.where(_visible(q_pos, k_pos, window)[:, None, None], s, NEG_INF)
+    s = jnp.where(visible(q_pos, k_pos, window, sink)[:, None, None], s, NEG_INF)
     p = jax.nn.softmax(s, axis=-1)
     out = jnp.einsum("bkgts,bksd->btkgd", p.astype(v.dtype), v)
     return out, p
 
 
 def chunked_attention(q, k, v, q_pos, k_pos, q_slot0, *, window, scale, score_scale=None,
-                      opts: AttentionOptions = AttentionOptions()):
+                      opts: AttentionOptions = AttentionOptions(), sink=0):
     """Flash-style attention. q_slot0 [B]: cache slot of each row's first query.
 
     Slots and positions are assumed to advance together within a row (true for every cache this
-    package builds), which lets the loop skip key chunks the mask hides entirely.
+    package builds), which lets the loop skip key chunks the mask hides entirely (with a sink, the
+    loop starts at the first chunk).
     """
     B, T, K, G, D = q.shape
     S = k.shape[2]
@@ -98,7 +104,7 @@ def chunked_attention(q, k, v, q_pos, k_pos, q_slot0, *, window, scale, score_sc
         first = slot_lo + i * cq                      # smallest query slot in this chunk
         last = slot_hi + (i + 1) * cq                 # one past the largest
         hi = jnp.minimum((last + ck - 1) // ck, S // ck)
-        lo = jnp.maximum((first - window + 1) // ck, 0)
+        lo = jnp.maximum((first - window + 1) // ck, 0) if isinstance(sink, int) and sink == 0 else 0
 
         def body(j, carry):
             m, l, acc = carry
@@ -106,7 +112,7 @@ def chunked_attention(q, k, v, q_pos, k_pos, q_slot0, *, window, scale, score_sc
             vc = lax.dynamic_slice_in_dim(v, j * ck, ck, axis=2)
             kpc = lax.dynamic_slice_in_dim(k_pos, j * ck, ck, axis=1)
             s = _scores(qc, kc, scale, score_scale)
-            s = jnp.where(_visible(qpc, kpc, window)[:, None, None], s, NEG_INF)
+            s = jnp.where(visible(qpc, kpc, window, sink)[:, None, None], s, NEG_INF)
             m_new = jnp.maximum(m, s.max(-1))
             corr = jnp.exp(m - m_new)
             p = jnp.exp(s - m_new[..., None])

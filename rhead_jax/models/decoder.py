@@ -235,6 +235,50 @@ def _mlp(lp, h, cfg: ModelConfig):
     return jnp.einsum("bted,bte->btd", y.astype(jnp.float32), weights).astype(h.dtype)
 
 
+def embed(params: Params, cfg: ModelConfig, tokens):
+    """Token embeddings [B, T, d] in the model's dtype."""
+    return params["embed"][tokens].astype(jnp.dtype(cfg.dtype))
+
+
+def attention_inputs(lp, cfg: ModelConfig, x, cos, sin):
+    """One layer's (q [B, T, H, D], k [B, T, K, D], v [B, T, K, D]) from its input x [B, T, d], with
+    RoPE applied (lp: that layer's slice of params["layers"])."""
+    c = cfg
+    h = rms_norm(x, lp["attn_norm"], c.rms_norm_eps)
+    q = jnp.einsum("btd,dhk->bthk", h, lp["q"])
+    k = jnp.einsum("btd,dnk->btnk", h, lp["k"])
+    v = jnp.einsum("btd,dnk->btnk", h, lp["v"])
+    if c.qkv_bias:
+        q, k, v = q + lp["q_bias"], k + lp["k_bias"], v + lp["v_bias"]
+    if c.qk_norm:
+        q, k = rms_norm(q, lp["q_norm"], c.rms_norm_eps), rms_norm(k, lp["k_norm"], c.rms_norm_eps)
+    return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+
+
+def attention_output(lp, cfg: ModelConfig, x, out):
+    """The rest of the layer after attention: x + o_proj(out), then the MLP block.
+    out: attention output [B, T, K, G, D] (query head h = k * G + g)."""
+    c = cfg
+    K, G, D = c.num_kv_heads, c.group_size, c.head_dim
+    o = jnp.einsum("btkgd,kgdm->btm", out.astype(jnp.dtype(c.dtype)), lp["o"].reshape(K, G, D, -1))
+    if c.o_bias:
+        o = o + lp["o_bias"]
+    x = x + o
+    return x + _mlp(lp, rms_norm(x, lp["mlp_norm"], c.rms_norm_eps), c)
+
+
+def final_hidden(params: Params, cfg: ModelConfig, x):
+    """The final RMSNorm of the last layer's output (what the LM head reads)."""
+    return rms_norm(x, params["final_norm"], cfg.rms_norm_eps)
+
+
+def output_logits(params: Params, cfg: ModelConfig, x):
+    """fp32 logits [..., V] from the last layer's output x [..., d]."""
+    x = final_hidden(params, cfg, x)
+    head = params["embed"].T if cfg.tie_word_embeddings else params["lm_head"]
+    return jnp.einsum("...d,dv->...v", x, head, preferred_element_type=jnp.float32)
+
+
 def check_head_mask(cfg: ModelConfig, head_mask) -> None:
     expected = (cfg.num_layers, cfg.num_heads)
     if head_mask is not None and tuple(head_mask.shape) != expected:
@@ -269,7 +313,6 @@ def forward(params: Params, cfg: ModelConfig, tokens, positions, cache: KVCache 
     if cache is None:
         size = -(-T // min(attn.k_chunk, T)) * min(attn.k_chunk, T)
         cache = init_cache(c, B, size)
-    dt = jnp.dtype(c.dtype)
     K, G, D = c.num_kv_heads, c.group_size, c.head_dim
     scale = D ** -0.5
     slots = cache.length
@@ -287,15 +330,7 @@ def forward(params: Params, cfg: ModelConfig, tokens, positions, cache: KVCache 
     def layer(carry, xs):
         x, k_all, v_all = carry
         lp, window, hm_l, i = xs
-        h = rms_norm(x, lp["attn_norm"], c.rms_norm_eps)
-        q = jnp.einsum("btd,dhk->bthk", h, lp["q"])
-        k = jnp.einsum("btd,dnk->btnk", h, lp["k"])
-        v = jnp.einsum("btd,dnk->btnk", h, lp["v"])
-        if c.qkv_bias:
-            q, k, v = q + lp["q_bias"], k + lp["k_bias"], v + lp["v_bias"]
-        if c.qk_norm:
-            q, k = rms_norm(q, lp["q_norm"], c.rms_norm_eps), rms_norm(k, lp["k_norm"], c.rms_norm_eps)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q, k, v = attention_inputs(lp, c, x, cos, sin)
         # write just the new rows into the carried cache (in place inside loops)
         k_all = write_rows(k_all, k, i, slots, attn.cache_writes)
         v_all = write_rows(v_all, v, i, slots, attn.cache_writes)
@@ -325,14 +360,9 @@ def forward(params: Params, cfg: ModelConfig, tokens, positions, cache: KVCache 
             cap["topk_index"], cap["topk_weight"] = i_top.astype(jnp.int32), w_top
         if mask_mode == "zero":
             out = out * hm_kg[:, :, None].astype(out.dtype)
-        o = jnp.einsum("btkgd,kgdm->btm", out.astype(dt), lp["o"].reshape(K, G, D, -1))
-        if c.o_bias:
-            o = o + lp["o_bias"]
-        x = x + o
-        x = x + _mlp(lp, rms_norm(x, lp["mlp_norm"], c.rms_norm_eps), c)
-        return (x, k_all, v_all), cap
+        return (attention_output(lp, c, x, out), k_all, v_all), cap
 
-    x = params["embed"][tokens].astype(dt)
+    x = embed(params, c, tokens)
     xs = (params["layers"], windows, hm, jnp.arange(c.num_layers))
     (x, k_all, v_all), caps = lax.scan(layer, (x, cache.k, cache.v), xs)
     new_cache = KVCache(k=k_all, v=v_all, pos=new_pos, length=cache.length + n_valid)
@@ -345,7 +375,4 @@ def forward(params: Params, cfg: ModelConfig, tokens, positions, cache: KVCache 
         x = jnp.take_along_axis(x, last_idx[:, None, None], axis=1)[:, 0]
     elif logits != "all":
         raise ValueError(f"logits must be 'all', 'last' or 'none', got {logits!r}")
-    x = rms_norm(x, params["final_norm"], c.rms_norm_eps)
-    head = params["embed"].T if c.tie_word_embeddings else params["lm_head"]
-    out = jnp.einsum("...d,dv->...v", x, head, preferred_element_type=jnp.float32)
-    return out, new_cache, captures
+    return output_logits(params, c, x), new_cache, captures
