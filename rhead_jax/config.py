@@ -50,6 +50,8 @@ def default_config() -> ml_collections.ConfigDict:
         q_chunk=512,                 # attention query tile
         k_chunk=512,                 # attention key tile (cache sizes are multiples of it)
         pad_multiple=64,             # prompt / prefill widths rounded up to this: fewer recompiles
+        extra_scores=(),             # more detectors from the same pass, each written to
+                                     # head_scores_<name>.json: "mass", "query" (rhead_jax.detection)
     ))
     c.mesh = ml_collections.ConfigDict(dict(
         data=1,                      # devices along the instance (batch) axis; -1 = the rest
@@ -71,6 +73,31 @@ def default_config() -> ml_collections.ConfigDict:
         extraction_ngram=5,  # taxonomy: this many consecutive response words found in the haystack
         qa_max_new_tokens=32,    # decode cap for qa: tasks (stops at a newline or EOS)
         cot_max_new_tokens=256,  # decode cap for cot: tasks (stops at EOS only)
+    ))
+    c.detectors = ml_collections.ConfigDict(dict(  # rhead_jax.detectors: scores on repeated random tokens
+        length=2500,         # random tokens per repeat (RazorAttention's 2,500 x 4 for large models)
+        repeats=4,           # the sequence is BOS + the same random tokens `repeats` times
+        samples=2,           # random sequences averaged (one prefill each, batched)
+        seed=0,
+    ))
+    c.gates = ml_collections.ConfigDict(dict(  # rhead_jax.gates: DuoAttention-style per-KV-head gates
+        steps=2000,          # optimizer steps (batch 1), AdamW
+        lr=0.02,
+        l1=0.05,             # weight of the L1 penalty on the gates
+        min_length=1000,     # context lengths of the synthetic prompts, spread over the steps
+        max_length=32000,
+        passkeys=10,         # passkeys per prompt, at depths spread over 5%-95%
+        passkey_words=32,    # words per passkey
+        sink=128,            # streaming heads' attention sink (tokens) in training
+        recent=256,          # and their recent window
+        checkpoint_every=50, # orbax checkpoint of gates + optimizer state every this many steps
+        seed=0,
+    ))
+    c.mixedkv = ml_collections.ConfigDict(dict(  # rhead_jax.mixedkv: full heads + streaming heads
+        sink=64,             # deployment sink / recent of the streaming heads (DuoAttention's 64 / 256)
+        recent=256,
+        full_fraction=(0.1, 0.25, 0.5),  # fractions of KV heads kept full
+        seeds=(0, 1, 2),     # random choices of the full heads: one per seed
     ))
     return c
 
