@@ -22,6 +22,7 @@ RETRIEVAL_THRESHOLD = 0.1   # a head whose mean score exceeds this is a retrieva
 MASK_MODES = ("zero", "uniform")
 MASK_PHASES = ("all", "decode")
 DTYPES = ("float32", "bfloat16")
+EXTRA_SCORES = ("mass", "query")   # config.sweep.extra_scores (rhead_jax.detection)
 # the sections a detection sweep's results depend on: pinned in its workdir (sweep_config.json)
 SWEEP_SECTIONS = ("haystack", "mesh", "model", "needles", "sweep")
 
@@ -155,6 +156,10 @@ def validate(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     for k in ("max_new_tokens", "batch_size", "prefill_chunk", "q_chunk", "k_chunk", "pad_multiple"):
         if not isinstance(s[k], int) or s[k] < 1:
             raise UserError(f"config.sweep.{k} must be an integer >= 1, got {s[k]!r}")
+    extra = list(s.extra_scores)
+    if any(e not in EXTRA_SCORES for e in extra) or len(set(extra)) != len(extra):
+        raise UserError(f"config.sweep.extra_scores must list distinct names out of {EXTRA_SCORES}, got {extra}; "
+                        "e.g. --config.sweep.extra_scores='(\"mass\",\"query\")'")
     if c.model.dtype not in DTYPES:
         raise UserError(f"config.model.dtype must be float32 or bfloat16, got {c.model.dtype!r}")
     if c.mask.mode not in MASK_MODES:
@@ -175,6 +180,10 @@ def validate(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
         raise UserError(f"config.ablation.extraction_ngram must be >= 2, got {a.extraction_ngram}")
     if a.qa_max_new_tokens < 1 or a.cot_max_new_tokens < 1:
         raise UserError("config.ablation.qa_max_new_tokens and cot_max_new_tokens must be >= 1")
+    d = c.detectors
+    for k, low in (("length", 2), ("repeats", 2), ("samples", 1), ("seed", 0)):
+        if not isinstance(d[k], int) or isinstance(d[k], bool) or d[k] < low:
+            raise UserError(f"config.detectors.{k} must be an integer >= {low}, got {d[k]!r}")
     return c
 
 

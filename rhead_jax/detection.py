@@ -3,6 +3,25 @@
 The sweep (rhead_jax.sweep) is a thin absl entry point over `run_sweep`; loading, batching, the
 shared-prefix prefill, generation with capture and the resumable result files are the engine's
 (rhead_jax.engine). This module scores what the engine generates and writes the original's files.
+
+Extra scores from the same pass (config.sweep.extra_scores), per test and head, each written as
+`head_scores_<name>.json` in the original format (the kept tests, by the same ROUGE gate):
+
+  mass   the mean, over the test's decode steps that produced a token (the steps the copy score
+         counts), of the attention that the head's newest query puts on the answer span
+         (Instance.span) at that step.
+  query  QRHead's query-focused score for NIAH: the mean, over the question's tokens
+         (Instance.question_span, all prefilled: they precede the last prompt token), of the
+         attention that the head puts, at that token's query during the prefill, on the needle's
+         tokens (Instance.needle_span: the tokens inserted into the context, at the context's
+         offset in the prompt + needle_pos). QRHead (Zhang et al., "Query-Focused Retrieval
+         Heads Improve Long-Context Reasoning and Re-ranking", EMNLP 2025,
+         github.com/princeton-pli/QRHead) SUMS, over the query's tokens, the attention on the
+         tokens of the GOLD document; we AVERAGE over the question's tokens (so the score is a
+         probability mass in [0, 1]) and take the needle sentence as the gold document.
+
+Both are reduced inside the attention kernels (rhead_jax.models.attention, "span" target): memory
+stays O(T); the copy score and head_scores.json are unchanged by them.
 """
 from __future__ import annotations
 
@@ -16,21 +35,46 @@ from absl import logging
 from rhead_jax import config as config_lib
 from rhead_jax import io, scoring
 from rhead_jax.checkpoints import LoadedModel
-from rhead_jax.engine import Engine, SharedPrefix, make_batches
+from rhead_jax.engine import EXTRA_SCORES, Engine, SharedPrefix, make_batches, question_start
+from rhead_jax.errors import UserError
+from rhead_jax.models.attention import mass_targets
 from rhead_jax.models.generate import GenerateSpec
 from rhead_jax.needle.prompts import Instance
 from rhead_jax.needle.rouge import keep_test, rouge1_recall
 
 
+def extra_targets(instances: Sequence[Instance], extra_scores: Sequence[str]) -> dict[str, Any]:
+    """Engine.generate's prefill_targets / decode_targets for the extra scores (module docstring)."""
+    B = len(instances)
+    out: dict[str, Any] = {}
+    if "mass" in extra_scores:
+        out["decode_targets"] = mass_targets(B, 1, span=[i.span for i in instances])
+    if "query" in extra_scores:
+        for inst in instances:
+            question_start(inst)
+            if inst.needle_span is None:
+                raise UserError(f"the needle's tokens of instance {inst.key} were not found in its prompt; drop "
+                                "\"query\" from config.sweep.extra_scores")
+            if inst.question_span[1] > inst.num_prompt_tokens - 1:
+                raise UserError(f"the question of instance {inst.key} reaches the last prompt token, which is "
+                                "decoded, not prefilled; drop \"query\" from config.sweep.extra_scores")
+        out["prefill_targets"] = mass_targets(B, 1, span=[i.needle_span for i in instances],
+                                              queries=[i.question_span for i in instances])
+    return out
+
+
 def score_batch(engine: Engine, instances: Sequence[Instance], spec: GenerateSpec, *,
                 batch_size: int | None = None, shared: SharedPrefix | None = None, prefill_mask=None,
-                decode_mask=None, keep_attention: bool = False) -> list[dict[str, Any]]:
+                decode_mask=None, keep_attention: bool = False,
+                extra_scores: Sequence[str] = ()) -> list[dict[str, Any]]:
     """Generate and score one batch of instances (all of one length); one dict per instance.
 
     keep_attention adds each test's captured top-1 slots and weights ([steps, L, H]) to its dict
-    (tests, notebooks)."""
+    (tests, notebooks). extra_scores (names of EXTRA_SCORES; `spec` must come from
+    `engine.spec(extra_scores=...)`) adds `extra_scores: {name: [L][H]}` to each dict."""
     out_b = engine.generate([i.prompt_ids for i in instances], spec, batch_size=batch_size, shared=shared,
-                            keys=[i.key for i in instances], prefill_mask=prefill_mask, decode_mask=decode_mask)
+                            keys=[i.key for i in instances], prefill_mask=prefill_mask, decode_mask=decode_mask,
+                            **extra_targets(instances, extra_scores))
     span = np.array([i.span for i in instances], np.int32)
     top, tokens = out_b.topk_index, out_b.tokens
     counts = np.asarray(scoring.copy_counts(top, tokens, out_b.prompts, span[:, 0], span[:, 1]))
@@ -49,6 +93,9 @@ def score_batch(engine: Engine, instances: Sequence[Instance], spec: GenerateSpe
             "copy_counts": counts[b].tolist(),
             "scores": [[scoring.original_float(int(c), span_len) for c in row] for row in counts[b]],
         })
+        if extra_scores:
+            out[-1]["extra_scores"] = {name: per_test_extra_score(name, out_b, b, inst).tolist()
+                                       for name in extra_scores}
         if keep_attention:
             n = out_b.num_tokens[b]
             out[-1]["top_slot"] = top[b, :n, ..., 0].tolist()
@@ -56,10 +103,23 @@ def score_batch(engine: Engine, instances: Sequence[Instance], spec: GenerateSpe
     return out
 
 
-def head_scores_from(results: Sequence[dict], num_layers: int, num_heads: int) -> dict[str, list]:
-    """The original's output: `{"L-H": [score of each KEPT test, grid order]}`."""
+def per_test_extra_score(name: str, out_b, b: int, inst: Instance) -> np.ndarray:
+    """[L, H] float64 extra score `name` of row b of a BatchOutput (module docstring)."""
+    if name == "mass":
+        return out_b.decode_mass[b, :, :, 0] / int(out_b.num_tokens[b])
+    if name == "query":
+        q0, q1 = inst.question_span
+        return out_b.prefill_mass[b, :, :, 0] / (q1 - q0)
+    raise ValueError(f"unknown extra score {name!r}; known: {sorted(EXTRA_SCORES)}")
+
+
+def head_scores_from(results: Sequence[dict], num_layers: int, num_heads: int, *,
+                     score: str | None = None) -> dict[str, list]:
+    """The original's output: `{"L-H": [score of each KEPT test, grid order]}` of the copy score,
+    or of the extra score `score` (results' "extra_scores")."""
     kept = [r for r in results if r["kept"]]
-    return {f"{l}-{h}": [r["scores"][l][h] for r in kept] for l in range(num_layers) for h in range(num_heads)}
+    rows = [r["scores"] if score is None else r["extra_scores"][score] for r in kept]
+    return {f"{l}-{h}": [s[l][h] for s in rows] for l in range(num_layers) for h in range(num_heads)}
 
 
 def summarize(results: Sequence[dict], head_scores: dict[str, list], *, top: int = 20) -> dict:
@@ -83,6 +143,9 @@ def format_summary(name: str, summary: dict, results: Sequence[dict]) -> str:
              f"heads with mean score > 0.1: {summary['retrieval_heads']} of {summary['heads']} "
              f"({100 * summary['retrieval_head_share']:.1f}%)",
              "top heads (layer-head: mean score): " + ", ".join(f"{k}: {v:.3f}" for k, v in summary["top_heads"])]
+    for name, extra in summary.get("extra_scores", {}).items():
+        lines.append(f"top heads by {name} (head_scores_{name}.json): "
+                     + ", ".join(f"{k}: {v:.3f}" for k, v in extra["top_heads"]))
     lines.append("per test: " + ", ".join(f"{r['key']}={r['rouge1_recall']:.2f}{'' if r['kept'] else '(dropped)'}"
                                           for r in results))
     return "\n".join(lines)
@@ -97,22 +160,32 @@ def run_sweep(config, workdir: str, *, model: LoadedModel | None = None) -> dict
     t0 = time.time()
     engine = Engine(config, model)
     instances = engine.plan_needles()
-    spec = engine.spec(capture=True)
+    extra = tuple(config.sweep.extra_scores)
+    spec = engine.spec(capture=True, extra_scores=extra)
     bs = config.sweep.batch_size
     batches = make_batches(instances, bs)
     store = engine.store(workdir, config_lib.sweep_json(config))
 
     def run_one(b: int) -> list[dict]:
         batch = [instances[i] for i in batches[b]]
-        return score_batch(engine, batch, spec, batch_size=bs, shared=engine.shared_prefix(instances, spec))
+        return score_batch(engine, batch, spec, batch_size=bs, shared=engine.shared_prefix(instances, spec),
+                           extra_scores=extra)
 
     per_batch = engine.run_batches(store, [len(b) for b in batches], run_one, desc=f"sweep {engine.name}")
     results = [r for rs in per_batch for r in rs]
     hs = head_scores_from(results, engine.cfg.num_layers, engine.cfg.num_heads)
     summary = summarize(results, hs)
+    extra_hs = {name: head_scores_from(results, engine.cfg.num_layers, engine.cfg.num_heads, score=name)
+                for name in extra}
+    if extra:
+        summary["extra_scores"] = {name: {"file": f"head_scores_{name}.json",
+                                          "top_heads": [[k, round(v, 4)] for k, v in scoring.top_heads(e, 20)]}
+                                   for name, e in extra_hs.items()}
     if engine.is_writer:
         root = io.as_path(workdir)
         io.atomic_write_json(root / "head_scores.json", hs)
+        for name, e in extra_hs.items():
+            io.atomic_write_json(root / f"head_scores_{name}.json", e)
         io.atomic_write_text(root / "results.jsonl", "".join(json.dumps(r) + "\n" for r in results))
         io.atomic_write_json(root / "summary.json", {"model": engine.name, **summary}, indent=1)
     print(format_summary(engine.name, summary, results), flush=True)

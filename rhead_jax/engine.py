@@ -7,7 +7,8 @@ of prompts generated with (prefill mask, decode mask, capture spec), results wri
     spec = engine.spec(capture=True)                # GenerateSpec from config.sweep (+ mask mode)
     shared = engine.shared_prefix(instances, spec)  # the common haystack prefix, prefilled once
     out = engine.generate([i.prompt_ids for i in batch], spec, batch_size=..., shared=shared,
-                          keys=[i.key for i in batch], prefill_mask=..., decode_mask=...)
+                          keys=[i.key for i in batch], prefill_mask=..., decode_mask=...,
+                          prefill_targets=..., decode_targets=...)   # the masses of spec, if any
     store = engine.store(workdir, pinned_json)      # per-batch files, resumable
     engine.run_batches(store, n, run_one, desc=...) # resume, progress, logs
 
@@ -20,6 +21,12 @@ that KV cache up to the longest prefix it shares with the reference, checked tok
 and prefills only the rest. Exact: a prefix token's keys and values depend only on the tokens
 before it. A masked prefill (ablation phase "all") needs its own prefix: the masked heads change
 the keys and values of later layers.
+
+Attention masses (`engine.spec(extra_scores=...)`, rhead_jax.detection's "mass" and "query"
+scores): the decode loop sums the newest query's mass on each row's decode targets over its live
+steps; the prefill calls sum the mass of each row's queries in its query range on its prefill
+targets, and the engine adds the calls up. Those queries must be prefilled in the row's own calls,
+so with prefill masses each instance's shared prefix stops before its question (checked).
 
 Batches: a short batch is padded to `batch_size` rows (repeating its last row, results dropped)
 so every batch of a length shares one compiled program; the batch list is a function of the plan
@@ -40,15 +47,29 @@ from rhead_jax import io
 from rhead_jax.checkpoints import LoadedModel
 from rhead_jax.compilation import COMPILES, count_compiles, enable_compile_cache
 from rhead_jax.errors import UserError
-from rhead_jax.models.attention import AttentionOptions, cache_writes_for
+from rhead_jax.models.attention import AttentionOptions, MassTargets, cache_writes_for
 from rhead_jax.models.decoder import KVCache
 from rhead_jax.models.generate import GenerateSpec, cache_size_for, pad_prompts, prefill_pieces, prefill_widths
 from rhead_jax.needle.prompts import Instance
 from rhead_jax.plan import plan_needles, stop_tokens
 from rhead_jax.runner import Runner
 
-__all__ = ["BatchOutput", "Engine", "ResultStore", "SharedPrefix", "barrier", "common_prefix", "make_batches",
-           "mesh_from_config", "round_up", "stop_tokens"]
+__all__ = ["BatchOutput", "EXTRA_SCORES", "Engine", "ResultStore", "SharedPrefix", "barrier", "common_prefix",
+           "extra_score_masses", "make_batches", "mesh_from_config", "round_up", "stop_tokens"]
+
+# the extra scores of a needle sweep (config.sweep.extra_scores) -> the attention masses they need:
+# "mass": decode steps, keys of the answer span; "query": prefill, question queries on the needle's keys
+EXTRA_SCORES = {"mass": "decode", "query": "prefill"}
+
+
+def extra_score_masses(extra_scores) -> dict[str, tuple[str, ...]]:
+    """GenerateSpec fields (prefill_masses, decode_masses) of the extra scores: one "span" target each."""
+    unknown = [n for n in extra_scores if n not in EXTRA_SCORES]
+    if unknown:
+        raise UserError(f"unknown extra score(s) {unknown}; known: {sorted(EXTRA_SCORES)}")
+    phases = {EXTRA_SCORES[n] for n in extra_scores}
+    return {"prefill_masses": ("span",) if "prefill" in phases else (),
+            "decode_masses": ("span",) if "decode" in phases else ()}
 
 
 def round_up(n: int, m: int) -> int:
@@ -70,6 +91,15 @@ def common_prefix(a: np.ndarray, b: np.ndarray) -> int:
     n = min(len(a), len(b))
     diff = np.nonzero(a[:n] != b[:n])[0]
     return int(diff[0]) if len(diff) else n
+
+
+def question_start(inst: Instance) -> int:
+    """The first prompt index of the instance's question (Instance.question_span); refused if unknown."""
+    if inst.question_span is None:
+        raise UserError(f"the question's tokens of instance {inst.key} were not found in its prompt (a tokenizer "
+                        "without offsets, or a template that rewrites the question); drop \"query\" from "
+                        "config.sweep.extra_scores")
+    return inst.question_span[0]
 
 
 def mesh_from_config(config):
@@ -106,7 +136,9 @@ class BatchOutput:
 
     prompts [B, P] (right-padded ids), starts [B] (tokens taken from the shared prefix),
     tokens [B, N] (-1 after a row stopped), num_tokens [B], topk_index / topk_weight
-    [B, N, L, H, k] or None (no capture)."""
+    [B, N, L, H, k] or None (no capture); prefill_mass / decode_mass [B, L, H, M] float64 or None:
+    spec.prefill_masses summed over the row's prefill calls, spec.decode_masses summed over its
+    live decode steps."""
 
     prompts: np.ndarray
     starts: np.ndarray
@@ -114,6 +146,8 @@ class BatchOutput:
     num_tokens: np.ndarray
     topk_index: np.ndarray | None
     topk_weight: np.ndarray | None
+    prefill_mass: np.ndarray | None = None
+    decode_mass: np.ndarray | None = None
 
     def generated(self, b: int) -> list[int]:
         return self.tokens[b, :self.num_tokens[b]].tolist()
@@ -193,9 +227,10 @@ class Engine:
         return plan_needles(self.config, self.tokenizer, self.cfg.max_position_embeddings)
 
     def spec(self, *, capture: bool, max_new_tokens: int | None = None,
-             stops: tuple[int, ...] | None = None) -> GenerateSpec:
+             stops: tuple[int, ...] | None = None, extra_scores: tuple[str, ...] = ()) -> GenerateSpec:
         """Generation settings from config.sweep and config.mask.mode. capture: the top-1 attended
-        slot of every head at every decode step (what the copy score needs); off otherwise."""
+        slot of every head at every decode step (what the copy score needs); off otherwise.
+        extra_scores: names of EXTRA_SCORES whose attention masses to reduce as well."""
         s = self.config.sweep
         if stops is None:
             stops = stop_tokens(self.tokenizer, faithful=s.faithful)
@@ -203,7 +238,8 @@ class Engine:
                             top_k=1 if capture else 0, mask_mode=self.config.mask.mode,
                             prefill_chunk=s.prefill_chunk,
                             attn=AttentionOptions(q_chunk=s.q_chunk, k_chunk=s.k_chunk,
-                                                  cache_writes=cache_writes_for(self.runner.platform)))
+                                                  cache_writes=cache_writes_for(self.runner.platform)),
+                            **extra_score_masses(extra_scores))
 
     # -- shared prefix -------------------------------------------------------------------------
 
@@ -212,14 +248,17 @@ class Engine:
         """The shared prefix of `instances` (None when config.sweep.share_prefix is off).
 
         `prefill_mask` [L, H] (None: unmasked) must be the PREFILL mask of the batches that use it.
-        The unmasked prefix is kept; of masked ones only the latest (`label`) stays alive."""
+        The unmasked prefix is kept; of masked ones only the latest (`label`) stays alive. With
+        spec.prefill_masses (the question's queries) each instance's part stops before its question.
+        """
         if not self.config.sweep.share_prefix:
             return None
-        key = "unmasked" if prefill_mask is None else label
+        before_question = bool(spec.prefill_masses)
+        key = ("unmasked" if prefill_mask is None else label) + (" before questions" if before_question else "")
         if key in self._shared:
             return self._shared[key]
         if prefill_mask is not None:
-            for k in [k for k in self._shared if k != "unmasked"]:
+            for k in [k for k in self._shared if not k.startswith("unmasked")]:
                 del self._shared[k]
         t = time.time()
         pm = self.config.sweep.pad_multiple
@@ -230,6 +269,8 @@ class Engine:
         for inst in instances:
             ids = np.asarray(inst.prompt_ids)
             lengths[inst.key] = min(common_prefix(ids, ref_ids), len(ids) - 1)
+            if before_question:
+                lengths[inst.key] = min(lengths[inst.key], question_start(inst))
         n = max(lengths.values())
         cache = self.runner.init_cache(1, size)
         if n > 0:
@@ -252,9 +293,12 @@ class Engine:
 
     def generate(self, rows: Sequence[Sequence[int]], spec: GenerateSpec, *, batch_size: int | None = None,
                  shared: SharedPrefix | None = None, keys: Sequence[str] | None = None,
-                 prefill_mask=None, decode_mask=None) -> BatchOutput:
+                 prefill_mask=None, decode_mask=None, prefill_targets: MassTargets | None = None,
+                 decode_targets: MassTargets | None = None) -> BatchOutput:
         """Greedy generation for one batch of prompts (token id lists) with optional shared prefix
         (`keys` name each row's instance in it) and head masks; only the real rows come back.
+        prefill_targets / decode_targets: host MassTargets (one row per prompt) of spec.prefill_masses /
+        spec.decode_masses (models.attention.mass_targets builds them).
 
         Each row is prefilled on its own, from the end of its shared prefix to its last prompt
         token but one, in calls of the widths `prefill_widths(spec.prefill_chunk)`; then all rows
@@ -272,6 +316,21 @@ class Engine:
         else:
             starts = np.zeros(n_rows, np.int32)
             cache = self.runner.init_cache(n_rows, size)
+        pad_rows = lambda t: jax.tree.map(lambda x: np.concatenate([x, np.repeat(x[-1:], n_rows - real, 0)]), t)  # noqa: E731
+        if spec.prefill_masses:
+            if prefill_targets is None:
+                raise ValueError(f"spec.prefill_masses={spec.prefill_masses} needs prefill_targets")
+            prefill_targets = pad_rows(prefill_targets)
+            first_query = prefill_targets.queries[:, :, 0].min(1)
+            if (starts > first_query).any():
+                raise ValueError("queries whose attention mass is summed lie in the shared prefix "
+                                 f"(starts {starts.tolist()}, first queries {first_query.tolist()}); build the "
+                                 "shared prefix with this spec (Engine.shared_prefix stops it before the question)")
+            calls = []                                     # (rows of the block, mass [L, d, H, M])
+        if spec.decode_masses:
+            if decode_targets is None:
+                raise ValueError(f"spec.decode_masses={spec.decode_masses} needs decode_targets")
+            decode_targets = pad_rows(decode_targets)
         t0 = time.time()
         widths = prefill_widths(spec.prefill_chunk)
         n_blocks = n_rows // d
@@ -289,18 +348,33 @@ class Engine:
                     if hi > lo:
                         toks[i, :hi - lo] = prompts[b, lo:hi]
                         pos[i, :hi - lo] = np.arange(lo, hi)
-                cache = self.runner.prefill_block(cache, j, toks, pos, spec, head_mask=prefill_mask)
+                if spec.prefill_masses:
+                    block_targets = jax.tree.map(lambda x: x[members], prefill_targets)
+                    cache, mass = self.runner.prefill_block(cache, j, toks, pos, spec, head_mask=prefill_mask,
+                                                            targets=block_targets)
+                    calls.append((members, mass))
+                else:
+                    cache = self.runner.prefill_block(cache, j, toks, pos, spec, head_mask=prefill_mask)
                 done += w
         jax.block_until_ready(cache.k)
         t1 = time.time()
         first = prompts[np.arange(n_rows), lens - 1]
-        gen = self.runner.decode(first, lens, cache, spec, decode_mask=decode_mask)
+        gen = self.runner.decode(first, lens, cache, spec, decode_mask=decode_mask, targets=decode_targets)
         cap = spec.top_k > 0
         n_tok = np.asarray(gen.num_tokens)  # outputs are replicated (readable on every host)
+        prefill_mass = None
+        if spec.prefill_masses:   # the calls' masses, [L, d, H, M] each, added up per row on the host
+            L, H = self.cfg.num_layers, self.cfg.num_heads
+            prefill_mass = np.zeros((n_rows, L, H, len(spec.prefill_masses)), np.float64)
+            for members, mass in calls:
+                prefill_mass[members] += np.asarray(mass, np.float64).swapaxes(0, 1)
+            prefill_mass = prefill_mass[:real]
         out = BatchOutput(prompts=prompts[:real], starts=starts[:real], tokens=np.asarray(gen.tokens)[:real],
                           num_tokens=n_tok[:real],
                           topk_index=np.asarray(gen.topk_index)[:real] if cap else None,
-                          topk_weight=np.asarray(gen.topk_weight)[:real] if cap else None)
+                          topk_weight=np.asarray(gen.topk_weight)[:real] if cap else None,
+                          prefill_mass=prefill_mass,
+                          decode_mass=np.asarray(gen.mass, np.float64)[:real] if spec.decode_masses else None)
         self.timings["prefill_s"] += t1 - t0
         self.timings["decode_s"] += time.time() - t1
         self.timings["decode_steps"] += int(n_tok.max())

@@ -3,7 +3,12 @@
 `Runner(cfg, params)` runs on the default device. `Runner(cfg, params, mesh)` compiles the same
 programs with `jax.jit` in/out shardings (what `pjit` became): params by the logical-axis rules,
 batches and KV caches along "data", heads along "model", experts along "expert"; the small
-outputs (tokens, captured slots) come back replicated so every process can read them.
+outputs (tokens, captured slots, attention masses) come back replicated so every process can
+read them.
+
+Attention masses (GenerateSpec.prefill_masses / decode_masses) add one argument to the programs
+that reduce them, the rows' MassTargets (sharded like the rows), and one output, the masses
+(replicated); a spec without masses compiles the programs it compiled before.
 """
 from __future__ import annotations
 
@@ -14,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from rhead_jax import sharding as shd
+from rhead_jax.models.attention import MassTargets
 from rhead_jax.models.config import ModelConfig
 from rhead_jax.models.decoder import KVCache, init_cache
 from rhead_jax.models.generate import Generation, GenerateSpec, decode_impl, prefill, prefill_block_impl
@@ -32,6 +38,21 @@ def _rows(cache: KVCache, starts, size: int) -> KVCache:
 
 def _rep_fn(shape, mesh):
     return shd.replicated(mesh)
+
+
+def _targets_sharding(mesh, rows: int) -> MassTargets:
+    """MassTargets of `rows` rows: every field split along "data" by its row axis."""
+    return MassTargets(span=shd.batch_sharding((rows, 2), mesh), queries=shd.batch_sharding((rows, 1, 2), mesh),
+                       period=shd.batch_sharding((rows,), mesh), start=shd.batch_sharding((rows,), mesh))
+
+
+def _masses_of(params, tokens, positions, targets, *, cfg: ModelConfig, spec: GenerateSpec, size: int):
+    """mass [L, B, H, M] of spec.prefill_masses over tokens [B, T]: a fresh cache of `size` slots,
+    the tokens prefilled in calls of spec.prefill_chunk, the cache dropped."""
+    cache = init_cache(cfg, tokens.shape[0], size)
+    _, mass = prefill(params, cfg, tokens, positions, cache, chunk=spec.prefill_chunk, mask_mode=spec.mask_mode,
+                      attn=spec.attn, masses=spec.prefill_masses, targets=targets)
+    return mass
 
 
 class Runner:
@@ -96,9 +117,11 @@ class Runner:
         return self._jit(("rows", batch, size, prefix_size), make)
 
     def prefill_block_jit(self, batch: int, size: int, width: int, spec: GenerateSpec, mask: bool = False):
-        """(params, cache, block, tokens [d, width], positions [d, width], head_mask or None) -> cache:
-        one prefill call of row block `block` (models.generate.prefill_block_impl) on a [batch]-row
-        cache of `size` slots, d = the data axis. The cache is DONATED (updated in place)."""
+        """(params, cache, block, tokens [d, width], positions [d, width], head_mask or None[, targets])
+        -> cache: one prefill call of row block `block` (models.generate.prefill_block_impl) on a
+        [batch]-row cache of `size` slots, d = the data axis. The cache is DONATED (updated in place).
+        With spec.prefill_masses it takes the block's MassTargets (d rows) and returns (cache, mass
+        [L, d, H, M])."""
         d = self.data_size
 
         def make():
@@ -107,25 +130,46 @@ class Runner:
                 return jax.jit(step, donate_argnums=(1,))
             rep, csh = shd.replicated(self.mesh), self.cache_sharding(batch, size)
             tsh = shd.batch_sharding((d, width), self.mesh)
-            return jax.jit(step, in_shardings=(self.param_sh, csh, rep, tsh, tsh, rep if mask else None),
-                           out_shardings=csh, donate_argnums=(1,))
+            in_sh = (self.param_sh, csh, rep, tsh, tsh, rep if mask else None)
+            if spec.prefill_masses:
+                return jax.jit(step, in_shardings=in_sh + (_targets_sharding(self.mesh, d),),
+                               out_shardings=(csh, rep), donate_argnums=(1,))
+            return jax.jit(step, in_shardings=in_sh, out_shardings=csh, donate_argnums=(1,))
 
         return self._jit(("prefill_block", batch, size, width, spec, mask), make)
 
     def decode_jit(self, batch: int, size: int, spec: GenerateSpec, mask: bool = False):
-        """(params, first [batch], prompt_lens [batch], cache, decode_mask or None) -> (Generation, cache):
-        the greedy decode loop with capture (models.generate.decode_impl). The cache is DONATED;
-        the Generation comes back replicated (host-readable on every process)."""
+        """(params, first [batch], prompt_lens [batch], cache, decode_mask or None[, targets]) ->
+        (Generation, cache): the greedy decode loop with capture (models.generate.decode_impl), with
+        the rows' MassTargets when spec.decode_masses. The cache is DONATED; the Generation comes back
+        replicated (host-readable on every process)."""
         def make():
             step = partial(decode_impl, cfg=self.cfg, spec=spec)
             if self.mesh is None:
                 return jax.jit(step, donate_argnums=(3,))
             rep, csh = shd.replicated(self.mesh), self.cache_sharding(batch, size)
             lsh = shd.batch_sharding((batch,), self.mesh)
-            return jax.jit(step, in_shardings=(self.param_sh, lsh, lsh, csh, rep if mask else None),
+            in_sh = (self.param_sh, lsh, lsh, csh, rep if mask else None)
+            if spec.decode_masses:
+                in_sh += (_targets_sharding(self.mesh, batch),)
+            return jax.jit(step, in_shardings=in_sh,
                            out_shardings=(shd.generation_shardings(self.mesh), csh), donate_argnums=(3,))
 
         return self._jit(("decode", batch, size, spec, mask), make)
+
+    def masses_jit(self, batch: int, width: int, size: int, spec: GenerateSpec):
+        """(params, tokens [batch, width], positions [batch, width], targets) -> mass [L, batch, H, M]:
+        spec.prefill_masses of whole sequences prefilled into a fresh cache of `size` slots
+        (rhead_jax.detectors). Rows along "data"; the masses come back replicated."""
+        def make():
+            fn = partial(_masses_of, cfg=self.cfg, spec=spec, size=size)
+            if self.mesh is None:
+                return jax.jit(fn)
+            tsh = shd.batch_sharding((batch, width), self.mesh)
+            return jax.jit(fn, in_shardings=(self.param_sh, tsh, tsh, _targets_sharding(self.mesh, batch)),
+                           out_shardings=shd.replicated(self.mesh))
+
+        return self._jit(("masses", batch, width, size, spec), make)
 
     def init_cache(self, batch: int, size: int) -> KVCache:
         return self.init_cache_jit(batch, size)()
@@ -155,20 +199,37 @@ class Runner:
         fn = self.rows_jit(len(starts), size, cache1.size)
         return fn(cache1, self._put(starts, shd.batch_sharding))
 
+    def _put_targets(self, targets: MassTargets) -> MassTargets:
+        return jax.tree.map(lambda x: self._put(x, shd.batch_sharding), targets)
+
     def prefill_block(self, cache: KVCache, block: int, tokens: np.ndarray, positions: np.ndarray,
-                      spec: GenerateSpec, head_mask=None) -> KVCache:
+                      spec: GenerateSpec, head_mask=None, targets: MassTargets | None = None):
         """Append tokens [d, W] to the rows of row block `block` (one row per data shard, see
-        models.generate.take_row_block). The cache is donated: it is updated in place."""
+        models.generate.take_row_block). The cache is donated: it is updated in place. With
+        spec.prefill_masses (targets: the block's d rows) returns (cache, mass [L, d, H, M])."""
         fn = self.prefill_block_jit(cache.k.shape[1], cache.size, tokens.shape[1], spec, head_mask is not None)
         mask = None if head_mask is None else self._put(head_mask, _rep_fn)
-        return fn(self.params, cache, self._put(np.int32(block), _rep_fn), self._put(tokens, shd.batch_sharding),
-                  self._put(positions, shd.batch_sharding), mask)
+        args = (self.params, cache, self._put(np.int32(block), _rep_fn), self._put(tokens, shd.batch_sharding),
+                self._put(positions, shd.batch_sharding), mask)
+        if spec.prefill_masses:
+            args += (self._put_targets(targets),)
+        return fn(*args)
 
     def decode(self, first: np.ndarray, lens: np.ndarray, cache: KVCache, spec: GenerateSpec,
-               decode_mask=None) -> Generation:
+               decode_mask=None, targets: MassTargets | None = None) -> Generation:
         """The greedy decode loop with capture over a prefilled [B]-row cache (donated); returns
-        host-readable (replicated) outputs."""
+        host-readable (replicated) outputs. targets: the rows' MassTargets of spec.decode_masses."""
         fn = self.decode_jit(cache.k.shape[1], cache.size, spec, decode_mask is not None)
         dm = None if decode_mask is None else self._put(decode_mask, _rep_fn)
-        gen, _ = fn(self.params, self._put(first, shd.batch_sharding), self._put(lens, shd.batch_sharding), cache, dm)
+        args = (self.params, self._put(first, shd.batch_sharding), self._put(lens, shd.batch_sharding), cache, dm)
+        if spec.decode_masses:
+            args += (self._put_targets(targets),)
+        gen, _ = fn(*args)
         return gen
+
+    def masses(self, tokens: np.ndarray, positions: np.ndarray, targets: MassTargets, spec: GenerateSpec,
+               size: int) -> jax.Array:
+        """spec.prefill_masses of whole sequences tokens [B, T] (see masses_jit): [L, B, H, M]."""
+        fn = self.masses_jit(tokens.shape[0], tokens.shape[1], size, spec)
+        return fn(self.params, self._put(tokens, shd.batch_sharding), self._put(positions, shd.batch_sharding),
+                  self._put_targets(targets))

@@ -146,3 +146,11 @@ def test_ablate_bad_inputs(tiny_config, tmp_path):
     assert_user_error(run_cli("rhead_jax.ablate", "--config", tiny_config, "--workdir", wd, "--seeds", "a,b"),
                       "--seeds")
     assert_user_error(run_cli("rhead_jax.ablate", "--config", tiny_config, "--config.mask.bogus=1"), "mask.bogus")
+
+
+def test_detectors_bad_inputs(tiny_config, tmp_path):
+    assert_user_error(run_cli("rhead_jax.detectors", "--config", "smollm2_135m.py", "--config.detectors.repeats=1"),
+                      "config.detectors.repeats", ">= 2")
+    assert_user_error(run_cli("rhead_jax.detectors", "--config", tiny_config, "--workdir", tmp_path / "wd",
+                              "--config.detectors.length=300"), "1200 tokens", "512 positions", "config.detectors")
+    assert not (tmp_path / "wd").exists()

@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from rhead_jax import detection
@@ -156,3 +157,65 @@ def test_length_over_max_positions_fails_before_work(tiny_dir, model, tmp_path):
     with pytest.raises(ValueError, match="max_position_embeddings=1024"):
         detection.run_sweep(_config(tiny_dir, lengths=[300, 1020]), str(tmp_path), model=model)
     assert not (tmp_path / "batches").exists()
+
+
+def _dense_extra_scores(model, result) -> dict[str, np.ndarray]:
+    """The extra scores of one test from full attention probabilities (a plain forward over the prompt
+    and the generated tokens but the last: row P - 1 + i is the query of decode step i)."""
+    import jax.numpy as jnp
+
+    from rhead_jax.models.decoder import CaptureSpec, forward
+
+    prompt, gen = result["prompt_ids"], result["generated"]
+    seq = jnp.asarray([prompt + gen[:-1]], jnp.int32)
+    _, _, caps = forward(model.params, model.cfg, seq, jnp.arange(seq.shape[1])[None],
+                         capture=CaptureSpec(full_probs=True), logits="none")
+    p = np.asarray(caps.probs)[:, 0]                                        # [L, H, T, S]
+    P, (s0, s1), (n0, n1), (q0, q1) = len(prompt), result["span"], result["needle_span"], result["question_span"]
+    steps = p[:, :, P - 1:P - 1 + len(gen)]
+    return {"mass": steps[..., s0:s1].sum(-1).mean(-1), "query": p[:, :, q0:q1, n0:n1].sum(-1).mean(-1)}
+
+
+def test_extra_scores_match_full_probabilities_and_leave_the_copy_score(tiny_dir, model, reference_run, tmp_path):
+    """config.sweep.extra_scores: head_scores.json byte-identical; head_scores_mass/query.json in the
+    original format (kept tests); each test's scores equal the dense reference (shared prefix on: the
+    reference row's question is prefilled in its own calls)."""
+    from rhead_jax import rankings
+
+    ref_wd, _ = reference_run
+    wd = tmp_path / "extra"
+    summary = detection.run_sweep(_config(tiny_dir, extra_scores=("mass", "query")), str(wd), model=model)
+    assert _read(wd, "head_scores.json") == _read(ref_wd, "head_scores.json")
+    ours = [json.loads(x) for x in _read(wd, "results.jsonl").splitlines()]
+    ref = [json.loads(x) for x in _read(ref_wd, "results.jsonl").splitlines()]
+    for a, b in zip(ours, ref):
+        assert (a["generated"], a["copy_counts"], a["kept"]) == (b["generated"], b["copy_counts"], b["kept"])
+        assert a["shared_prefix_tokens"] <= b["shared_prefix_tokens"]
+    assert any(r["shared_prefix_tokens"] > 100 for r in ours)
+    # the shared prefix's reference instance: its question is no longer in the shared prefix
+    capped = [a for a, b in zip(ours, ref) if a["shared_prefix_tokens"] < b["shared_prefix_tokens"]]
+    assert len(capped) == 1
+    kept = [r for r in ours if r["kept"]]
+    L, H = model.cfg.num_layers, model.cfg.num_heads
+    for name in ("mass", "query"):
+        hs = json.loads(_read(wd, f"head_scores_{name}.json"))
+        assert hs == detection.head_scores_from(ours, L, H, score=name)
+        assert list(hs) == [f"{l}-{h}" for l in range(L) for h in range(H)]
+        assert hs["1-2"] == [r["extra_scores"][name][1][2] for r in kept]
+        assert summary["extra_scores"][name]["top_heads"][0][0] in hs
+        # the random model keeps no test: the round trip through a ranking, with every test kept
+        every = detection.head_scores_from([dict(r, kept=True) for r in ours], L, H, score=name)
+        assert every["1-2"] == [r["extra_scores"][name][1][2] for r in ours]
+        (tmp_path / f"{name}.json").write_text(json.dumps(every))
+        got = rankings.read_ranking(tmp_path / f"{name}.json").scores
+        np.testing.assert_allclose(got, np.mean([r["extra_scores"][name] for r in ours], axis=0), rtol=1e-12)
+    # the dense reference: the shared prefix's reference row, the first test and one more
+    plan = {i.key: i for i in detection.Engine(_config(tiny_dir), model).plan_needles()}
+    for res in (capped[0], ours[0], ours[10]):
+        inst = plan[res["key"]]
+        res = dict(res, prompt_ids=inst.prompt_ids.tolist(), needle_span=inst.needle_span,
+                   question_span=inst.question_span)
+        dense = _dense_extra_scores(model, res)
+        for name in ("mass", "query"):
+            np.testing.assert_allclose(np.array(res["extra_scores"][name]), dense[name], rtol=1e-4, atol=1e-5)
+        assert 0 < dense["query"].max() <= 1 and 0 < dense["mass"].max() <= 1

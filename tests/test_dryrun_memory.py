@@ -212,6 +212,27 @@ def test_plan_compiles_the_engines_programs_in_process():
     assert abs(plain.compiled["setup"]["output"] - a["kv_cache"]) < 4096
 
 
+def test_extra_scores_show_in_the_dry_run():
+    """config.sweep.extra_scores flows into the planned programs (the Runner's, with masses and their
+    targets): they compile, and their per-device temp and outputs are at least those without."""
+    from rhead_jax.dryrun.cli import step_settings, sweep_dry_run
+
+    cfg = ModelConfig.from_hf(presets.preset_hf_config("SmolLM2-135M-Instruct") | {"num_hidden_layers": 2},
+                              dtype="bfloat16")
+    c = default_config()
+    c.sweep.lengths, c.sweep.batch_size, c.sweep.max_new_tokens, c.sweep.prefill_chunk = (200,), 2, 8, 128
+    plans = {}
+    for extra in ((), ("mass", "query")):
+        c.sweep.extra_scores = extra
+        assert step_settings(c)["extra_scores"] == extra
+        plans[extra] = sweep_dry_run(c, topology="v5litepod-1", backend="cpu", model=(cfg, "tiny", "test"))
+    plain, extra = plans[()].compiled, plans[("mass", "query")].compiled
+    assert plans[("mass", "query")].fits and plans[("mass", "query")].temp_bytes is not None
+    for name in ("prefill", "decode"):
+        assert extra[name]["temp"] >= plain[name]["temp"] > 0, name
+        assert extra[name]["output"] > plain[name]["output"], name     # + the masses [L, rows, H, 1]
+
+
 def test_runner_calls_use_the_programs_the_dry_run_compiles():
     """Runner's call methods go through the same `*_jit` methods (one wiring, cached per shape)."""
     from rhead_jax.models.decoder import init_params

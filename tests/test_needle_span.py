@@ -88,3 +88,22 @@ def test_answer_token_ids(tok, needles):
     assert answer_token_ids(tok, other, in_context=True) == tuple(enc(tok, other.real_needle))
 
 
+
+
+@pytest.mark.parametrize("chat,faithful", [(False, False), (True, False), (False, True), (True, True)])
+def test_needle_and_question_spans(tok, haystack, chat, faithful):
+    """Instance.needle_span holds the needle's tokens (the context's offset + needle_pos);
+    question_span the question's, after the needle and before the last prompt token."""
+    from rhead_jax.needle.span import find_question_span, question_token_ids
+
+    for n in load_needles():
+        for depth in (0, 50, 100):
+            inst = build_instance(tok, haystack, n, 1500, depth, chat=chat, faithful=faithful)
+            (n0, n1), (q0, q1) = inst.needle_span, inst.question_span
+            assert inst.prompt_ids[n0:n1].tolist() == list(inst.needle_ids)
+            offset = n0 - inst.needle_pos    # where the context starts in the prompt
+            assert inst.prompt_ids[offset:n0].tolist() == inst.context_ids[:inst.needle_pos].tolist()
+            assert n0 <= inst.span[0] < inst.span[1] <= n1 < q0 < q1 < inst.num_prompt_tokens - 1
+            assert tok.decode(inst.prompt_ids[q0:q1].tolist()).strip() == n.question
+    assert question_token_ids(tok, "no question here", "What?") is None
+    assert find_question_span([5, 1, 2, 6, 1, 2], [1, 2]) == (4, 6) and find_question_span([1, 2], [3]) is None

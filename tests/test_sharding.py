@@ -60,3 +60,26 @@ def test_mesh_rules():
         make_mesh({"data": 3, "model": 1, "expert": 1}, devices=jax.devices()[:1])
     with pytest.raises(ValueError, match="at most one mesh axis may be -1"):
         make_mesh({"data": -1, "model": -1, "expert": 1})
+
+
+def test_extra_scores_and_detectors_on_meshes_match_single_device(tmp_path):
+    """config.sweep.extra_scores and rhead_jax.detectors on data x model meshes of simulated devices."""
+    d = make_tiny_smol(tmp_path / "gqa")
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+    meshes = ["1,1,1", "2,4,1"]
+    out = subprocess.run([sys.executable, "-m", "tests.helpers.sharded_masses", "--model_dir", str(d),
+                          "--workroot", str(tmp_path / "wd"), "--meshes", *meshes], cwd=REPO, env=env,
+                         capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, out.stderr[-3000:]
+    results = json.loads(next(l for l in out.stdout.splitlines() if l.startswith("RESULT "))[len("RESULT "):])
+    ref = results["1,1,1"]
+    assert any(v for r in ref["sweep"] for v in np.ravel(r[3]["query"]))
+    for mesh in meshes[1:]:
+        r = results[mesh]
+        assert [x[:3] for x in r["sweep"]] == [x[:3] for x in ref["sweep"]], mesh
+        for a, b in zip(r["sweep"], ref["sweep"]):
+            for name in ("mass", "query"):
+                np.testing.assert_allclose(a[3][name], b[3][name], rtol=1e-5, atol=1e-6, err_msg=mesh)
+        for name, hs in r["detectors"].items():
+            np.testing.assert_allclose(np.array(list(hs.values())), np.array(list(ref["detectors"][name].values())),
+                                       rtol=1e-5, atol=1e-6, err_msg=f"{mesh} {name}")

@@ -43,7 +43,8 @@ def step_settings(config) -> dict[str, Any]:
     """`plan` keyword arguments of the sweep step a config runs (batch size aside)."""
     s = config.sweep
     return dict(max_new_tokens=s.max_new_tokens, prefill_chunk=s.prefill_chunk, pad_multiple=s.pad_multiple,
-                q_chunk=s.q_chunk, k_chunk=s.k_chunk, share_prefix=s.share_prefix)
+                q_chunk=s.q_chunk, k_chunk=s.k_chunk, share_prefix=s.share_prefix,
+                extra_scores=tuple(s.extra_scores))
 
 
 def resolve_context(config, cfg: ModelConfig, context_len: int | None) -> tuple[int, list[str]]:

@@ -7,6 +7,8 @@ NamedShardings): nothing is allocated and no checkpoint is read. The programs:
   setup    `Runner.rows_jit` (a batch cache from the shared prefix) or `Runner.init_cache_jit`
   prefill  `Runner.prefill_block_jit` at the widest call the batch makes (cache donated)
   decode   `Runner.decode_jit`, the greedy decode loop with capture (cache donated)
+With config.sweep.extra_scores (`extra_scores=`), prefill and decode are the programs that also
+reduce the extra scores' attention masses (and take their targets), so their memory shows.
 The shared-prefix cache the engine keeps resident is not an argument of prefill or decode: it is
 added to their peak (`memory.program_peak`). A program that exceeds HBM fails to compile on TPU;
 the plan then reports the compiler's required bytes and "does not fit".
@@ -37,8 +39,9 @@ from rhead_jax.config import default_config
 from rhead_jax.dryrun import devices as dev
 from rhead_jax.dryrun.memory import MARGIN, Plan, analytic_bytes, auto_mesh, padded_batch
 from rhead_jax.dryrun.topology import Topology, family_slices, parse_topology
+from rhead_jax.engine import extra_score_masses
 from rhead_jax.errors import UserError
-from rhead_jax.models.attention import AttentionOptions
+from rhead_jax.models.attention import AttentionOptions, MassTargets
 from rhead_jax.models.config import ModelConfig
 from rhead_jax.models.decoder import init_cache, param_shapes
 from rhead_jax.models.generate import GenerateSpec, cache_size_for, prefill_pieces, prefill_widths
@@ -59,6 +62,14 @@ def _abstract(tree, shardings):
     return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), tree, shardings)
 
 
+def _abstract_targets(rows: int, masses: int, mesh) -> MassTargets:
+    """Abstract MassTargets of `rows` rows (split along "data", as the Runner puts them)."""
+    def arg(shape):
+        return jax.ShapeDtypeStruct(shape, jnp.int32, sharding=shd.batch_sharding(shape, mesh))
+
+    return MassTargets(span=arg((rows, 2)), queries=arg((rows, masses, 2)), period=arg((rows,)), start=arg((rows,)))
+
+
 def compiler_oom(error: BaseException) -> tuple[str, dict[str, int] | None] | None:
     """(message, {"required", "available"} bytes or None) when `error` is the compiler's out-of-memory
     error (a result of the plan, not a crash), else None."""
@@ -76,7 +87,7 @@ def plan(cfg: ModelConfig, topology: Topology | str, *, context_len: int, batch_
          max_new_tokens: int = SWEEP_DEFAULTS.max_new_tokens, prefill_chunk: int = SWEEP_DEFAULTS.prefill_chunk,
          mesh: Any = None, pad_multiple: int = SWEEP_DEFAULTS.pad_multiple, q_chunk: int = SWEEP_DEFAULTS.q_chunk,
          k_chunk: int = SWEEP_DEFAULTS.k_chunk, share_prefix: bool = SWEEP_DEFAULTS.share_prefix,
-         backend: str = "auto", compile: bool = True, margin: float = MARGIN,
+         extra_scores: tuple[str, ...] = tuple(SWEEP_DEFAULTS.extra_scores), backend: str = "auto", compile: bool = True, margin: float = MARGIN,
          model_name: str | None = None, max_model: int = 8) -> Plan:
     """Plan a sweep batch of `cfg` at `context_len` on `topology` (see the module docstring).
 
@@ -111,7 +122,8 @@ def plan(cfg: ModelConfig, topology: Topology | str, *, context_len: int, batch_
     # the TPU program's cache writes, whichever compiler stands in (the engine on TPUs picks the same)
     spec = GenerateSpec(max_new_tokens=max_new_tokens, stop_tokens=(2,), top_k=1, mask_mode="zero",
                         prefill_chunk=prefill_chunk,
-                        attn=AttentionOptions(q_chunk=q_chunk, k_chunk=k_chunk, cache_writes="tpu"))
+                        attn=AttentionOptions(q_chunk=q_chunk, k_chunk=k_chunk, cache_writes="tpu"),
+                        **extra_score_masses(extra_scores))
     P = -(-context_len // pad_multiple) * pad_multiple
     # the widest prefill call: a row that shares no prefix prefills its whole prompt but the last token
     width = max(prefill_pieces(max(context_len - 1, 1), prefill_widths(prefill_chunk)))
@@ -145,11 +157,16 @@ def plan(cfg: ModelConfig, topology: Topology | str, *, context_len: int, batch_
         setup = (runner.rows_jit(batch, S, S), (cache1, rows), analytic["params"])
     else:
         setup = (runner.init_cache_jit(batch, S), (), analytic["params"])
+    prefill_args = (params, cache, jax.ShapeDtypeStruct((), jnp.int32, sharding=rep), call, call, None)
+    decode_args = (params, rows, rows, cache, None)
+    if spec.prefill_masses:
+        prefill_args += (_abstract_targets(data, len(spec.prefill_masses), mesh_obj),)
+    if spec.decode_masses:
+        decode_args += (_abstract_targets(batch, len(spec.decode_masses), mesh_obj),)
     programs = {
         "setup": setup,
-        "prefill": (runner.prefill_block_jit(batch, S, width, spec),
-                    (params, cache, jax.ShapeDtypeStruct((), jnp.int32, sharding=rep), call, call, None), shared),
-        "decode": (runner.decode_jit(batch, S, spec), (params, rows, rows, cache, None), shared),
+        "prefill": (runner.prefill_block_jit(batch, S, width, spec), prefill_args, shared),
+        "decode": (runner.decode_jit(batch, S, spec), decode_args, shared),
     }
     p.compiled = {}
     t0 = time.time()

@@ -14,13 +14,22 @@ Masking is by positions: key slot s is visible to a query at position p iff
 `0 <= k_pos[s] <= p` and (`p - k_pos[s] < window` or `k_pos[s] < sink`). Empty or padded slots
 hold position -1. `sink` (0 by default) keeps the first positions visible past the window: a
 streaming head (StreamingLLM, DuoAttention) is window = recent, sink = sink.
+
+Attention MASS (opt-in, `masses`): for named key sets ("targets", defined by positions, see
+`target_mask`), the probability each query puts on the target's keys, summed over the queries of
+a chosen position range: [B, K, G, M] for M targets. The dense path reads it off the
+probabilities (`mass_from_probs`); the chunked path accumulates it inside its online-softmax loop
+(a numerator per target, rescaled like the output, divided by the softmax denominator at the
+end), so it never holds more than one (query chunk x key chunk) tile.
 """
 from __future__ import annotations
 
 import dataclasses
 
+import flax.struct
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 NEG_INF = -1e30  # finite, so fully masked rows (padding queries) stay NaN-free
@@ -59,6 +68,92 @@ def visible(q_pos, k_pos, window, sink=0):
     return (kp >= 0) & (kp <= qp) & near
 
 
+# ----------------------------------------------------------------------------- attention mass
+
+MASS_TARGETS = ("span", "previous", "duplicate", "induction")
+ALL_QUERIES = (0, 2**30)
+
+
+@flax.struct.dataclass
+class MassTargets:
+    """Per-row arguments of the mass targets (int32, positions; one row per batch row).
+
+    span [B, 2]: "span" = keys with span[0] <= k_pos < span[1] (half-open).
+    queries [B, M, 2]: target m sums the queries with queries[m, 0] <= q_pos < queries[m, 1].
+    period, start [B]: a row that repeats a block of `period` distinct tokens from position
+      `start` on ("duplicate", "induction"; see `target_mask`).
+    """
+
+    span: jax.Array
+    queries: jax.Array
+    period: jax.Array
+    start: jax.Array
+
+
+def mass_targets(batch: int, num_masses: int, *, span=None, queries=None, period=None, start=None) -> MassTargets:
+    """Host-side (numpy) MassTargets for `batch` rows and `num_masses` targets; unset fields are
+    neutral (empty span, every query, period 1, start 0). `queries` may be [2] or [B, 2] (one range
+    for every target) or [B, M, 2]."""
+    def rows(x, shape, fill):
+        return np.broadcast_to(np.asarray(fill if x is None else x, np.int32), shape).copy()
+
+    q = np.asarray(ALL_QUERIES if queries is None else queries, np.int32)
+    q = q[:, None] if q.ndim == 2 else q
+    return MassTargets(span=rows(span, (batch, 2), 0), queries=rows(q, (batch, num_masses, 2), 0),
+                       period=rows(period, (batch,), 1), start=rows(start, (batch,), 0))
+
+
+def target_mask(name: str, q_pos, k_pos, t: MassTargets):
+    """[B, Tq, Sk] bool: the keys of target `name` for queries at q_pos [B, Tq] (k_pos [B, Sk]).
+
+    "span":      span[0] <= k < span[1]
+    "previous":  k == q - 1
+    "duplicate": the earlier occurrences of the query's token in a row that repeats a block of
+                 `period` distinct tokens from `start`: start <= k < q and (q - k) % period == 0
+    "induction": the token AFTER each earlier occurrence of the query's token:
+                 k = q - j * period + 1 for j >= 1, i.e. (q - k + 1) % period == 0,
+                 q - k + 1 >= period, and k - 1 >= start
+    For tokens x at positions start + i (x[start + i] = block[i % period]) these are exactly
+    TransformerLens' detection patterns (transformer_lens/head_detector.py): duplicate = earlier
+    keys with the same token; induction = the duplicate pattern shifted one key to the right,
+    k <= q; previous = the first sub-diagonal. Keys before `start` (BOS) are never duplicates of a
+    repeated token, as no repeated token equals the BOS.
+    """
+    q, k = q_pos[:, :, None], k_pos[:, None, :]
+    if name == "span":
+        return (k >= t.span[:, None, None, 0]) & (k < t.span[:, None, None, 1])
+    if name == "previous":
+        return k == q - 1
+    period, start = t.period[:, None, None], t.start[:, None, None]
+    if name == "duplicate":
+        return (k >= start) & (k < q) & ((q - k) % period == 0)
+    if name == "induction":
+        d = q - k + 1
+        return (k >= start + 1) & (d >= period) & (d % period == 0)
+    raise ValueError(f"unknown mass target {name!r}; known: {MASS_TARGETS}")
+
+
+def _query_weights(q_pos, t: MassTargets):
+    """[B, T, M] float: 1 for the queries each target sums (padding queries, position -1, never)."""
+    q = q_pos[:, :, None]
+    lo, hi = t.queries[:, None, :, 0], t.queries[:, None, :, 1]
+    return ((q >= 0) & (q >= lo) & (q < hi)).astype(jnp.float32)
+
+
+def _target_sums(p, q_pos, k_pos, vis, masses, t: MassTargets):
+    """sum_s p[..., t, s] * target_m(t, s) for each target: p [B, K, G, T, S] -> [B, K, G, T, M]."""
+    return jnp.stack([jnp.einsum("bkgts,bts->bkgt", p, (target_mask(m, q_pos, k_pos, t) & vis).astype(p.dtype))
+                      for m in masses], axis=-1)
+
+
+def mass_from_probs(p, q_pos, k_pos, masses: tuple[str, ...], t: MassTargets):
+    """Attention mass from full probabilities p [B, K, G, T, S]: [B, K, G, M], each target's mass
+    summed over the queries in its range. The definition the chunked path must reproduce."""
+    vis = (k_pos[:, None, :] >= 0) & (q_pos[:, :, None] >= 0)
+    per_query = _target_sums(p.astype(jnp.float32), q_pos, k_pos, vis, masses, t)
+    return jnp.einsum("bkgtm,btm->bkgm", per_query, _query_weights(q_pos, t))
+
+
 def _scores(q, k, scale, score_scale):
     """Pre-mask scores [B, K, G, Tq, Sk] in fp32 from q [B, Tq, K, G, D] and k [B, K, Sk, D];
     `score_scale` [K, G] multiplies them (uniform mask)."""
@@ -69,7 +164,7 @@ def _scores(q, k, scale, score_scale):
 
 
 def dense_attention(q, k, v, q_pos, k_pos, *, window, scale, score_scale=None, sink=0):
-    """Returns (out [B, T, K, G, D] in v.dtype, probs [B, K, G, T, S] fp32)."""
+    """Returns (out [B, T, K, G, D] in v.dtype, probs [B, K, G, T, S] fp32); masses: `mass_from_probs`."""
     s = _scores(q, k, scale, score_scale)
     s = jnp.where(visible(q_pos, k_pos, window, sink)[:, None, None], s, NEG_INF)
     p = jax.nn.softmax(s, axis=-1)
@@ -78,12 +173,17 @@ def dense_attention(q, k, v, q_pos, k_pos, *, window, scale, score_scale=None, s
 
 
 def chunked_attention(q, k, v, q_pos, k_pos, q_slot0, *, window, scale, score_scale=None,
-                      opts: AttentionOptions = AttentionOptions(), sink=0):
+                      opts: AttentionOptions = AttentionOptions(), sink=0, masses: tuple[str, ...] = (),
+                      targets: MassTargets | None = None):
     """Flash-style attention. q_slot0 [B]: cache slot of each row's first query.
 
     Slots and positions are assumed to advance together within a row (true for every cache this
     package builds), which lets the loop skip key chunks the mask hides entirely (with a sink, the
     loop starts at the first chunk).
+
+    Returns out [B, T, K, G, D]; with `masses` (target names, see `target_mask`) also their mass
+    [B, K, G, M] (`mass_from_probs` of the same probabilities), accumulated per tile: for each
+    target a numerator num = num * corr + sum_s p * target, and mass = num / l per query.
     """
     B, T, K, G, D = q.shape
     S = k.shape[2]
@@ -98,6 +198,7 @@ def chunked_attention(q, k, v, q_pos, k_pos, q_slot0, *, window, scale, score_sc
     q = q.reshape(B, n_q, cq, K, G, D).swapaxes(0, 1)
     q_pos = q_pos.reshape(B, n_q, cq).swapaxes(0, 1)
     slot_lo, slot_hi = jnp.min(q_slot0), jnp.max(q_slot0)
+    M = len(masses)
 
     def one_q_chunk(args):
         i, qc, qpc = args
@@ -107,26 +208,38 @@ def chunked_attention(q, k, v, q_pos, k_pos, q_slot0, *, window, scale, score_sc
         lo = jnp.maximum((first - window + 1) // ck, 0) if isinstance(sink, int) and sink == 0 else 0
 
         def body(j, carry):
-            m, l, acc = carry
+            m, l, acc = carry[:3]
             kc = lax.dynamic_slice_in_dim(k, j * ck, ck, axis=2)
             vc = lax.dynamic_slice_in_dim(v, j * ck, ck, axis=2)
             kpc = lax.dynamic_slice_in_dim(k_pos, j * ck, ck, axis=1)
             s = _scores(qc, kc, scale, score_scale)
-            s = jnp.where(visible(qpc, kpc, window, sink)[:, None, None], s, NEG_INF)
+            vis = visible(qpc, kpc, window, sink)
+            s = jnp.where(vis[:, None, None], s, NEG_INF)
             m_new = jnp.maximum(m, s.max(-1))
             corr = jnp.exp(m - m_new)
             p = jnp.exp(s - m_new[..., None])
             l = l * corr + p.sum(-1)
             acc = acc * corr[..., None] + jnp.einsum(
                 "bkgts,bksd->bkgtd", p.astype(v.dtype), vc, preferred_element_type=jnp.float32)
-            return m_new, l, acc
+            if not M:
+                return m_new, l, acc
+            num = carry[3] * corr[..., None] + _target_sums(p, qpc, kpc, vis, masses, targets)
+            return m_new, l, acc, num
 
         init = (jnp.full((B, K, G, cq), NEG_INF, jnp.float32), jnp.zeros((B, K, G, cq), jnp.float32),
                 jnp.zeros((B, K, G, cq, D), jnp.float32))
-        _, l, acc = lax.fori_loop(lo, hi, body, init)
-        out = acc / jnp.where(l == 0, 1.0, l)[..., None]   # rows that saw no key stay finite
-        return jnp.einsum("bkgtd->btkgd", out).astype(v.dtype)
+        if M:
+            init += (jnp.zeros((B, K, G, cq, M), jnp.float32),)
+        res = lax.fori_loop(lo, hi, body, init)
+        l, acc = res[1], res[2]
+        l_safe = jnp.where(l == 0, 1.0, l)                  # rows that saw no key stay finite
+        out = jnp.einsum("bkgtd->btkgd", acc / l_safe[..., None]).astype(v.dtype)
+        if not M:
+            return out
+        mass = jnp.einsum("bkgtm,btm->bkgm", res[3] / l_safe[..., None], _query_weights(qpc, targets))
+        return out, mass
 
-    out = lax.map(one_q_chunk, (jnp.arange(n_q), q, q_pos))      # [n_q, B, cq, K, G, D]
-    out = out.swapaxes(0, 1).reshape(B, n_q * cq, K, G, D)
-    return out[:, :T]
+    res = lax.map(one_q_chunk, (jnp.arange(n_q), q, q_pos))      # [n_q, B, cq, K, G, D] (, [n_q, B, K, G, M])
+    out = res[0] if M else res
+    out = out.swapaxes(0, 1).reshape(B, n_q * cq, K, G, D)[:, :T]
+    return (out, res[1].sum(0)) if M else out

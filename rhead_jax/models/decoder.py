@@ -28,8 +28,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from rhead_jax.models.attention import (NO_WINDOW, AttentionOptions, chunked_attention,
-                                        dense_attention)
+from rhead_jax.models.attention import (MASS_TARGETS, NO_WINDOW, AttentionOptions, MassTargets,
+                                        chunked_attention, dense_attention, mass_from_probs)
 from rhead_jax.models.config import ModelConfig
 from rhead_jax.models.rope import apply_rope, rope_cos_sin
 
@@ -47,23 +47,35 @@ class CaptureSpec:
     top_k: for the NEWEST query of each row (the last token of the call), per layer and query
       head, the top-k cache slots by attention weight and those weights, computed over all keys.
     full_probs: the full probabilities [L, B, H, T, S] for every query (short sequences only).
+    masses: attention-mass targets (models.attention.target_mask: "span", "previous", "duplicate",
+      "induction"): per layer, row and query head, the attention each target's keys receive,
+      summed over the call's queries in the target's range (`forward(targets=...)`), [L, B, H, M].
+      Reduced inside the attention: memory O(T), never a T x S map.
     """
 
     top_k: int = 0
     full_probs: bool = False
+    masses: tuple[str, ...] = ()
+
+    def __post_init__(self):
+        unknown = [m for m in self.masses if m not in MASS_TARGETS]
+        if unknown:
+            raise ValueError(f"unknown mass target(s) {unknown}; known: {MASS_TARGETS}")
 
     @property
     def enabled(self) -> bool:
-        return self.top_k > 0 or self.full_probs
+        return self.top_k > 0 or self.full_probs or bool(self.masses)
 
 
 @flax.struct.dataclass
 class Captures:
-    """Captured attention. topk_*: [L, B, H, k] (slot indices / fp32 weights); probs: [L, B, H, T, S]."""
+    """Captured attention. topk_*: [L, B, H, k] (slot indices / fp32 weights); probs: [L, B, H, T, S];
+    mass: [L, B, H, M] fp32 (CaptureSpec.masses, in its order)."""
 
     topk_index: jax.Array | None = None
     topk_weight: jax.Array | None = None
     probs: jax.Array | None = None
+    mass: jax.Array | None = None
 
 
 @flax.struct.dataclass
@@ -289,7 +301,8 @@ def check_head_mask(cfg: ModelConfig, head_mask) -> None:
 
 def forward(params: Params, cfg: ModelConfig, tokens, positions, cache: KVCache | None = None, *,
             head_mask=None, mask_mode: str = "zero", capture: CaptureSpec = CaptureSpec(),
-            logits: str = "all", attn: AttentionOptions = AttentionOptions()):
+            logits: str = "all", attn: AttentionOptions = AttentionOptions(),
+            targets: MassTargets | None = None):
     """Run the decoder on new tokens, appending them to the cache.
 
     Args:
@@ -300,6 +313,8 @@ def forward(params: Params, cfg: ModelConfig, tokens, positions, cache: KVCache 
         by the value (0 removes it); "uniform": its pre-softmax scores are multiplied by the value
         (0 = attends uniformly over visible keys, the original paper's ablation).
       capture: what attention to return (see CaptureSpec).
+      targets: the per-row arguments of capture.masses (models.attention.MassTargets; queries
+        [B, M, 2] in the order of capture.masses); required with masses.
       logits: "all" -> [B, T, V]; "last" -> [B, V] at each row's last real token; "none".
 
     Returns:
@@ -310,6 +325,9 @@ def forward(params: Params, cfg: ModelConfig, tokens, positions, cache: KVCache 
     if mask_mode not in MASK_MODES:
         raise ValueError(f"mask_mode must be one of {MASK_MODES}, got {mask_mode!r}")
     check_head_mask(c, head_mask)
+    masses = capture.masses
+    if masses and (targets is None or targets.queries.shape[1] != len(masses)):
+        raise ValueError(f"capture.masses={masses} needs targets with queries [B, {len(masses)}, 2]")
     if cache is None:
         size = -(-T // min(attn.k_chunk, T)) * min(attn.k_chunk, T)
         cache = init_cache(c, B, size)
@@ -344,10 +362,15 @@ def forward(params: Params, cfg: ModelConfig, tokens, positions, cache: KVCache 
                                      score_scale=score_scale)
             if capture.full_probs:
                 cap["probs"] = p.reshape(B, c.num_heads, T, -1)
+            if masses:
+                cap["mass"] = mass_from_probs(p, positions, new_pos, masses, targets).reshape(B, c.num_heads, -1)
             last_p = jnp.take_along_axis(p, last_idx[:, None, None, None, None], axis=3)[:, :, :, 0]
         else:
             out = chunked_attention(q, kc, vc, positions, new_pos, slots, window=window, scale=scale,
-                                    score_scale=score_scale, opts=attn)
+                                    score_scale=score_scale, opts=attn, masses=masses, targets=targets)
+            if masses:
+                out, mass = out
+                cap["mass"] = mass.reshape(B, c.num_heads, -1)
             last_p = None
             if want_last_row:  # the newest query's row over all keys: O(S), never T x S
                 q_last = jnp.take_along_axis(q, last_idx[:, None, None, None, None], axis=1)
@@ -367,7 +390,7 @@ def forward(params: Params, cfg: ModelConfig, tokens, positions, cache: KVCache 
     (x, k_all, v_all), caps = lax.scan(layer, (x, cache.k, cache.v), xs)
     new_cache = KVCache(k=k_all, v=v_all, pos=new_pos, length=cache.length + n_valid)
     captures = Captures(topk_index=caps.get("topk_index"), topk_weight=caps.get("topk_weight"),
-                        probs=caps.get("probs"))
+                        probs=caps.get("probs"), mass=caps.get("mass"))
 
     if logits == "none":
         return None, new_cache, captures

@@ -4,6 +4,10 @@ that captures, at every step, each head's top-k attended cache slots for the new
 Protocol (the original's, ORIGINAL.md §4): prefill every prompt token but the last; each decode
 step feeds one token (first the last prompt token, then each generated one), takes the argmax of
 the logits as the next token and records the attention of that step's query.
+
+Attention mass (opt-in, GenerateSpec.prefill_masses / decode_masses, targets given per row as a
+models.attention.MassTargets): the prefill sums each target's mass over the queries in its range;
+the decode loop sums, per row, the newest query's mass over the steps that produced a token.
 """
 from __future__ import annotations
 
@@ -17,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from rhead_jax.models.attention import AttentionOptions
+from rhead_jax.models.attention import AttentionOptions, MassTargets
 from rhead_jax.models.config import ModelConfig
 from rhead_jax.models.decoder import CaptureSpec, KVCache, check_head_mask, forward, init_cache
 
@@ -32,6 +36,8 @@ class GenerateSpec:
     mask_mode: "zero" or "uniform", for both head masks (see decoder.forward).
     prefill_chunk: tokens per prefill call; bounds activation memory at long contexts.
     attn: attention tile sizes.
+    prefill_masses / decode_masses: attention-mass targets (decoder.CaptureSpec.masses) reduced
+      during the prefill / at every decode step; () = none, and the programs are those without.
     """
 
     max_new_tokens: int = 50
@@ -40,18 +46,23 @@ class GenerateSpec:
     mask_mode: str = "zero"
     prefill_chunk: int = 2048
     attn: AttentionOptions = AttentionOptions()
+    prefill_masses: tuple[str, ...] = ()
+    decode_masses: tuple[str, ...] = ()
 
 
 @flax.struct.dataclass
 class Generation:
     """tokens [B, N] (-1 after a row stopped); num_tokens [B];
     topk_index / topk_weight [B, N, L, H, k]: cache slots (= prompt indices for slots < prompt
-    length) and weights of each head's most-attended keys at each step (-1 / 0 after stop)."""
+    length) and weights of each head's most-attended keys at each step (-1 / 0 after stop);
+    mass [B, L, H, M]: GenerateSpec.decode_masses summed over the steps that produced a token
+    (divide by num_tokens for the mean), or None."""
 
     tokens: jax.Array
     num_tokens: jax.Array
     topk_index: jax.Array | None
     topk_weight: jax.Array | None
+    mass: jax.Array | None = None
 
 
 def cache_size_for(prompt_len: int, spec: GenerateSpec) -> int:
@@ -66,8 +77,12 @@ def cache_size_for(prompt_len: int, spec: GenerateSpec) -> int:
 
 
 def prefill(params, cfg: ModelConfig, tokens, positions, cache: KVCache, *, chunk: int,
-            head_mask=None, mask_mode="zero", attn=AttentionOptions()) -> KVCache:
-    """Append tokens [B, T] (padding at row ends, position -1) to the cache, `chunk` at a time."""
+            head_mask=None, mask_mode="zero", attn=AttentionOptions(), masses: tuple[str, ...] = (),
+            targets: MassTargets | None = None):
+    """Append tokens [B, T] (padding at row ends, position -1) to the cache, `chunk` at a time.
+
+    Returns the cache; with `masses`, (cache, mass [L, B, H, M]): each target's attention mass
+    summed over the queries in its range (targets.queries), over all calls."""
     B, T = tokens.shape
     chunk = min(chunk, T)
     n = -(-T // chunk)
@@ -76,6 +91,20 @@ def prefill(params, cfg: ModelConfig, tokens, positions, cache: KVCache, *, chun
     positions = jnp.pad(positions, ((0, 0), (0, pad)), constant_values=-1)
     tokens = tokens.reshape(B, n, chunk).swapaxes(0, 1)
     positions = positions.reshape(B, n, chunk).swapaxes(0, 1)
+
+    if masses:
+        capture = CaptureSpec(masses=masses)
+
+        def step_mass(carry, xs):
+            cache, total = carry
+            tok, pos = xs
+            _, cache, caps = forward(params, cfg, tok, pos, cache, head_mask=head_mask, mask_mode=mask_mode,
+                                     capture=capture, logits="none", attn=attn, targets=targets)
+            return (cache, total + caps.mass), None
+
+        total = jnp.zeros((cfg.num_layers, B, cfg.num_heads, len(masses)), jnp.float32)
+        (cache, total), _ = lax.scan(step_mass, (cache, total), (tokens, positions))
+        return cache, total
 
     def step(cache, xs):
         tok, pos = xs
@@ -117,41 +146,49 @@ def generate(params, cfg: ModelConfig, prompts, prompt_lens, cache: KVCache, *, 
     return decode_impl(params, first, prompt_lens, cache, decode_mask, cfg=cfg, spec=spec)
 
 
-def decode_impl(params, first, prompt_lens, cache: KVCache, decode_mask, *, cfg: ModelConfig,
-                spec: GenerateSpec) -> tuple[Generation, KVCache]:
+def decode_impl(params, first, prompt_lens, cache: KVCache, decode_mask, targets: MassTargets | None = None, *,
+                cfg: ModelConfig, spec: GenerateSpec) -> tuple[Generation, KVCache]:
     """The greedy decode loop with capture, after the prefill: the cache holds every prompt token
-    but the last; `first` [B] is that last token and `prompt_lens` [B] the prompt lengths."""
+    but the last; `first` [B] is that last token and `prompt_lens` [B] the prompt lengths.
+    targets: the rows' MassTargets of spec.decode_masses (None without)."""
     B = first.shape[0]
     N, k = spec.max_new_tokens, spec.top_k
     L, H = cfg.num_layers, cfg.num_heads
     stops = jnp.asarray(spec.stop_tokens or (-2,), jnp.int32)
-    capture = CaptureSpec(top_k=k)
+    masses = spec.decode_masses
+    capture = CaptureSpec(top_k=k, masses=masses)
 
     def cond(c):
         step, _, _, done, *_ = c
         return (step < N) & ~jnp.all(done)
 
     def body(c):
-        step, cache, tok, done, out, n_tok, cap_i, cap_w = c
+        step, cache, tok, done, out, n_tok, cap_i, cap_w = c[:8]
         pos = (prompt_lens - 1 + step)[:, None]
         logits, cache, caps = forward(params, cfg, tok[:, None], pos, cache, head_mask=decode_mask,
-                                      mask_mode=spec.mask_mode, capture=capture, attn=spec.attn)
+                                      mask_mode=spec.mask_mode, capture=capture, attn=spec.attn, targets=targets)
         nxt = jnp.argmax(logits[:, 0], axis=-1).astype(jnp.int32)
         out = out.at[:, step].set(jnp.where(done, -1, nxt))
+        live = ~done[:, None, None, None]
         if k:
-            live = ~done[:, None, None, None]
             cap_i = cap_i.at[:, step].set(jnp.where(live, caps.topk_index.swapaxes(0, 1), -1))
             cap_w = cap_w.at[:, step].set(jnp.where(live, caps.topk_weight.swapaxes(0, 1), 0.0))
         n_tok = n_tok + (~done).astype(jnp.int32)
         done = done | jnp.isin(nxt, stops)
-        return step + 1, cache, nxt, done, out, n_tok, cap_i, cap_w
+        new = (step + 1, cache, nxt, done, out, n_tok, cap_i, cap_w)
+        if masses:  # the steps that produce a token (those the copy score counts)
+            new += (c[8] + jnp.where(live, caps.mass.swapaxes(0, 1), 0.0),)
+        return new
 
     init = (jnp.int32(0), cache, first, jnp.zeros((B,), bool), jnp.full((B, N), -1, jnp.int32),
             jnp.zeros((B,), jnp.int32), jnp.full((B, N, L, H, k), -1, jnp.int32),
             jnp.zeros((B, N, L, H, k), jnp.float32))
-    _, cache, _, _, out, n_tok, cap_i, cap_w = lax.while_loop(cond, body, init)
+    if masses:
+        init += (jnp.zeros((B, L, H, len(masses)), jnp.float32),)
+    res = lax.while_loop(cond, body, init)
+    _, cache, _, _, out, n_tok, cap_i, cap_w = res[:8]
     gen = Generation(tokens=out, num_tokens=n_tok, topk_index=cap_i if k else None,
-                     topk_weight=cap_w if k else None)
+                     topk_weight=cap_w if k else None, mass=res[8] if masses else None)
     return gen, cache
 
 
@@ -182,12 +219,17 @@ def put_row_block(cache: KVCache, block: KVCache, j, d: int) -> KVCache:
                    length=put(cache.length, block.length, 0))
 
 
-def prefill_block_impl(params, cache: KVCache, j, tokens, positions, head_mask, *, cfg: ModelConfig,
-                       spec: GenerateSpec, data: int) -> KVCache:
-    """Append tokens [d, W] (position -1 = padding) to the rows of block j; W is one prefill call."""
+def prefill_block_impl(params, cache: KVCache, j, tokens, positions, head_mask, targets: MassTargets | None = None,
+                       *, cfg: ModelConfig, spec: GenerateSpec, data: int):
+    """Append tokens [d, W] (position -1 = padding) to the rows of block j; W is one prefill call.
+    Returns the cache; with spec.prefill_masses, (cache, mass [L, d, H, M]) for the block's rows
+    (targets: their MassTargets, d rows)."""
     block = take_row_block(cache, j, data)
     block = prefill(params, cfg, tokens, positions, block, chunk=tokens.shape[1], head_mask=head_mask,
-                    mask_mode=spec.mask_mode, attn=spec.attn)
+                    mask_mode=spec.mask_mode, attn=spec.attn, masses=spec.prefill_masses, targets=targets)
+    if spec.prefill_masses:
+        block, mass = block
+        return put_row_block(cache, block, j, data), mass
     return put_row_block(cache, block, j, data)
 
 

@@ -34,7 +34,7 @@ from rhead_jax.errors import UserError
 
 from .chat import chat_prompt
 from .haystack import Needle
-from .span import answer_token_ids, find_answer_span
+from .span import answer_token_ids, find_answer_span, find_needle_span, find_question_span, question_token_ids
 from .tokens import TokenizedHaystack, TokenizerData, encode, readonly
 
 # names that lived here before the split into tokens / span / chat, still importable from here
@@ -98,6 +98,11 @@ class Instance:
     ``context_ids`` are the tokens the context text was decoded from (haystack with the needle's
     tokens at ``needle_pos``); ``prompt_ids`` are what the model sees. ``span`` = (start, end) is
     the half-open range of ``prompt_ids`` holding the answer (``end - start == len(answer_ids)``).
+    ``needle_span`` is the range of ``prompt_ids`` holding the needle's tokens (``needle_ids``, see
+    :func:`~rhead_jax.needle.span.find_needle_span`: the context's offset in the prompt +
+    ``needle_pos``), ``question_span`` the range holding the question's tokens in the question line
+    after the context (:func:`~rhead_jax.needle.span.question_token_ids`); None where not found
+    (only rhead_jax.detection's "query" score needs them, and says so).
     """
 
     length: int
@@ -114,6 +119,8 @@ class Instance:
     prompt_ids: np.ndarray
     answer_ids: Tuple[int, ...]
     span: Tuple[int, int]
+    needle_span: Optional[Tuple[int, int]] = None
+    question_span: Optional[Tuple[int, int]] = None
 
     @property
     def key(self) -> str:
@@ -229,6 +236,8 @@ def build_instance(
     desc = (f"instance {key} (length={length}, depth={depth}, "
             f"chat={chat}, faithful={faithful}, needle={needle.needle!r}, answer={needle.real_needle!r})")
     span = find_answer_span(prompt_ids, answer_ids, prefer_exact=not faithful, description=desc)
+    question_ids = question_token_ids(tokenizer, QUESTION_TEMPLATE.format(question=needle.question), needle.question)
+
 
     return Instance(
         length=length,
@@ -245,4 +254,6 @@ def build_instance(
         prompt_ids=readonly(prompt_ids),
         answer_ids=answer_ids,
         span=span,
+        needle_span=find_needle_span(prompt_ids, needle_ids),
+        question_span=find_question_span(prompt_ids, question_ids),
     )

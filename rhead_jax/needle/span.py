@@ -146,3 +146,53 @@ def answer_token_ids(tokenizer: Any, needle: Needle, *, in_context: bool) -> Tup
                 if hit:
                     return tuple(int(t) for t in ids[hit[0]: hit[-1] + 1])
     return tuple(encode(tokenizer, answer, special=False))
+
+
+# ----------------------------------------------------------------------------- needle and question spans
+# (rhead_jax.detection's "query" score: the question's attention on the needle during the prefill)
+
+
+def find_needle_span(prompt_ids: Sequence[int], needle_ids: Sequence[int]) -> Optional[Tuple[int, int]]:
+    """Where the needle's tokens stand in the prompt: the half-open span of the first exact
+    occurrence of ``needle_ids`` (the tokens inserted into the context, Instance.needle_ids) in
+    ``prompt_ids``, else the 90% window of :func:`find_answer_span`; None if neither matches.
+
+    The context's tokens re-tokenize to themselves inside the prompt, so this is the prompt's
+    offset of the context plus Instance.needle_pos (checked on SmolLM2's grid: chat, base and
+    faithful prompts); the search also holds for a tokenizer that merges across a boundary."""
+    try:
+        return find_answer_span(prompt_ids, needle_ids, prefer_exact=True)
+    except NeedleNotFoundError:
+        return None
+
+
+def question_token_ids(tokenizer: Any, text: str, question: str) -> Optional[Tuple[int, ...]]:
+    """The question's tokens as they stand in ``text`` (the prompt's question line, e.g.
+    "Based on the content of the book, Question: {question}\\nAnswer:"): the tokens of ``text``
+    (no special tokens) whose characters overlap the LAST occurrence of ``question`` in it, as
+    :func:`answer_token_ids` takes the answer's tokens from the needle. None without offsets (slow
+    tokenizers) or when the question is not in ``text``."""
+    a = text.rfind(question.strip())
+    if a < 0 or not question.strip():
+        return None
+    b = a + len(question.strip())
+    try:
+        enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True, verbose=False)
+        offsets, ids = enc["offset_mapping"], enc["input_ids"]
+    except (NotImplementedError, KeyError, TypeError, ValueError):
+        return None
+    hit = [k for k, (s, e) in enumerate(offsets) if e > s and e > a and s < b]
+    return tuple(int(t) for t in ids[hit[0]: hit[-1] + 1]) if hit else None
+
+
+def find_question_span(prompt_ids: Sequence[int], question_ids: Optional[Sequence[int]]) -> Optional[Tuple[int, int]]:
+    """The half-open span of the LAST exact occurrence of ``question_ids`` in ``prompt_ids`` (the
+    question follows the context), or None."""
+    if not question_ids:
+        return None
+    p = np.asarray(prompt_ids).reshape(-1)[::-1]
+    i = _exact_window(p, [int(t) for t in question_ids][::-1])
+    if i is None:
+        return None
+    n = len(question_ids)
+    return p.size - i - n, p.size - i
