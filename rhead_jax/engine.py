@@ -316,7 +316,10 @@ class Engine:
         else:
             starts = np.zeros(n_rows, np.int32)
             cache = self.runner.init_cache(n_rows, size)
-        pad_rows = lambda t: jax.tree.map(lambda x: np.concatenate([x, np.repeat(x[-1:], n_rows - real, 0)]), t)  # noqa: E731
+
+        def pad_rows(targets: MassTargets) -> MassTargets:   # padding rows repeat the last row, like prompts
+            return jax.tree.map(lambda x: np.concatenate([x, np.repeat(x[-1:], n_rows - real, 0)]), targets)
+
         if spec.prefill_masses:
             if prefill_targets is None:
                 raise ValueError(f"spec.prefill_masses={spec.prefill_masses} needs prefill_targets")

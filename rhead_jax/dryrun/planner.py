@@ -87,7 +87,8 @@ def plan(cfg: ModelConfig, topology: Topology | str, *, context_len: int, batch_
          max_new_tokens: int = SWEEP_DEFAULTS.max_new_tokens, prefill_chunk: int = SWEEP_DEFAULTS.prefill_chunk,
          mesh: Any = None, pad_multiple: int = SWEEP_DEFAULTS.pad_multiple, q_chunk: int = SWEEP_DEFAULTS.q_chunk,
          k_chunk: int = SWEEP_DEFAULTS.k_chunk, share_prefix: bool = SWEEP_DEFAULTS.share_prefix,
-         extra_scores: tuple[str, ...] = tuple(SWEEP_DEFAULTS.extra_scores), backend: str = "auto", compile: bool = True, margin: float = MARGIN,
+         extra_scores: tuple[str, ...] = tuple(SWEEP_DEFAULTS.extra_scores), backend: str = "auto",
+         compile: bool = True, margin: float = MARGIN,
          model_name: str | None = None, max_model: int = 8) -> Plan:
     """Plan a sweep batch of `cfg` at `context_len` on `topology` (see the module docstring).
 
