@@ -1,26 +1,35 @@
-"""Analysis of head-score files (Wu et al. 2024, Fig. 3 and §3 properties) and of one sweep's per-test results.
+"""Analysis of head-score files (Wu et al. 2024, Fig. 3 and §3 properties), of one sweep's per-test results,
+and the comparison of any head rankings (every detector's head-score JSON, DuoAttention-style gate TSVs).
 
 The library behind `python -m rhead_jax.analyze` (the command: rhead_jax/analyze.py).
 
 Inputs are head-score files in the original format, `{"<layer>-<head>": [score_test_1, ...], ...}`
-(0-based layer and query head, one list per head, all of the same length). A head's retrieval score is
-the mean of its list; a mean > 0.1 (`scoring.RETRIEVAL_THRESHOLD`) marks a retrieval head.
+(0-based layer and query head, one list per head, all of the same length), and gate files (a .tsv:
+one row per layer, one gate per KV head; rhead_jax.rankings). Each input is `PATH` or `NAME:PATH`
+(NAME labels it; default: the file name). A head's retrieval score is the mean of its list; a mean
+> 0.1 (`scoring.RETRIEVAL_THRESHOLD`) marks a retrieval head.
 
 Writes into DIR:
-  summary.json                {"<file name>": {"buckets", "layers", "heads", "tests", "retrieval_heads", "top"}}
+  summary.json                {"<label>": {"buckets", "layers", "heads", "tests", "retrieval_heads", "top"}}
+                              (head-score files only)
   <stem>_pie.png              share of heads per score bucket (paper Fig. 3)
   <stem>_heatmap.png          layer x head mean scores, one colour scale 0..max over all files
+  <stem>_gates.png            (gate files) layer x KV head gates, 0..1
   pairs.json                  per pair (--pair, or detected from the file names: a base model and its
                               -Chat / -Instruct, Mistral and Mixtral): top-k overlap, Spearman correlation
+  rankings.json               (two or more inputs) every two rankings compared per query head and per KV
+                              head: Spearman, top-k overlap for each k (`compare_rankings`)
+  rankings_{query,kv}.png     (two or more inputs) those numbers as rankings x rankings heat maps
   provenance.json             the input files (path, bytes, sha256, git blob id, notes next to them), the
-                              command, the shared colour scale, the cross-model top-k overlap
+                              command, the shared colour scale, the cross-model top-k overlap, the labels
   dynamic.json                (--results) activation rate per head, always-on vs context-specific heads
   dynamic_activation.png      (--results) activation rate per head, sorted
   report.html                 everything above in one self-contained page (rhead_jax.report)
 
 `load_head_scores`, `file_summary`, `bucket_shares`, `spearman`, `top_overlap`, `compare_pair`,
-`dynamic_activation` compute; `analyze` runs them all and writes the files above. A file the user
-gave that cannot be used (missing, not JSON, a malformed head key, ...) raises
+`topk_probability`, `expected_overlap`, `compare_rankings`, `dynamic_activation` compute; `analyze` runs
+them all and writes the files above. A file the user gave that cannot be used (missing, not JSON, a
+malformed head key, a malformed gate file, a gate file of no model present, ...) raises
 rhead_jax.errors.UserError naming the file and the fix. The figures and the page come from
 rhead_jax.report; the vocabulary both use (BUCKETS, parse_head) is rhead_jax.scoring's.
 """
@@ -201,6 +210,127 @@ def overlap_matrix(data: dict[str, dict], k: int = 20) -> dict:
     return {"k": k, "files": names, "matrix": matrix}
 
 
+# --------------------------------------------------------------------------- rankings of any detector
+def topk_probability(values: np.ndarray, k: int) -> np.ndarray:
+    """P(head in the top k) when the heads tied at the k-th score are drawn uniformly at random:
+    1 above the k-th score, (k - heads above) / heads tied at it, 0 below (same shape as values)."""
+    v = np.asarray(values, np.float64).ravel()
+    if k <= 0:
+        return np.zeros(v.shape)
+    if k >= v.size:
+        return np.ones(v.shape)
+    cut = np.sort(v)[::-1][k - 1]
+    above, tied = v > cut, v == cut
+    return np.where(above, 1.0, np.where(tied, (k - above.sum()) / tied.sum(), 0.0))
+
+
+def expected_overlap(a: np.ndarray, b: np.ndarray, k: int) -> dict:
+    """Top-k overlap of two score arrays of one shape: the expected number of shared heads when ties at
+    each cut are broken at random (an integer when no tie straddles a cut; gates clipped to 1 often
+    do), the chance level k^2 / N, and how many heads tie at each cut."""
+    pa, pb = topk_probability(a, k), topk_probability(b, k)
+    n = pa.size
+
+    def ties(p):
+        return int(((p > 0) & (p < 1)).sum())
+
+    ov = float(pa @ pb)
+    return {"k": int(k), "overlap": ov, "frac": ov / k if k else 0.0, "chance": k * k / n if n else 0.0,
+            "ties": [ties(pa), ties(pb)]}
+
+
+def model_group_size(model: str) -> int:
+    """G = query heads / KV heads of a model: a preset name (rhead_jax.presets, e.g. Mistral-7B-v0.2, or a
+    configs/ stem: smollm2_135m), a HF config.json, or a checkpoint directory holding one."""
+    from rhead_jax import presets
+
+    p = Path(str(model))
+    cfg_path = p / "config.json" if p.is_dir() else p
+    if cfg_path.is_file():
+        cfg = _read_json(cfg_path, "model config")
+        if not isinstance(cfg, dict) or "num_attention_heads" not in cfg:
+            raise UserError(f"model config {cfg_path} has no num_attention_heads: give a HF config.json")
+    else:
+        try:
+            cfg = presets.preset_hf_config(str(model))
+        except KeyError:
+            raise UserError(f"--model {model!r}: neither a config.json, a checkpoint directory nor a preset "
+                            f"({', '.join(presets.preset_names())})") from None
+    h = int(cfg["num_attention_heads"])
+    k = int(cfg.get("num_key_value_heads") or h)
+    if h % k:
+        raise UserError(f"model {model}: {h} query heads are not a multiple of {k} KV heads")
+    return h // k
+
+
+def compare_rankings(ranks: Sequence, group_size: int | None = None, ks: Sequence = (20,)) -> dict:
+    """Every two rankings (rhead_jax.rankings.Ranking), per query head and per KV head where their
+    shapes allow (rankings.comparable): Spearman correlation of all heads' scores and top-k overlap
+    (`expected_overlap`) for each k of `ks` (integers, or percentages of the level's heads: '25%').
+
+    Per KV head, a query ranking is the max over the KV head's query heads: a KV head matters as soon
+    as one of the heads that read its cache retrieves (and this is what DuoAttention's per-KV gates
+    decide: keep the cache or not). Per query head, a KV ranking is repeated over its group, so its
+    heads tie in groups of G: Spearman uses average ranks, the overlap the expected value over ties.
+
+    Returns rankings.json's object: {"group_size", "k", "rankings": [{name, path, kind, layers, heads,
+    group_size}], "pairs": [{a, b, levels: {level: {heads, group_size, spearman, overlap: [{k_spec, k,
+    overlap, frac, chance, ties}]}}, note}], "matrix": {level: {names, spearman, overlap: {k_spec: ...}}}}.
+    A KV ranking that can be compared with none of the others is refused (its model is not there)."""
+    from rhead_jax import rankings as rk
+
+    ks = [str(k) for k in ks]
+    for k in ks:  # syntax first
+        rk.resolve_k(k, 1)
+    groups = rk.group_sizes(ranks, group_size)
+    pairs = []
+    partners = {r.name: 0 for r in ranks}
+    for i, a in enumerate(ranks):
+        for b in ranks[i + 1:]:
+            levels, note = rk.comparable(a, b, groups[a.name], groups[b.name])
+            row = {"a": a.name, "b": b.name, "levels": {}, "note": note}
+            for level, g in levels.items():
+                sa, sb = a.at(level, g or 1).ravel(), b.at(level, g or 1).ravel()
+                rho = spearman(sa, sb)
+                row["levels"][level] = {
+                    "heads": int(sa.size), "group_size": g, "spearman": None if math.isnan(rho) else rho,
+                    "overlap": [{"k_spec": k, **expected_overlap(sa, sb, rk.resolve_k(k, sa.size))} for k in ks]}
+            if levels:
+                partners[a.name] += 1
+                partners[b.name] += 1
+            pairs.append(row)
+    if len(ranks) > 1:
+        for r in ranks:
+            if r.kind == "kv" and not partners[r.name]:
+                shapes = ", ".join(f"{o.name} {o.shape[0]}x{o.shape[1]}" for o in ranks if o is not r)
+                g = groups[r.name]
+                raise UserError(f"gate file {r.path or r.name} ({r.shape[0]} layers x {r.shape[1]} KV heads) matches "
+                                f"none of the other rankings ({shapes}): a head-score file of its model has "
+                                f"{r.shape[0]} layers and {r.shape[1]} x G query heads"
+                                + (f" (G = {g} given)" if g else "") + "; check the files or --group_size")
+    matrix = {}
+    for level in rk.LEVELS:
+        names = [r.name for r in ranks if any(level in p["levels"] and r.name in (p["a"], p["b"]) for p in pairs)]
+        if not names:
+            continue
+        idx = {n: i for i, n in enumerate(names)}
+        sp = [[1.0 if a == b else None for b in names] for a in names]
+        ov = {k: [[1.0 if a == b else None for b in names] for a in names] for k in ks}
+        for p in pairs:
+            lv = p["levels"].get(level)
+            if lv is None:
+                continue
+            i, j = idx[p["a"]], idx[p["b"]]
+            sp[i][j] = sp[j][i] = lv["spearman"]
+            for o in lv["overlap"]:
+                ov[o["k_spec"]][i][j] = ov[o["k_spec"]][j][i] = o["frac"]
+        matrix[level] = {"names": names, "spearman": sp, "overlap": ov}
+    return {"group_size": group_size, "k": ks,
+            "rankings": [{"name": r.name, "path": r.path, "kind": r.kind, "layers": r.shape[0], "heads": r.shape[1],
+                          "group_size": groups[r.name]} for r in ranks],
+            "pairs": pairs, "matrix": matrix}
+
+
 # --------------------------------------------------------------------------------------- dynamic activation
 RESULT_FIELDS = ("scores", "needle_index", "length", "depth")
 
@@ -317,14 +447,15 @@ def dynamic_activation(results: list[dict], always_on: float = ALWAYS_ON_THRESHO
 
 # ------------------------------------------------------------------------------------------ orchestration
 def _resolve_pair_name(name: str, loaded: dict[str, str]) -> str:
-    """A --pair entry names a given file by path or by basename."""
+    """A --pair entry names a given file by its label, its path or its file name."""
     if name in loaded.values():
         return next(b for b, p in loaded.items() if p == name)
     if name in loaded:
         return name
     base = os.path.basename(name)
-    if base in loaded and os.path.exists(name) and os.path.samefile(name, loaded[base]):
-        return base
+    for label, p in loaded.items():
+        if base == os.path.basename(p) and (base == name or (os.path.exists(name) and os.path.samefile(name, p))):
+            return label
     raise UserError(f"--pair {name!r} is not one of the input files {sorted(loaded)}: name two of them, "
                     "by path or by file name")
 
@@ -341,28 +472,59 @@ def parse_pairs(pairs: Iterable[str | Sequence[str]]) -> list[tuple[str, str]]:
     return out
 
 
-def analyze(files: Sequence[str | os.PathLike], out_dir: str | os.PathLike, results: str | None = None,
-            pairs: Iterable | None = None, top_k: int = 20, always_on: float = ALWAYS_ON_THRESHOLD,
-            report: bool = True, shared_scale: bool = True) -> dict:
-    """Run every analysis and write all outputs; returns {"summary", "pairs", "dynamic", "data", "provenance"}.
+def _inputs(files: Sequence) -> dict[str, str]:
+    """{label: path}: a file is `PATH` (label: its file name) or `NAME:PATH`."""
+    from rhead_jax import rankings as rk
 
-    pairs: None or empty = detected from the file names (`detect_pairs`). shared_scale: one colour scale
-    (0 to the largest mean over all files) for every heatmap, so equal colours mean equal scores."""
-    if not files:
-        raise UserError("give at least one head-score JSON file")
     paths: dict[str, str] = {}
     for f in files:
-        name = os.path.basename(str(f))
-        if name in paths:
-            raise UserError(f"two input files share the name {name!r} ({paths[name]}, {f}): outputs are named "
-                            "after the file name, so copy or link one under another name")
-        paths[name] = str(f)
-    data = {name: load_head_scores(p) for name, p in paths.items()}
+        name, path = rk.split_spec(str(f))
+        label = name or os.path.basename(path)
+        if label in paths:
+            raise UserError(f"two input files share the name {label!r} ({paths[label]}, {path}): outputs are named "
+                            "after the file name, so label them (NAME:PATH) or copy one under another name")
+        paths[label] = path
+    return paths
+
+
+def _stem(label: str) -> str:
+    """A file-name-safe stem of an input's label (its plots are <stem>_heatmap.png, ...)."""
+    stem = Path(label).stem if label.endswith((".json", ".tsv")) else label
+    return "".join(c if c.isalnum() or c in "._-" else "_" for c in stem) or "input"
+
+
+def analyze(files: Sequence[str | os.PathLike], out_dir: str | os.PathLike, results: str | None = None,
+            pairs: Iterable | None = None, top_k: int = 20, always_on: float = ALWAYS_ON_THRESHOLD,
+            report: bool = True, shared_scale: bool = True, group_size: int | None = None,
+            overlap_k: Sequence | None = None) -> dict:
+    """Run every analysis and write all outputs; returns {"summary", "pairs", "dynamic", "data", "provenance",
+    "rankings"}.
+
+    files: head-score JSONs and gate TSVs, each `PATH` or `NAME:PATH` (the label of tables and plots;
+    default: the file name). The per-file summary, buckets and pairs are the head-score files'; with two
+    or more inputs, `compare_rankings` compares every two of them (rankings.json, <level> matrix
+    plots) with `group_size` (None: inferred) and the top-k of `overlap_k` (default: [top_k]).
+    pairs: None or empty = detected from the file names (`detect_pairs`). shared_scale: one colour scale
+    (0 to the largest mean over all files) for every heatmap, so equal colours mean equal scores."""
+    from rhead_jax import rankings as rk
+
+    if not files:
+        raise UserError("give at least one head-score JSON file (or gate TSV)")
+    paths = _inputs(files)
+    gates = {name: p for name, p in paths.items() if Path(p).suffix == ".tsv"}
+    data = {name: load_head_scores(p) for name, p in paths.items() if name not in gates}
+    ranks = [rk.Ranking(name, rk.read_gates_tsv(p), "kv", p) if name in gates
+             else rk.Ranking(name, rk.head_score_array(data[name]), "query", p) for name, p in paths.items()]
     # every input is read and checked before anything is written: a bad file or pair fails fast
     named = [(_resolve_pair_name(a, paths), _resolve_pair_name(b, paths)) for a, b in parse_pairs(pairs or ())]
+    bad = [n for pair in named for n in pair if n in gates]
+    if bad:
+        raise UserError(f"--pair compares head-score files; {bad[0]} is a gate file (every two inputs are compared "
+                        "in rankings.json and the report's ranking comparison)")
     pairs_source = "given (--pair)" if named else "detected from the file names"
     named = named or detect_pairs(data)
     pair_rows = [compare_pair(data[na], data[nb], top_k, na, nb) for na, nb in named]
+    cmp = compare_rankings(ranks, group_size, overlap_k or [top_k]) if len(ranks) > 1 else None
     dynamic = None
     if results:
         dynamic = dynamic_activation(load_results(results), always_on=always_on)
@@ -375,24 +537,34 @@ def analyze(files: Sequence[str | os.PathLike], out_dir: str | os.PathLike, resu
         raise UserError(f"cannot create the output directory {out} ({e.strerror}): give another --out") from None
     summary, shown = {}, {}
     means = {name: head_means(hs) for name, hs in data.items()}
-    vmax = max(max(m.values()) for m in means.values()) if shared_scale else None
+    vmax = max(max(m.values()) for m in means.values()) if shared_scale and means else None
     above_one = {name: sorted(((h, float(v)) for h, v in m.items() if v > 1.0), key=lambda x: -x[1])
                  for name, m in means.items()}
     for name, hs in data.items():
         entry = file_summary(hs, top_k)
         summary[name] = entry
-        shown[name] = {**entry, "scale_max": vmax, "above_one": above_one[name]}
-        stem = Path(name).stem
+        stem = _stem(name)
+        shown[name] = {**entry, "scale_max": vmax, "above_one": above_one[name], "stem": stem}
         plots.plot_pie(entry, name, out / f"{stem}_pie.png")
         plots.plot_heatmap(mean_matrix(hs), f"{name} ({entry['layers']}x{entry['heads']})",
                            out / f"{stem}_heatmap.png", top=entry["top"], vmax=vmax)
+    for r in ranks:
+        if r.kind == "kv":
+            plots.plot_heatmap(r.scores, f"{r.name} ({r.shape[0]}x{r.shape[1]} KV heads)",
+                               out / f"{_stem(r.name)}_gates.png", vmax=1.0, label="gate (clipped to [0, 1])",
+                               xlabel="KV head")
     io.atomic_write_json(out / "summary.json", summary, indent=1, end="\n")
     io.atomic_write_json(out / "pairs.json", pair_rows, indent=1, end="\n")
+    if cmp is not None:
+        io.atomic_write_json(out / "rankings.json", cmp, indent=1, end="\n")
+        for level, m in cmp["matrix"].items():
+            plots.plot_rank_matrix(m, out / f"rankings_{level}.png",
+                                   f"per {'query' if level == 'query' else 'KV'} head")
     overlap = overlap_matrix(data, top_k)
     prov = {"files": [file_record(p) for p in paths.values()], "results": file_record(results) if results else None,
             "run": run_record(), "pairs": pairs_source,
             "colour_scale": {"shared": bool(shared_scale), "max": vmax}, "above_one": above_one,
-            "overlap": overlap}
+            "overlap": overlap, "labels": {name: p for name, p in paths.items()}}
     io.atomic_write_json(out / "provenance.json", prov, indent=1, end="\n")
 
     if dynamic is not None:
@@ -401,7 +573,9 @@ def analyze(files: Sequence[str | os.PathLike], out_dir: str | os.PathLike, resu
                            f"{os.path.basename(os.path.dirname(os.path.abspath(results))) or results}: "
                            f"head activation over {dynamic['kept']} kept tests")
     if report:
-        from rhead_jax.report.sections import analysis_sections, analysis_provenance
-        write_report(out, shown, pair_rows, dynamic, sections=analysis_sections(prov, pairs_source, top_k),
-                     provenance=analysis_provenance(prov))
-    return {"summary": summary, "pairs": pair_rows, "dynamic": dynamic, "data": data, "provenance": prov}
+        from rhead_jax.report.sections import analysis_provenance, analysis_sections, ranking_sections
+        sections = analysis_sections(prov, pairs_source, top_k) if data else []
+        sections += ranking_sections(out, cmp, [(r.name, _stem(r.name)) for r in ranks if r.kind == "kv"])
+        write_report(out, shown, pair_rows, dynamic, sections=sections, provenance=analysis_provenance(prov))
+    return {"summary": summary, "pairs": pair_rows, "dynamic": dynamic, "data": data, "provenance": prov,
+            "rankings": cmp}

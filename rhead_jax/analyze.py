@@ -1,13 +1,21 @@
-"""Analysis of head-score files (paper Fig. 3, §3) and of one sweep's per-test results: the command.
+"""Analysis of head-score files (paper Fig. 3, §3), of one sweep's per-test results, and the comparison
+of any head rankings (every detector's head-score JSON, DuoAttention-style gate TSVs): the command.
 
-    python -m rhead_jax.analyze a.json [b.json ...] --out DIR [--results results.jsonl]
+    python -m rhead_jax.analyze [NAME:]FILE [[NAME:]FILE ...] --out DIR [--results results.jsonl]
         [--pair a.json b.json] [--pair a.json,b.json] [--top_k 20] [--always_on 0.9]
-        [--noshared_scale] [--debug]
+        [--overlap_k 20,25%,50%] [--group_size G | --model MODEL] [--noshared_scale] [--debug]
 
-Without --pair, pairs are detected from the file names (a base model and its -Chat / -Instruct,
-Mistral and Mixtral). Every heatmap shares one colour scale unless --noshared_scale.
+FILE: a head-score JSON {"L-H": [scores]} (head_scores.json, head_scores_<detector>.json, the published
+ones) or a gate .tsv (layers x KV heads); NAME labels it (default: the file name). Without --pair,
+pairs of head-score files are detected from the file names (a base model and its -Chat / -Instruct,
+Mistral and Mixtral). Every heatmap shares one colour scale unless --noshared_scale. With two or more
+files every two of them are compared (Spearman, top-k overlap for each k of --overlap_k) per query
+head and per KV head, where the group size G (query heads per KV head) is given (--group_size, or
+--model: a preset name, a configs/ stem, a config.json) or inferred from a gate file and a
+head-score file of the same depth (rhead_jax.analysis.compare_rankings).
 
-Writes summary.json, pairs.json, provenance.json, <stem>_{pie,heatmap}.png, (--results) dynamic.json and
+Writes summary.json, pairs.json, provenance.json, <stem>_{pie,heatmap}.png, <stem>_gates.png (gate files),
+(two or more files) rankings.json and rankings_{query,kv}.png, (--results) dynamic.json and
 dynamic_activation.png, and report.html into DIR, then prints a compact table. The work and the
 output formats are in rhead_jax/analysis.py; a bad input prints one `error:` line and exits with
 status 2 (rhead_jax.cli).
@@ -23,7 +31,7 @@ from rhead_jax import analysis, cli
 from rhead_jax.errors import UserError
 
 FLAGS = flags.FLAGS
-USAGE = "python -m rhead_jax.analyze a.json [b.json ...] --out DIR"
+USAGE = "python -m rhead_jax.analyze [NAME:]a.json [[NAME:]b.tsv ...] --out DIR"
 
 
 def rewrite_pair_argv(argv: Sequence[str]) -> list[str]:
@@ -56,6 +64,12 @@ def _define_flags() -> None:
     flags.DEFINE_integer("top_k", 20, "Number of top heads in summary.json and in the pair overlap.")
     flags.DEFINE_float("always_on", analysis.ALWAYS_ON_THRESHOLD,
                        "A retrieval head active in at least this fraction of kept tests is 'always-on'.")
+    flags.DEFINE_list("overlap_k", None, "Top-k sizes of the ranking comparison: integers or percentages of the "
+                                         "heads compared, e.g. 20,25%,50% (default: --top_k).")
+    flags.DEFINE_integer("group_size", None, "Query heads per KV head of the files' model (default: --model's, "
+                                             "or inferred from a gate file and a head-score file).")
+    flags.DEFINE_string("model", None, "The files' model, for its group size: a preset name (Mistral-7B-v0.2), "
+                                       "a configs/ stem (smollm2_135m), a config.json or a checkpoint directory.")
 
 
 def format_table(summary: dict, pairs: Sequence[dict] = (), dynamic: dict | None = None, n_top: int = 5) -> str:
@@ -84,17 +98,53 @@ def format_table(summary: dict, pairs: Sequence[dict] = (), dynamic: dict | None
     return "\n".join(lines)
 
 
+def format_rankings(cmp: dict) -> str:
+    """The ranking comparison as text: one line per comparable pair and level."""
+    ks = cmp["k"]
+    names = [f"{p['a']} vs {p['b']}" for p in cmp["pairs"]]
+    w = max([len("rankings")] + [len(n) for n, p in zip(names, cmp["pairs"]) if p["levels"]])
+    head = f"{'rankings':<{w}}  {'level':<5}  {'heads':>5}  {'G':>2}  {'Spearman':>8}  " + "  ".join(
+        f"{'top-' + k:>22}" for k in ks)
+    lines = ["ranking comparison (per KV head: query rankings by max over the group; per query head: KV rankings "
+             "repeated; overlap: expected with ties at the cut broken at random, * = ties; chance = k^2/N)",
+             head, "-" * len(head)]
+    skipped = []
+    for name, p in zip(names, cmp["pairs"]):
+        if not p["levels"]:
+            skipped.append(name)
+            continue
+        for level, lv in p["levels"].items():
+            g = "?" if lv["group_size"] is None else lv["group_size"]
+            rho = "n/a" if lv["spearman"] is None else f"{lv['spearman']:.3f}"
+            cells = []
+            for o in lv["overlap"]:
+                star = "*" if any(o["ties"]) else ""
+                cell = f"{o['overlap']:.1f}/{o['k']}{star} ({o['frac']:.0%}, ch {o['chance']:.1f})"
+                cells.append(f"{cell:>22}")
+            lines.append(f"{name:<{w}}  {level:<5}  {lv['heads']:>5}  {g:>2}  {rho:>8}  "
+                         + "  ".join(cells) + (f"  ({p['note']})" if p["note"] else ""))
+    if skipped:
+        lines.append(f"not compared (other models' shapes; rankings.json says why): {', '.join(skipped)}")
+    return "\n".join(lines)
+
+
 def main(argv: Sequence[str]) -> None:
     files = list(argv[1:])
     if not files:
-        raise UserError(f"give at least one head-score JSON file: {USAGE}")
+        raise UserError(f"give at least one head-score JSON file (or gate TSV): {USAGE}")
     if not FLAGS.out:
         raise UserError(f"--out is required (the output directory): {USAGE}")
     if FLAGS.top_k < 0:
         raise UserError(f"--top_k must be 0 or more, got {FLAGS.top_k}")
+    if FLAGS.group_size is not None and FLAGS.model:
+        raise UserError("give --group_size or --model, not both")
+    group_size = analysis.model_group_size(FLAGS.model) if FLAGS.model else FLAGS.group_size
     res = analysis.analyze(files, FLAGS.out, results=FLAGS.results, pairs=FLAGS.pair, top_k=FLAGS.top_k,
-                           always_on=FLAGS.always_on, shared_scale=FLAGS.shared_scale)
+                           always_on=FLAGS.always_on, shared_scale=FLAGS.shared_scale, group_size=group_size,
+                           overlap_k=FLAGS.overlap_k)
     print(format_table(res["summary"], res["pairs"], res["dynamic"]))
+    if res["rankings"] is not None:
+        print(format_rankings(res["rankings"]))
     print(f"wrote {os.path.join(FLAGS.out, 'report.html')}")
 
 

@@ -64,7 +64,8 @@ def default_config() -> ml_collections.ConfigDict:
         phase="all",         # "all": prefill and decode; "decode": decode steps only (the original)
     ))
     c.ablation = ml_collections.ConfigDict(dict(  # rhead_jax.ablate; its flags override these
-        scores="",           # head-score file {"L-H": [scores]} (a sweep's head_scores.json); top:/random: need it
+        scores="",           # head-score file {"L-H": [scores]} (a sweep's head_scores.json); top:/random: need it;
+                             # several rankings: "NAME:PATH,NAME:PATH,..." (JSONs, gate TSVs), top:K@NAME
         mask="top:20",       # top:K | random:K | list:L-H,L-H,... | none
         seeds=(0,),          # random:K: one draw per seed, results averaged over seeds ('(0,1,2)' on the CLI)
         sweep_k=(),          # e.g. (0, 5, 10, 20): accuracy vs number of masked heads, top-k vs random

@@ -181,6 +181,49 @@ def _changed_run(tiny_dir, scores_file, wd, model):
     ablation.run_ablation(c, str(wd), model=model)
 
 
+def test_several_rankings_in_one_run_share_runs_and_resume(tiny_dir, model, scores_file, sweep_k_run, tmp_path,
+                                                           monkeypatch):
+    """copy (query JSON), kv (a gate TSV, G = 2) and copy2 (the same JSON again) with top-2 masked next to
+    2 random seeds and one baseline: the baseline and random runs of the single-file run are reused (the
+    same heads), copy and copy2 mask the same heads and share one run, a rerun recomputes nothing."""
+    import shutil
+
+    from rhead_jax.rankings import write_gates_tsv
+    old_wd, old = sweep_k_run
+    shutil.copytree(old_wd / "runs", tmp_path / "runs")
+    gates = tmp_path / "gates.tsv"
+    write_gates_tsv(gates, [[0.1, 0.8], [0.9, 0.0]])
+    scores = f"copy:{scores_file},kv:{gates},copy2:{scores_file}"
+    calls = []
+    real_run = ablation.NiahTask.run
+    monkeypatch.setattr(ablation.NiahTask, "run", lambda self, *a: calls.append(a[-1]) or real_run(self, *a))
+    res = ablation.run_ablation(_config(tiny_dir, scores, mask="top:2", sweep_k=[2], seeds=[0, 1]), str(tmp_path),
+                                model=model)
+    assert len(calls) == 2 and len(set(calls)) == 2  # top-2 of copy (= copy2) and of kv; one batch each
+    assert set(res["groups"]) == {"none", "top:2@copy", "top:2@kv", "top:2@copy2", "random:2"}
+    assert res["mask"]["spec"] == "top:2@copy" and res["masked_heads"] == old["masked_heads"] == [[0, 0], [0, 3]]
+    assert res["groups"]["top:2@kv"]["masked_heads"] == [[1, 0], [1, 1]]  # KV head 1-0's two query heads
+    runs = res["runs"]
+    assert runs["top2-copy"]["store"] == runs["top2-copy2"]["store"] != runs["top2-kv"]["store"]
+    assert [r["response"] for r in runs["top2-copy"]["instances"]] == \
+        [r["response"] for r in old["runs"]["top2"]["instances"]]  # the single-file top:2, masked alike
+    t = res["sweep_k"]
+    assert t["rankings"] == ["copy", "kv", "copy2"] and t["k"] == [2] and t["baseline"] == old["baseline"]["accuracy"]
+    assert t["by_ranking"]["copy"] == t["by_ranking"]["copy2"] == [old["groups"]["top:2"]["accuracy"]]
+    assert t["random"] == [old["groups"]["random:2"]["accuracy"]]
+    assert [r["name"] for r in res["rankings"]] == ["copy", "kv", "copy2"] and "copy" in res["random_pool"]
+    md = (tmp_path / "sweep_k.md").read_text()
+    assert "| k | copy | kv | copy2 | random |" in md
+    html = (tmp_path / "report.html").read_text()
+    assert "Which ranking is causal" in html and "top-k of kv" in html and "gates.tsv" in html
+    # a rerun reads every run back
+    results = (tmp_path / "results.json").read_bytes()
+    monkeypatch.setattr(ablation.NiahTask, "run", lambda *a: (_ for _ in ()).throw(AssertionError("recomputed")))
+    ablation.run_ablation(_config(tiny_dir, scores, mask="top:2", sweep_k=[2], seeds=[0, 1]), str(tmp_path),
+                          model=model)
+    assert (tmp_path / "results.json").read_bytes() == results
+
+
 def test_errors_before_any_work(tiny_dir, model, scores_file, tmp_path):
     with pytest.raises(ValueError, match="no head-score file given"):
         ablation.run_ablation(_config(tiny_dir, mask="top:2"), str(tmp_path), model=model)

@@ -240,3 +240,90 @@ def test_shared_colour_scale_and_provenance(tmp_path):
     assert ["0-0", pytest.approx(1.5)] not in prov["above_one"]["a.json"]
     assert [f["name"] for f in prov["files"]] == ["a.json", "b.json"] and len(prov["files"][0]["sha256"]) == 64
     assert res["provenance"]["pairs"] == "detected from the file names" and res["pairs"] == []
+
+
+# ------------------------------------------------------------------------------- rankings of any detector
+# 2 layers x 4 query heads, G = 2 (2 KV heads per layer): per KV head, the copy ranking's max is
+# [[0.9, 0.2], [0.6, 0.05]] (ranks 4 2 3 1) and the gates [[1.0, 0.1], [0.3, 0.7]] rank 4 1 2 3:
+# d = 0 1 1 -2, Spearman = 1 - 6 * 6 / (4 * 15) = 0.4; top-2 KV heads {0-0, 1-0} vs {0-0, 1-1}: 1 shared.
+COPY = [[0.9, 0.1, 0.0, 0.2], [0.5, 0.6, 0.05, 0.0]]
+GATES = [[1.0, 0.1], [0.3, 0.7]]
+
+
+def test_topk_probability_and_expected_overlap_with_ties():
+    np.testing.assert_allclose(analysis.topk_probability([1, 1, 0.7, 0.7, 0.3], 3), [1, 1, 0.5, 0.5, 0])
+    assert analysis.topk_probability([1, 2], 0).sum() == 0 and analysis.topk_probability([1, 2], 5).sum() == 2
+    o = analysis.expected_overlap(np.array([3, 2, 1, 0]), np.array([1, 1, 1, 0]), 2)
+    assert o["overlap"] == pytest.approx(4 / 3) and o["ties"] == [0, 3] and o["chance"] == 1.0
+    o = analysis.expected_overlap(np.arange(10.0), np.arange(10.0)[::-1], 3)
+    assert (o["overlap"], o["frac"], o["ties"], o["chance"]) == (0.0, 0.0, [0, 0], 0.9)
+
+
+def _rankings():
+    from rhead_jax.rankings import Ranking
+    return [Ranking("copy", np.array(COPY), "query"), Ranking("duo", np.array(GATES), "kv"),
+            Ranking("mass", np.array(COPY)[:, ::-1], "query"), Ranking("other", np.zeros((3, 4)), "query")]
+
+
+def test_compare_rankings_known_answers():
+    cmp = analysis.compare_rankings(_rankings(), ks=[2, "50%"])
+    assert {r["name"]: r["group_size"] for r in cmp["rankings"]} == {"copy": 2, "duo": 2, "mass": 2, "other": None}
+    pairs = {(p["a"], p["b"]): p for p in cmp["pairs"]}
+    kv = pairs["copy", "duo"]["levels"]["kv"]
+    assert (kv["heads"], kv["group_size"]) == (4, 2) and kv["spearman"] == pytest.approx(0.4)
+    assert [(o["k_spec"], o["k"], o["overlap"]) for o in kv["overlap"]] == [("2", 2, 1.0), ("50%", 2, 1.0)]
+    q = pairs["copy", "duo"]["levels"]["query"]  # the gates repeated over their 2 query heads: ties in pairs
+    copy_q, duo_q = np.ravel(COPY), np.repeat(GATES, 2, axis=1).ravel()
+    assert q["heads"] == 8 and q["spearman"] == pytest.approx(stats.spearmanr(copy_q, duo_q).statistic)
+    # top-4 (50%) query heads: copy {0-0, 1-1, 1-0, 0-3} vs the gates' {0-0, 0-1, 1-2, 1-3}: one shared
+    assert q["overlap"][1]["k"] == 4 and q["overlap"][1]["overlap"] == 1.0
+    mass = pairs["copy", "mass"]["levels"]
+    assert set(mass) == {"query", "kv"}
+    # mass = copy with each layer's heads reversed: per KV head [0.2, 0.9, 0.05, 0.6]; d = 2 -2 2 -2
+    assert mass["kv"]["spearman"] == pytest.approx(-0.6)
+    assert pairs["copy", "other"]["levels"] == {} and "layer counts" in pairs["copy", "other"]["note"]
+    m = cmp["matrix"]["kv"]
+    assert m["names"] == ["copy", "duo", "mass"] and m["spearman"][0][1] == m["spearman"][1][0] == pytest.approx(0.4)
+    assert m["overlap"]["2"][0][1] == 0.5 and m["spearman"][2][2] == 1.0
+    assert cmp["matrix"]["query"]["names"] == ["copy", "duo", "mass"]  # "other" has no partner of its shape
+
+
+def test_compare_rankings_refuses_a_gate_file_of_no_model_present():
+    from rhead_jax.rankings import Ranking
+    with pytest.raises(UserError, match=r"gate file g.tsv \(2 layers x 3 KV heads\) matches none"):
+        analysis.compare_rankings([Ranking("copy", np.array(COPY), "query"),
+                                   Ranking("g", np.zeros((2, 3)), "kv", "g.tsv")])
+    with pytest.raises(UserError, match="group size 3"):
+        analysis.compare_rankings(_rankings()[:2], group_size=3)
+
+
+def test_analyze_smollm2_shaped_gates_and_head_scores(tmp_path):
+    """A fake SmolLM2 gate TSV [30 layers x 3 KV heads] next to head_scores.json [30 x 9]: G = 3 inferred."""
+    from rhead_jax.rankings import write_gates_tsv
+    rng = np.random.default_rng(0)
+    copy = rng.random((30, 9)) ** 4
+    hs = write_json(tmp_path / "head_scores.json", {f"{l}-{h}": [copy[l, h]] for l in range(30) for h in range(9)})
+    gates = tmp_path / "full_attention_heads.tsv"
+    write_gates_tsv(gates, copy.reshape(30, 3, 3).max(-1) / copy.max())  # the copy scores' own KV ranking
+    out = tmp_path / "out"
+    res = analysis.analyze([f"copy:{hs}", f"duo:{gates}"], out, overlap_k=["20", "25%"])
+    cmp = json.loads((out / "rankings.json").read_text())
+    assert cmp == json.loads(json.dumps(res["rankings"]))
+    p = cmp["pairs"][0]
+    assert (p["a"], p["b"], set(p["levels"])) == ("copy", "duo", {"query", "kv"})
+    assert p["levels"]["kv"]["spearman"] == pytest.approx(1.0) and p["levels"]["kv"]["heads"] == 90
+    # 25% of 90 KV heads = 22.5 -> 23
+    assert [o["overlap"] for o in p["levels"]["kv"]["overlap"]] == [pytest.approx(20), pytest.approx(23)]
+    assert p["levels"]["query"]["heads"] == 270 and p["levels"]["query"]["overlap"][1]["k"] == 68
+    assert list(res["summary"]) == ["copy"]  # buckets are the head-score files'
+    html = (out / "report.html").read_text()
+    for name in ("rankings_query.png", "rankings_kv.png", "duo_gates.png", "copy_heatmap.png"):
+        assert (out / name).read_bytes()[:4] == b"\x89PNG", name
+        assert analysis_data_uri(out / name) in html, name
+    assert "Ranking comparison" in html and "Spearman ρ" in html and "top-25%" in html and "Gate files" in html
+    assert json.loads((out / "provenance.json").read_text())["labels"] == {"copy": str(hs), "duo": str(gates)}
+
+
+def analysis_data_uri(path):
+    from rhead_jax.report.html import data_uri
+    return data_uri(path)

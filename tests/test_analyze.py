@@ -62,7 +62,7 @@ def test_cli_end_to_end(tmp_path):
     assert dyn["always_on_threshold"] == 0.8 and dyn["always_on"] == ["0-0"]
 
     html = (out / "report.html").read_text()
-    assert html.count('src="data:image/png;base64,') == 5
+    assert html.count('src="data:image/png;base64,') == 6  # 2 pies, 2 heatmaps, dynamic, the ranking matrix
     for title in ("Retrieval-head analysis", "Overview", "base.json", "chat.json", "Model pairs",
                   "Dynamic activation", "Top 3 heads by mean retrieval score", "Heads per score bucket"):
         assert title in html, title
@@ -98,3 +98,48 @@ def test_cli_malformed_head_key_and_debug(tmp_path, debug):
         assert proc.returncode != 0 and "Traceback" in proc.stderr and "UserError" in proc.stderr
     else:
         _assert_user_error(proc, "bad.json", "'L0H1'")
+
+
+def _smol_files(tmp_path, kv_heads: int = 3):
+    """A SmolLM2-shaped head_scores.json [30 x 9] and a gate TSV [30 x kv_heads] (values of no meaning)."""
+    import numpy as np
+
+    from rhead_jax.rankings import write_gates_tsv
+    rng = np.random.default_rng(1)
+    hs = write_json(tmp_path / "head_scores.json",
+                    {f"{l}-{h}": [float(rng.random()) ** 3] for l in range(30) for h in range(9)})
+    tsv = tmp_path / "full_attention_heads.tsv"
+    write_gates_tsv(tsv, rng.random((30, kv_heads)))
+    return hs, tsv
+
+
+def test_cli_rankings_of_any_detector(tmp_path):
+    hs, tsv = _smol_files(tmp_path)
+    out = tmp_path / "out"
+    proc = _run(f"copy:{hs}", f"duo:{tsv}", f"mass:{hs}", "--out", out, "--overlap_k", "20,25%",
+                "--model", "smollm2_135m")
+    assert proc.returncode == 0, proc.stderr
+    rows = [line.split()[:4] for line in proc.stdout.splitlines() if " vs " in line]
+    assert rows == [["copy", "vs", "duo", "query"], ["copy", "vs", "duo", "kv"], ["copy", "vs", "mass", "query"],
+                    ["copy", "vs", "mass", "kv"], ["duo", "vs", "mass", "query"], ["duo", "vs", "mass", "kv"]]
+    assert "ranking comparison" in proc.stdout and "top-25%" in proc.stdout
+    cmp = json.loads((out / "rankings.json").read_text())
+    assert cmp["group_size"] == 3 and [p["a"] + "-" + p["b"] for p in cmp["pairs"]] == ["copy-duo", "copy-mass",
+                                                                                         "duo-mass"]
+    assert cmp["pairs"][1]["levels"]["kv"]["spearman"] == 1.0
+    html = (out / "report.html").read_text()
+    assert "Ranking comparison" in html and html.count('src="data:image/png;base64,') == 2 * 2 + 1 + 2
+
+
+@pytest.mark.parametrize("case, fragments", [
+    ("malformed", ("full_attention_heads.tsv", "not a tab-separated float matrix")),
+    ("shapes", ("full_attention_heads.tsv", "30 layers x 4 KV heads", "matches none")),
+    ("group_size", ("head_scores.json", "group size 2")),
+])
+def test_cli_bad_rankings(tmp_path, case, fragments):
+    hs, tsv = _smol_files(tmp_path, kv_heads=4 if case == "shapes" else 3)
+    if case == "malformed":
+        tsv.write_text("0.5\t0.25\t1\n0.5\tgate\t1\n")
+    extra = ["--group_size", "2"] if case == "group_size" else []
+    _assert_user_error(_run(hs, tsv, "--out", tmp_path / "o", *extra), *fragments)
+    assert not (tmp_path / "o").exists()

@@ -154,3 +154,20 @@ def test_detectors_bad_inputs(tiny_config, tmp_path):
     assert_user_error(run_cli("rhead_jax.detectors", "--config", tiny_config, "--workdir", tmp_path / "wd",
                               "--config.detectors.length=300"), "1200 tokens", "512 positions", "config.detectors")
     assert not (tmp_path / "wd").exists()
+
+
+def test_ablate_bad_rankings(tiny_config, tmp_path):
+    """--scores NAME:PATH,...: a malformed gate file (refused before the model loads), a gate file of
+    another model's shape (2 layers x 3 KV heads; the tiny model has 2 KV heads)."""
+    scores = tmp_path / "head_scores.json"
+    scores.write_text(json.dumps({f"{l}-{h}": [0.1 * h] for l in range(2) for h in range(4)}))
+    bad = tmp_path / "bad.tsv"
+    bad.write_text("1\t0.5\n0.2\n")
+    assert_user_error(run_cli("rhead_jax.ablate", "--config", tiny_config, "--workdir", tmp_path / "wd",
+                              "--scores", f"copy:{scores},duo:{bad}"), "bad.tsv", "all of one length")
+    other = tmp_path / "other.tsv"
+    other.write_text("1\t0.5\t0\n0.2\t0\t1\n")
+    assert_user_error(run_cli("rhead_jax.ablate", "--config", tiny_config, "--workdir", tmp_path / "wd",
+                              "--scores", f"copy:{scores},duo:{other}", "--sweep_k", "2"),
+                      "ranking duo", "2 layers x 3 KV heads", "the model 2 x 2")
+    assert not (tmp_path / "wd" / "runs").exists()

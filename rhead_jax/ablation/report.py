@@ -53,11 +53,16 @@ def report_meta(results: dict) -> str:
 def report_intro(results: dict) -> str:
     base = ("the unmasked baseline (<i>none</i>) is run once and shown next to every masked group"
             if results.get("baseline") else "no unmasked baseline in this run (--nobaseline)")
+    ranks = results.get("rankings")
+    top = ("<i>top:K</i> masks the K best heads of the head-score file" if not ranks else
+           "<i>top:K@NAME</i> masks the K best query heads of the ranking NAME (" +
+           ", ".join(f"{_e(r['name'])}: {_e(Path(r['path']).name)}" for r in ranks) + "; a KV-head ranking masks "
+           "the query heads of its best KV heads, in order, until K)")
+    pool = "" if not ranks else f" in the first ranking, {_e(ranks[0]['name'])},"
     return (f"Accuracy of the model on the same tests with attention heads masked; {base}. Accuracy is the "
-            f"{_metric(results)}. <i>top:K</i> masks the K best heads of the head-score file; <i>random:K</i> "
-            f"masks K heads drawn per seed from those scoring ≤ {results['retrieval_threshold']} (never retrieval "
-            "heads), the control. The paper's finding: masking the retrieval heads breaks needle retrieval, masking "
-            "as many random heads does not.")
+            f"{_metric(results)}. {top}; <i>random:K</i> masks K heads drawn per seed from those scoring ≤ "
+            f"{results['retrieval_threshold']}{pool} (never retrieval heads), the control. The paper's finding: "
+            "masking the retrieval heads breaks needle retrieval, masking as many random heads does not.")
 
 
 def _groups_section(results: dict, scores: dict) -> str:
@@ -73,7 +78,9 @@ def _groups_section(results: dict, scores: dict) -> str:
                      *([f'<div class="heads">{cats}</div>'] if niah else []),
                      f'<div class="heads">{_heads_html(g, scores)}</div>'])
     header = ["mask", "runs", "tests", "accuracy", "std over seeds", "metrics",
-              *(["answers (taxonomy)"] if niah else []), "masked heads (mean score in the scores file)"]
+              *(["answers (taxonomy)"] if niah else []),
+              "masked heads (mean score in the scores file)" if not results.get("rankings") else
+              f"masked heads (score in ranking {results['rankings'][0]['name']})"]
     note = ('<p class="note">One row per mask group. A group with several runs (random:K, one per seed) shows '
             "the mean over its runs and the standard deviation over seeds; a group with one run has no spread "
             "to show. “tests” counts all tests of the group's runs.</p>")
@@ -144,22 +151,37 @@ def report_sections(results: dict, files: dict[str, Path]) -> list[tuple[str, An
     if results.get("sweep_k"):
         t = results["sweep_k"]
         several = len(t["seeds"]) > 1
-        trows = [[r["k"], f"{100 * r['top']:.1f}",
-                  f"{100 * r['random']:.1f} ± {100 * r['random_std']:.1f}" if several else f"{100 * r['random']:.1f}"]
-                 for r in t["rows"]]
-        cap = (f"Accuracy ({_metric(results)}) against the number of masked heads k; k = 0 is the unmasked "
-               "baseline. " + (f"Random: mean over {len(t['seeds'])} seeds, error bars ± one standard deviation."
-                               if several else "Random: one seed, so no error bars."))
-        sections.append(("Accuracy vs number of masked heads: top-k vs random",
-                         [image_html(files["sweep_k.png"], "top-k vs random", cap, max_w=620),
-                          table(["k", "top-k retrieval heads", "k random heads" + (" (mean ± std)" if several
-                                                                                   else "")], trows, left=())]))
+        names = t.get("rankings")
+
+        def rnd(r):
+            if not several:
+                return f"{100 * r['random']:.1f}"
+            return (f"{100 * r['random']:.1f} ± {100 * r['random_std']:.1f} "
+                    f"[{100 * r['random_min']:.1f}–{100 * r['random_max']:.1f}]")
+
+        tops = [[f"{100 * r['by_ranking'][n]:.1f}" for n in names] if names else [f"{100 * r['top']:.1f}"]
+                for r in t["rows"]]
+        trows = [[r["k"], *top, rnd(r)] for r, top in zip(t["rows"], tops)]
+        base = t.get("baseline")
+        cap = (f"Accuracy ({_metric(results)}) against the number of masked query heads k"
+               + (f"; dotted: no head masked ({100 * base:.1f}), run once" if base is not None else "")
+               + ". " + (f"Random: mean over {len(t['seeds'])} seeds, shaded from the lowest to the highest seed."
+                         if several else "Random: one seed."))
+        if names:
+            cap += (" One line per ranking: its top-k query heads masked (a KV-head ranking: the query heads of "
+                    "its best KV heads, in order, until k; rhead_jax.rankings).")
+        header = ["k", *([f"top-k of {n}" for n in names] if names else ["top-k retrieval heads"]),
+                  "k random heads" + (" (mean ± std [min–max])" if several else "")]
+        title = ("Which ranking is causal: accuracy vs number of masked heads" if names
+                 else "Accuracy vs number of masked heads: top-k vs random")
+        sections.append((title, [image_html(files["sweep_k.png"], "top-k vs random", cap, max_w=680),
+                                 table(header, trows, left=())]))
     return sections
 
 
 def report_provenance(results: dict, run: dict | None = None) -> str:
     p = results.get("provenance", {})
-    files = [p["scores"]] if p.get("scores") else []
+    files = [p["scores"]] if p.get("scores") else list(p.get("rankings") or [])
     g = results.get("grid")
     items = [("model", _e(f"{p['model']['name']} ({p['model']['path']}), dtype {p['model']['dtype']}")),
              ("task", _e(results["task"])),
@@ -167,7 +189,9 @@ def report_provenance(results: dict, run: dict | None = None) -> str:
                          f"{results['mask']['phase']}; seeds {results['seeds']}; random heads from those ≤ "
                          f"{results['retrieval_threshold']}")),
              ("head scores", _e(p["scores"]["path"] + f" ({p['scores']['tests']} tests per head)")
-              if p.get("scores") else "none (no file needed)")]
+              if p.get("scores") else
+              _e("; ".join(f"{r['ranking']}: {r['path']} ({r['kind']} heads, {r['shape'][0]} x {r['shape'][1]})"
+                           for r in p["rankings"])) if p.get("rankings") else "none (no file needed)")]
     if g:
         items += [("needles", _e(f"{p['needles']} ({g['needles']} needles)")), ("haystack", _e(p["haystack"])),
                   ("grid", _e(f"nominal lengths {g['lengths']} x depths {g['depths']} %")),
@@ -176,7 +200,8 @@ def report_provenance(results: dict, run: dict | None = None) -> str:
     items += [("max new tokens", _e(p["max_new_tokens"])), ("faithful mode", _e(p["faithful"])),
               ("batch size", _e(p["batch_size"]))]
     if p.get("masked_head_scores"):
-        items.append(("masked heads' mean scores",
+        items.append(("masked heads' mean scores" if not p.get("masked_head_scores_ranking") else
+                      f"masked heads' scores in {_e(p['masked_head_scores_ranking'])}",
                       '<div class="heads">' + _head_list([k.split("-") for k in p["masked_head_scores"]],
                                                          p["masked_head_scores"]) + "</div>"))
     return ('<p class="note">What these numbers depend on (also under "provenance" in results.json), the '

@@ -40,37 +40,73 @@ def group_summary(group: Group, run_summaries: dict[str, dict]) -> dict:
     return out
 
 
-def sweep_k_table(ks: Sequence[int], groups: dict[str, dict], seeds: Sequence[int]) -> dict:
-    """Accuracy against the number of masked heads: top-k and random-k (mean, std, per seed)."""
+def sweep_k_table(ks: Sequence[int], groups: dict[str, dict], seeds: Sequence[int],
+                  rankings: Sequence[str] = ()) -> dict:
+    """Accuracy against the number of masked heads: top-k (of each ranking: `by_ranking`, when the
+    rankings are named) and random-k (mean, std, min, max, per seed); `baseline`: the unmasked run."""
+    names = list(rankings)
     rows = []
     for k in sorted(set(ks)):
         if k == 0:
-            g = groups["none"]
-            rows.append({"k": 0, "top": g["accuracy"], "random": g["accuracy"], "random_std": 0.0,
-                         "random_by_seed": {str(s): g["accuracy"] for s in seeds}})
+            acc = groups["none"]["accuracy"]
+            row = {"k": 0, "top": acc, "random": acc, "random_std": 0.0, "random_min": acc, "random_max": acc,
+                   "random_by_seed": {str(s): acc for s in seeds}}
+            if names:
+                row["by_ranking"] = {n: acc for n in names}
+            rows.append(row)
             continue
-        top, rnd = groups[f"top:{k}"], groups[f"random:{k}"]
-        rows.append({"k": k, "top": top["accuracy"], "random": rnd["accuracy"], "random_std": rnd["accuracy_std"],
-                     "random_by_seed": {str(r.split("-seed")[-1]): a for r, a in rnd["accuracy_by_run"].items()}})
-    return {"k": [r["k"] for r in rows], "top": [r["top"] for r in rows], "random": [r["random"] for r in rows],
-            "random_std": [r["random_std"] for r in rows], "seeds": list(seeds), "rows": rows}
+        rnd = groups[f"random:{k}"]
+        accs = list(rnd["accuracy_by_run"].values())
+        by = {n: groups[f"top:{k}@{n}"]["accuracy"] for n in names}
+        row = {"k": k, "top": by[names[0]] if names else groups[f"top:{k}"]["accuracy"], "random": rnd["accuracy"],
+               "random_std": rnd["accuracy_std"], "random_min": float(min(accs)), "random_max": float(max(accs)),
+               "random_by_seed": {str(r.split("-seed")[-1]): a for r, a in rnd["accuracy_by_run"].items()}}
+        if names:
+            row["by_ranking"] = by
+        rows.append(row)
+    out = {"k": [r["k"] for r in rows], "top": [r["top"] for r in rows], "random": [r["random"] for r in rows],
+           "random_std": [r["random_std"] for r in rows], "random_min": [r["random_min"] for r in rows],
+           "random_max": [r["random_max"] for r in rows], "seeds": list(seeds),
+           "baseline": groups["none"]["accuracy"] if "none" in groups else None, "rows": rows}
+    if names:
+        out["rankings"] = names
+        out["by_ranking"] = {n: [r["by_ranking"][n] for r in rows] for n in names}
+    return out
 
 
 def sweep_k_csv(table: dict) -> str:
     seeds = [str(s) for s in table["seeds"]]
-    lines = ["k,top_accuracy,random_accuracy_mean,random_accuracy_std," + ",".join(f"random_seed{s}" for s in seeds)]
+    names = table.get("rankings")
+    tops = [f"top_{n}_accuracy" for n in names] if names else ["top_accuracy"]
+    lines = ["k," + ",".join(tops) + ",random_accuracy_mean,random_accuracy_std,"
+             + ",".join(f"random_seed{s}" for s in seeds) + ",random_min,random_max"]
     for r in table["rows"]:
-        lines.append(f"{r['k']},{r['top']:.4f},{r['random']:.4f},{r['random_std']:.4f},"
-                     + ",".join(f"{r['random_by_seed'][s]:.4f}" for s in seeds))
+        top = [r["by_ranking"][n] for n in names] if names else [r["top"]]
+        lines.append(f"{r['k']}," + ",".join(f"{x:.4f}" for x in top) + f",{r['random']:.4f},{r['random_std']:.4f},"
+                     + ",".join(f"{r['random_by_seed'][s]:.4f}" for s in seeds)
+                     + f",{r['random_min']:.4f},{r['random_max']:.4f}")
     return "\n".join(lines) + "\n"
 
 
 def sweep_k_markdown(table: dict, metric: str = "accuracy") -> str:
-    lines = [f"| heads masked (k) | top-k retrieval heads {metric} | k random non-retrieval heads {metric} "
-             f"(mean ± std over {len(table['seeds'])} seed{'s' if len(table['seeds']) != 1 else ''}) |",
-             "|---:|---:|---:|"]
+    n_seeds = len(table["seeds"])
+    seeds_txt = f"{n_seeds} seed{'s' if n_seeds != 1 else ''}"
+    names = table.get("rankings")
+    if not names:
+        lines = [f"| heads masked (k) | top-k retrieval heads {metric} | k random non-retrieval heads {metric} "
+                 f"(mean ± std over {seeds_txt}) |", "|---:|---:|---:|"]
+        for r in table["rows"]:
+            lines.append(f"| {r['k']} | {100 * r['top']:.1f} | {100 * r['random']:.1f} ± {100 * r['random_std']:.1f} |")
+        return "\n".join(lines) + "\n"
+    base = table.get("baseline")
+    lines = [f"{metric} (%) with the top-k query heads of each ranking masked, and k random heads "
+             f"(mean ± std [min–max] over {seeds_txt})"
+             + (f"; no head masked: {100 * base:.1f}" if base is not None else ""), "",
+             "| k | " + " | ".join(names) + " | random |", "|---:|" + "---:|" * (len(names) + 1)]
     for r in table["rows"]:
-        lines.append(f"| {r['k']} | {100 * r['top']:.1f} | {100 * r['random']:.1f} ± {100 * r['random_std']:.1f} |")
+        rnd = (f"{100 * r['random']:.1f} ± {100 * r['random_std']:.1f} [{100 * r['random_min']:.1f}–"
+               f"{100 * r['random_max']:.1f}]")
+        lines.append(f"| {r['k']} | " + " | ".join(f"{100 * r['by_ranking'][n]:.1f}" for n in names) + f" | {rnd} |")
     return "\n".join(lines) + "\n"
 
 

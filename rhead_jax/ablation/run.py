@@ -8,7 +8,9 @@ Workdir layout (local or gs://, every file written atomically):
   sweep_k.png / sweep_k.csv / sweep_k.md    accuracy vs number of masked heads, top vs random
   report.html                               the figures and tables (rhead_jax.report)
 A run's batches are reused by any later invocation that asks for the same run (same heads, mode,
-phase and grid), so `--sweep_k` after `--mask top:20` recomputes nothing for top:20.
+phase and grid), so `--sweep_k` after `--mask top:20` recomputes nothing for top:20. With several
+rankings (`--scores NAME:PATH,...`) the baseline and the random runs are run once for all of them,
+and the top:K@NAME runs of rankings that mask the same heads are one run (Run.store).
 """
 from __future__ import annotations
 
@@ -23,8 +25,8 @@ from tqdm.auto import tqdm
 
 from rhead_jax import config as config_lib
 from rhead_jax import io, qa
-from rhead_jax.ablation.heads import (MaskSpec, Run, build_head_mask, check_scores, load_scores, phase_masks,
-                                      plan_groups)
+from rhead_jax.ablation.heads import (MaskSpec, Run, build_head_mask, check_scores, load_rankings, main_spec,
+                                      phase_masks, plan_groups)
 from rhead_jax.ablation.results import format_summary, group_summary, sweep_k_csv, sweep_k_markdown, \
     sweep_k_table
 from rhead_jax.ablation.report import report_intro, report_meta, report_provenance, report_sections
@@ -32,6 +34,7 @@ from rhead_jax.ablation.taxonomy import CATEGORIES
 from rhead_jax.ablation.tasks import make_task, parse_task
 from rhead_jax.engine import Engine
 from rhead_jax.errors import UserError
+from rhead_jax.rankings import check_ranking_shape
 from rhead_jax.report import plot_fig1_heatmap, plot_sweep_k, write_report
 from rhead_jax.report.provenance import file_record, run_record
 from rhead_jax.scoring import head_means
@@ -59,13 +62,15 @@ def validate(c):
 
 
 def _run_json(config, task, run: Run) -> str:
-    """What a run's results depend on: pinned in its ResultStore (a mismatch is refused)."""
+    """What a run's results depend on: pinned in its ResultStore (a mismatch is refused). A top:K@NAME
+    run is stored by its head set (Run.store), so its heads are pinned sorted: any ranking's order fits."""
+    heads = sorted(run.heads) if run.spec.ranking else run.heads
     return json.dumps({"model": config.model.to_dict(), "task": task.tag, **task.pinned(),
                        "mask": {"mode": config.mask.mode, "phase": config.mask.phase},
-                       "run": run.label, "heads": [list(h) for h in run.heads]}, sort_keys=True, indent=1)
+                       "run": run.store, "heads": [list(h) for h in heads]}, sort_keys=True, indent=1)
 
 
-def _provenance(config, task, score_data, runs) -> dict:
+def _provenance(config, task, score_data, runs, ranks=None, group_size: int = 1) -> dict:
     """What the numbers depend on (no time stamps: results.json stays byte-identical on a rerun)."""
     prov: dict[str, Any] = {
         "model": {"name": config.model.name, "path": config.model.path, "dtype": config.model.dtype},
@@ -82,6 +87,16 @@ def _provenance(config, task, score_data, runs) -> dict:
         heads = sorted({tuple(h) for r in runs.values() for h in r.heads})
         prov["scores"] = {**rec, "tests": len(next(iter(score_data.values())))}
         prov["masked_head_scores"] = {f"{l}-{h}": float(means.get(f"{l}-{h}", 0.0)) for l, h in heads}
+    elif ranks:
+        prov["rankings"] = []
+        for r in ranks.values():
+            rec = file_record(r.path)
+            rec.pop("modified", None)
+            prov["rankings"].append({"ranking": r.name, "kind": r.kind, "shape": list(r.shape), **rec})
+        first = next(iter(ranks.values())).per_query(group_size)
+        heads = sorted({tuple(h) for r in runs.values() for h in r.heads})
+        prov["masked_head_scores_ranking"] = next(iter(ranks))
+        prov["masked_head_scores"] = {f"{l}-{h}": float(first[l, h]) for l, h in heads}
     if task.kind == "niah":
         by_len: dict[int, list[int]] = {}
         for i in task.instances:
@@ -107,45 +122,55 @@ def run_ablation(config, workdir: str, *, model=None, scores: str | None = None,
     main = MaskSpec.parse(a.mask)
     ks = sorted(set(a.sweep_k))
     need = main.needs_scores or any(k > 0 for k in ks)
-    score_data = load_scores(a.scores) if (a.scores or need) else None  # fail before loading the model
+    score_data, ranks = load_rankings(a.scores) if (a.scores or need) else (None, {})  # before the model
     if kind != "niah":
         qa.load_tasks(task_path, kind)
 
     engine = Engine(config, model)
     name, is_writer = engine.name, engine.is_writer
-    L, H = engine.cfg.num_layers, engine.cfg.num_heads
+    L, H, K = engine.cfg.num_layers, engine.cfg.num_heads, engine.cfg.num_kv_heads
     if score_data is not None:
         check_scores(score_data, L, H, a.scores)
-    groups = plan_groups(main, seeds=list(a.seeds), sweep_k=ks, baseline=a.baseline, scores=score_data,
-                         num_layers=L, num_heads=H, threshold=a.threshold)
+        scores = score_data
+    else:
+        for r in ranks.values():
+            check_ranking_shape(r, L, H, K)
+        scores = ranks or None
+    main = main_spec(main, scores)
+    groups = plan_groups(main, seeds=list(a.seeds), sweep_k=ks, baseline=a.baseline, scores=scores,
+                         num_layers=L, num_heads=H, threshold=a.threshold, group_size=H // K)
     the_task = make_task(engine)
 
     runs: dict[str, Run] = {}
     for g in groups:
         for r in g.runs:
             runs.setdefault(r.label, r)
+    unique: dict[str, Run] = {}  # one run per store: rankings that mask the same heads share it
+    for r in runs.values():
+        unique.setdefault(r.store, r)
     root = io.as_path(workdir)
     run_root = root / "runs" / the_task.tag / f"{config.mask.mode}-{config.mask.phase}"
-    stores = {lbl: engine.store(str(run_root / lbl), _run_json(config, the_task, r)) for lbl, r in runs.items()}
+    stores = {st: engine.store(str(run_root / st), _run_json(config, the_task, r)) for st, r in unique.items()}
     sizes = [len(b) for b in the_task.batches]
     nb = len(sizes)
-    todo = {lbl: [b for b in range(nb) if not stores[lbl].done(b)] for lbl in runs}
+    todo = {st: [b for b in range(nb) if not stores[st].done(b)] for st in unique}
     n_todo = sum(len(v) for v in todo.values())
-    logging.info("%s: %d run(s) x %d batches (%d tests each); %d batches to run, %d already done", name,
-                 len(runs), nb, sum(sizes), n_todo, len(runs) * nb - n_todo)
+    logging.info("%s: %d run(s) (%d distinct) x %d batches (%d tests each); %d batches to run, %d already done",
+                 name, len(runs), len(unique), nb, sum(sizes), n_todo, len(unique) * nb - n_todo)
 
-    total = len(runs) * sum(sizes)
+    total = len(unique) * sum(sizes)
     bar = tqdm(total=total, initial=total - sum(sizes[b] for v in todo.values() for b in v),
                desc=f"ablate {name}", unit="test")
-    run_records = {}
-    for lbl, run in runs.items():
+    store_records = {}
+    for st, run in unique.items():
         head_mask = build_head_mask(engine.cfg, run.heads) if run.heads else None
         prefill_mask, decode_mask = phase_masks(head_mask, config.mask.phase)
         per_batch = engine.run_batches(
-            stores[lbl], sizes, lambda b: the_task.run(b, prefill_mask, decode_mask, lbl),  # noqa: B023
-            desc=f"ablate {lbl}", bar=bar)
-        run_records[lbl] = the_task.records([r for rs in per_batch for r in rs])
+            stores[st], sizes, lambda b: the_task.run(b, prefill_mask, decode_mask, st),  # noqa: B023
+            desc=f"ablate {run.label}", bar=bar)
+        store_records[st] = the_task.records([r for rs in per_batch for r in rs])
     bar.close()
+    run_records = {lbl: store_records[r.store] for lbl, r in runs.items()}
     run_sums = {lbl: the_task.summarize(recs) for lbl, recs in run_records.items()}
     order = {"none": 0, "top": 1, "random": 2, "list": 3}
     groups = sorted(groups, key=lambda g: (g.spec.k, order[g.spec.kind]))  # none, top:5, random:5, top:10, ...
@@ -167,10 +192,16 @@ def run_ablation(config, workdir: str, *, model=None, scores: str | None = None,
                                "rules": "see rhead_jax/ablation/taxonomy.py (module docstring)"}
     results["baseline"] = group_sums.get("none")
     results["groups"] = group_sums
-    results["sweep_k"] = sweep_k_table(ks, group_sums, list(a.seeds)) if ks else None
+    names = [n for n in ranks if n]
+    if names:
+        results["rankings"] = [{"name": r.name, "path": r.path, "kind": r.kind, "shape": list(r.shape)}
+                               for r in ranks.values()]
+        results["random_pool"] = (f"heads scoring <= {a.threshold} in the first ranking, {names[0]}")
+    results["sweep_k"] = sweep_k_table(ks, group_sums, list(a.seeds), names) if ks else None
     results["runs"] = {lbl: {"spec": r.spec.text, "seed": r.seed, "heads": [list(h) for h in r.heads],
+                             **({"store": r.store} if r.store != lbl else {}),
                              **run_sums[lbl], "instances": run_records[lbl]} for lbl, r in runs.items()}
-    results["provenance"] = _provenance(config, the_task, score_data, runs)
+    results["provenance"] = _provenance(config, the_task, score_data, runs, ranks, H // K)
 
     files: dict[str, Path] = {}
     if is_writer:

@@ -4,8 +4,8 @@
 one file, images embedded as base64 data URIs, inline CSS, no scripts and nothing fetched from elsewhere.
 
   summary          summary.json's object: {"<file name>": {"buckets", "layers", "heads", "tests",
-                   "retrieval_heads", "top"}}; each file's `<stem>_heatmap.png` and `<stem>_pie.png` are
-                   taken from out_dir when present.
+                   "retrieval_heads", "top"[, "stem"]}}; each file's `<stem>_heatmap.png` and
+                   `<stem>_pie.png` are taken from out_dir when present (stem: the entry's, else the name's).
   pairs            pairs.json's list of {"a", "b", "k", "overlap", "overlap_frac", "spearman"[, "common"]}.
   dynamic          dynamic.json's object or None; `dynamic_activation.png` is taken from out_dir.
   extra_sections   [(title, content), ...] appended at the end. content is an image path (Path, or a str
@@ -186,7 +186,7 @@ def _overview(summary: dict) -> str:
 
 
 def _file_section(out_dir: Path, name: str, e: dict) -> str:
-    stem = Path(name).stem
+    stem = e.get("stem") or Path(name).stem
     n = e["layers"] * e["heads"]
     b = e["buckets"]
     bucket_rows = [[f'<span class="swatch" style="background:{BUCKET_COLORS[k]}"></span>{_e(k)}',

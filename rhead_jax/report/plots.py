@@ -5,8 +5,10 @@
                                                layer x head mean scores, the `top` heads outlined; one
                                                colour scale 0..vmax (shared across files when given)
   plot_dynamic(dynamic, path, title="")        activation rate per head, and per context length
+  plot_rank_matrix(matrix, path, title="")     rankings x rankings: Spearman and top-k overlap heat maps
   plot_fig1_heatmap(cells, path, title="")     nominal context length x needle depth accuracy (paper Fig. 1)
-  plot_sweep_k(table, path, title="", ...)     accuracy vs number of masked heads: top-k vs random
+  plot_sweep_k(table, path, title="", ...)     accuracy vs number of masked heads: top-k of each ranking
+                                               vs random (mean, min-max band) and the unmasked baseline
 
 matplotlib is imported on the first plot (`_plt`), not with this module.
 """
@@ -58,10 +60,12 @@ def plot_pie(summary_entry: dict, title: str, path: str | os.PathLike) -> None:
 
 
 def plot_heatmap(means: np.ndarray, title: str, path: str | os.PathLike,
-                 top: Sequence[Sequence] = (), vmax: float | None = None) -> None:
+                 top: Sequence[Sequence] = (), vmax: float | None = None, *,
+                 label: str = "mean retrieval score", xlabel: str = "head") -> None:
     """Layer (rows, 0 at top) x head (columns) mean scores; the `top` heads are outlined. The colour
     scale runs from 0 to `vmax` (default: this file's largest mean), so that several files drawn with
-    one vmax are comparable colour for colour; cells above 1 are hatched."""
+    one vmax are comparable colour for colour; cells above 1 are hatched. `label` names the colour
+    bar, `xlabel` the columns (gate files: "KV head")."""
     plt = _plt()
     L, H = means.shape
     fig, ax = plt.subplots(figsize=(min(8.0, max(4.5, 0.16 * H + 2.4)), min(6.5, max(3.5, 0.15 * L + 1.4))))
@@ -75,14 +79,14 @@ def plot_heatmap(means: np.ndarray, title: str, path: str | os.PathLike,
     for key, _ in top:
         l, h = parse_head(key)
         ax.add_patch(plt.Rectangle((h - 0.5, l - 0.5), 1, 1, fill=False, edgecolor="#1f9e89", linewidth=1.2))
-    ax.set_xlabel("head")
+    ax.set_xlabel(xlabel)
     ax.set_ylabel("layer")
     step = max(1, int(math.ceil(H / 16)))
     ax.set_xticks(range(0, H, step))
     step = max(1, int(math.ceil(L / 20)))
     ax.set_yticks(range(0, L, step))
     ax.tick_params(labelsize=8)
-    fig.colorbar(im, ax=ax, label="mean retrieval score", fraction=0.05, pad=0.03)
+    fig.colorbar(im, ax=ax, label=label, fraction=0.05, pad=0.03)
     ax.set_title(title, fontsize=10)
     _save(plt, fig, path)
 
@@ -129,6 +133,37 @@ def plot_dynamic(dynamic: dict, path: str | os.PathLike, title: str = "") -> Non
     _save(plt, fig, path)
 
 
+def plot_rank_matrix(matrix: dict, path: str | os.PathLike, title: str = "") -> None:
+    """One level of rhead_jax.analysis.compare_rankings' matrix: rankings x rankings heat maps of the
+    Spearman correlation (-1..1) and of the top-k overlap as a fraction of k (0..1), one panel per k;
+    every cell carries its number, pairs that cannot be compared are grey."""
+    plt = _plt()
+    names = matrix["names"]
+    panels = [("Spearman ρ", matrix["spearman"], -1.0, 1.0, "RdBu_r")]
+    panels += [(f"top-{k} overlap / k", m, 0.0, 1.0, "viridis") for k, m in matrix["overlap"].items()]
+    n = len(names)
+    side = min(5.5, max(2.6, 0.55 * n + 1.6))
+    fig, axes = plt.subplots(1, len(panels), figsize=(side * len(panels) + 0.6, side + 0.5), squeeze=False)
+    for ax, (name, m, lo, hi, cmap) in zip(axes[0], panels):
+        grid = np.array([[np.nan if v is None else v for v in row] for row in m], float)
+        cm = plt.get_cmap(cmap).with_extremes(bad="#e0e0e0")
+        im = ax.imshow(np.ma.masked_invalid(grid), cmap=cm, vmin=lo, vmax=hi, interpolation="nearest")
+        for (i, j), v in np.ndenumerate(grid):
+            txt = "—" if not np.isfinite(v) else f"{v:.2f}"
+            dark = np.isfinite(v) and (abs(v) > 0.6 if lo < 0 else v < 0.45)
+            ax.text(j, i, txt, ha="center", va="center", fontsize=8 if n <= 8 else 6,
+                    color="white" if dark else "#222")
+        ax.set_xticks(range(n))
+        ax.set_xticklabels(names, rotation=45, ha="right", fontsize=8)
+        ax.set_yticks(range(n))
+        ax.set_yticklabels(names, fontsize=8)
+        ax.set_title(name, fontsize=10)
+        fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
+    if title:
+        fig.suptitle(title, fontsize=11)
+    _save(plt, fig, path)
+
+
 # ---------------------------------------------------------------------------------------------- ablation
 def plot_fig1_heatmap(cells: Sequence[dict], path, title: str = "") -> None:
     """Fig. 1 style: context length (x) x needle depth (y), colour = score 0-100 (red-yellow-green)."""
@@ -159,20 +194,29 @@ def plot_fig1_heatmap(cells: Sequence[dict], path, title: str = "") -> None:
 
 
 def plot_sweep_k(table: dict, path, title: str = "", metric: str = "accuracy (%)") -> None:
-    """Accuracy vs k: the top-k retrieval heads masked vs k random non-retrieval heads (mean, with
-    ± std error bars only when there are several seeds)."""
+    """Accuracy vs k: one line per ranking (`by_ranking`; else the one file's top-k retrieval heads)
+    with its top-k heads masked, k random heads (mean over seeds; shaded: min to max over seeds), and
+    the unmasked baseline (dotted) when the table has one."""
     plt = _plt()
-    fig, ax = plt.subplots(figsize=(5.6, 3.8))
+    fig, ax = plt.subplots(figsize=(6.2, 4.0))
     k = np.asarray(table["k"])
-    ax.plot(k, 100 * np.asarray(table["top"]), "o-", color="#d62728", label="top-k retrieval heads masked")
+    lines = table.get("by_ranking") or {"top-k retrieval heads masked": table["top"]}
+    colors = plt.get_cmap("tab10").colors
+    markers = "o^vD<>pP*X"
+    palette = [c for i, c in enumerate(colors) if i != 0] if len(lines) > 1 else ["#d62728"]
+    for i, (name, acc) in enumerate(lines.items()):
+        ax.plot(k, 100 * np.asarray(acc), marker=markers[i % len(markers)], linestyle="-",
+                color=palette[i % len(palette)], label=name if "by_ranking" not in table else f"top-k of {name}")
     n = len(table["seeds"])
-    if n > 1:
-        ax.errorbar(k, 100 * np.asarray(table["random"]), yerr=100 * np.asarray(table["random_std"]), fmt="s--",
-                    color="#1f77b4", capsize=3, label=f"k random non-retrieval heads (mean ± std, {n} seeds)")
-    else:
-        ax.plot(k, 100 * np.asarray(table["random"]), "s--", color="#1f77b4",
-                label=f"k random non-retrieval heads ({n} seed)")
-    ax.set_xlabel("number of masked heads (k)")
+    rnd = 100 * np.asarray(table["random"])
+    label = f"k random heads (mean of {n} seeds, shaded: min–max)" if n > 1 else f"k random heads ({n} seed)"
+    ax.plot(k, rnd, "s--", color="#1f77b4", label=label)
+    if n > 1 and "random_min" in table:
+        ax.fill_between(k, 100 * np.asarray(table["random_min"]), 100 * np.asarray(table["random_max"]),
+                        color="#1f77b4", alpha=0.18, linewidth=0)
+    if table.get("baseline") is not None:
+        ax.axhline(100 * table["baseline"], color="#555", linestyle=":", linewidth=1.2, label="no head masked")
+    ax.set_xlabel("number of masked query heads (k)")
     ax.set_ylabel(metric)
     ax.set_ylim(-3, 103)
     ax.set_xticks(k)
