@@ -21,7 +21,7 @@ from rhead_jax.gates.model import full_hidden, gated_hidden
 from rhead_jax.gates.train import StepSettings, make_optimizer, train_step
 from rhead_jax.models.attention import NO_WINDOW, dense_attention
 from rhead_jax.models.config import ModelConfig
-from rhead_jax.models.decoder import forward, init_params, param_shapes
+from rhead_jax.models.decoder import forward, param_shapes
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = ModelConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_layers=3, num_heads=4, num_kv_heads=2,
@@ -99,7 +99,8 @@ def test_streaming_is_dense_attention_over_sink_and_recent():
     the full one is plain causal dense attention."""
     q, k, v = _qkv(T=100, seed=1)
     pos = jnp.broadcast_to(jnp.arange(100), (2, 100))
-    f, s = jax.jit(lambda q, k, v: full_and_streaming(q, k, v, pos, pos, scale=0.3, sink=5, recent=17, chunk=32))(q, k, v)
+    run = jax.jit(lambda q, k, v: full_and_streaming(q, k, v, pos, pos, scale=0.3, sink=5, recent=17, chunk=32))
+    f, s = run(q, k, v)
     ref_s, _ = dense_attention(q, k, v, pos, pos, window=17, sink=5, scale=0.3)
     ref_f, _ = dense_attention(q, k, v, pos, pos, window=NO_WINDOW, scale=0.3)
     np.testing.assert_allclose(s, ref_s, atol=2e-6)
@@ -183,7 +184,7 @@ def test_train_step_memory_is_linear_in_T():
                       head_dim=4, max_position_embeddings=4096)
     g = default_config().gates
     g.sink, g.recent, g.chunk = 16, 64, 128
-    params = jax.eval_shape(lambda: init_params(cfg, jax.random.PRNGKey(0)))
+    params = param_shapes(cfg)
     T = 2048
     gates = jax.ShapeDtypeStruct((2, 2), jnp.float32)
     opt = jax.eval_shape(make_optimizer(g).init, gates)
@@ -201,7 +202,8 @@ def test_train_step_memory_is_linear_in_T():
         f, s = dense_full_and_streaming(q, k, v, pos, pos, scale=0.5, sink=16, recent=64)
         return jnp.sum(f * s)
 
-    dense_temp = jax.jit(jax.grad(dense_loss, (0, 1, 2))).lower(q, kv, kv).compile().memory_analysis().temp_size_in_bytes
+    dense_grad = jax.jit(jax.grad(dense_loss, (0, 1, 2)))
+    dense_temp = dense_grad.lower(q, kv, kv).compile().memory_analysis().temp_size_in_bytes
     assert dense_temp > dense_bytes > 8 * temp, (dense_temp, dense_bytes, temp)
 
 
@@ -324,3 +326,33 @@ def test_meshes_match_single_device(tiny_dir, tmp_path):
     for m in meshes[1:]:
         np.testing.assert_allclose(res[m]["gates"], ref["gates"], atol=1e-5, err_msg=m)
         np.testing.assert_allclose(res[m]["distill"], ref["distill"], rtol=1e-3, atol=1e-7, err_msg=m)
+
+
+@pytest.mark.slow
+def test_real_weights_gates_one_and_two_steps(smollm_dir, tmp_path):
+    """SmolLM2-135M-Instruct: gates at 1 are the model (its logits), and two train steps of the
+    shipped config's recipe at 512 tokens run, move the gates down and write the files."""
+    from rhead_jax.checkpoints import load_model
+    from rhead_jax.gates.train import run_gates
+
+    model = load_model(str(smollm_dir))
+    cfg, params = model.cfg, model.params
+    tok = jnp.asarray(np.random.RandomState(0).randint(0, cfg.vocab_size, (1, 300)), jnp.int32)
+    pos = jnp.arange(300)[None]
+    h = _gated(params, tok, pos, jnp.ones((cfg.num_layers, cfg.num_kv_heads)), cfg=cfg, sink=32, recent=128,
+               chunk=128)
+    ref = jax.jit(partial(forward, cfg=cfg))(params, tokens=tok, positions=pos)[0]
+    logits = jnp.einsum("btd,dv->btv", h, params["embed"].T, preferred_element_type=jnp.float32)
+    np.testing.assert_allclose(logits, ref, atol=1e-3 * max(1.0, float(jnp.abs(ref).max())))
+
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("smol", REPO / "configs" / "smollm2_135m.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    c = mod.get_config()
+    c.model.path = str(smollm_dir)
+    c.gates.steps, c.gates.min_length, c.gates.max_length = 2, 200, 200
+    result = run_gates(validate(c), str(tmp_path), model=model)
+    assert result["widths"] == [512] and np.asarray(result["gates"]).max() < 1.0
+    assert rankings.read_gates_tsv(tmp_path / "full_attention_heads.tsv").shape == (30, 3)

@@ -232,8 +232,8 @@ def run_gates(config, workdir: str, *, model=None, stop_after: int | None = None
     cfg = engine.cfg
     data = PasskeyData(engine.tokenizer, load_haystack(config.haystack or None), g, chunk=g.chunk)
     if max(data.widths) > cfg.max_position_embeddings:
-        raise UserError(f"config.gates.max_length={g.max_length} makes prompts of up to {max(data.widths)} tokens (with "
-                        f"{g.passkeys} passkeys of {g.passkey_words} words), over the model's max_position_embeddings="
+        raise UserError(f"config.gates.max_length={g.max_length} makes prompts of up to {max(data.widths)} tokens "
+                        f"(with {g.passkeys} passkeys of {g.passkey_words} words), over the model's max_position_embeddings="
                         f"{cfg.max_position_embeddings}; lower config.gates.max_length, passkeys or passkey_words")
     if engine.is_writer and not meta.exists():
         io.atomic_write_text(meta, pinned)
