@@ -12,4 +12,17 @@ def get_config():
     c.sweep.batch_size = 3            # one (length, depth) cell: rows share their prefill width
     c.detectors.length = 500          # rhead_jax.detectors: 500 random tokens x 4 (2,000 positions of its 8,192)
     c.detectors.repeats = 4
+    # gates (python -m rhead_jax.gates): DuoAttention's recipe scaled to ~20 min on a 2-core CPU
+    # (a train step at 512 / 768 / 1024 tokens took 15 / 24 / 39 s on the loaded machine). The
+    # streaming window (32 + 128) stays well short of every prompt, so the passkeys sit outside it;
+    # lr x 2.5 for 40 steps instead of 2,000, so an unneeded head can still travel from 1 to 0.
+    c.gates.steps = 40
+    c.gates.lr = 0.05
+    c.gates.min_length = 200          # haystack tokens: prompts of 512, 768 and 1024 tokens (gates.chunk 256)
+    c.gates.max_length = 720
+    c.gates.passkeys = 3
+    c.gates.passkey_words = 8
+    c.gates.sink = 32
+    c.gates.recent = 128
+    c.gates.checkpoint_every = 10
     return c

@@ -86,14 +86,15 @@ def default_config() -> ml_collections.ConfigDict:
         steps=2000,          # optimizer steps (batch 1), AdamW
         lr=0.02,
         l1=0.05,             # weight of the L1 penalty on the gates
-        min_length=1000,     # context lengths of the synthetic prompts, spread over the steps
-        max_length=32000,
+        min_length=1000,     # haystack tokens of the synthetic prompts (DuoAttention's context length),
+        max_length=32000,    # spread over the steps; prompts add the passkeys and the QA
         passkeys=10,         # passkeys per prompt, at depths spread over 5%-95%
         passkey_words=32,    # words per passkey
         sink=128,            # streaming heads' attention sink (tokens) in training
         recent=256,          # and their recent window
         checkpoint_every=50, # orbax checkpoint of gates + optimizer state every this many steps
         seed=0,
+        chunk=256,           # attention tile; prompt widths are multiples of it (one program per width)
     ))
     c.mixedkv = ml_collections.ConfigDict(dict(  # rhead_jax.mixedkv: full heads + streaming heads
         sink=64,             # deployment sink / recent of the streaming heads (DuoAttention's 64 / 256)
@@ -185,6 +186,14 @@ def validate(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     for k, low in (("length", 2), ("repeats", 2), ("samples", 1), ("seed", 0)):
         if not isinstance(d[k], int) or isinstance(d[k], bool) or d[k] < low:
             raise UserError(f"config.detectors.{k} must be an integer >= {low}, got {d[k]!r}")
+    g = c.gates
+    for k, lo in (("steps", 1), ("min_length", 1), ("passkeys", 1), ("passkey_words", 1), ("sink", 0),
+                  ("recent", 1), ("checkpoint_every", 1), ("seed", 0), ("chunk", 8)):
+        _ints([g[k]], f"config.gates.{k}", minimum=lo)
+    _ints([g.max_length], "config.gates.max_length", minimum=g.min_length)
+    if g.passkeys > 20 or not float(g.lr) > 0 or not float(g.l1) >= 0:
+        raise UserError(f"config.gates: passkeys must be <= 20, lr > 0 and l1 >= 0; got passkeys={g.passkeys}, "
+                        f"lr={g.lr}, l1={g.l1}")
     return c
 
 
