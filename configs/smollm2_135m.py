@@ -10,4 +10,6 @@ def get_config():
     c.sweep.lengths = [500, 1000, 2000]
     c.sweep.depths = [0, 50, 100]
     c.sweep.batch_size = 3            # one (length, depth) cell: rows share their prefill width
+    c.mixedkv.lengths = (2000, 4000, 7000)   # the mixed KV cache's grid, up to the model's 8,192 positions
+    c.mixedkv.depths = (25, 50, 75)
     return c
