@@ -25,4 +25,6 @@ def get_config():
     c.gates.sink = 32
     c.gates.recent = 128
     c.gates.checkpoint_every = 10
+    c.mixedkv.lengths = (2000, 4000, 7000)   # the mixed KV cache's grid, up to the model's 8,192 positions
+    c.mixedkv.depths = (25, 50, 75)
     return c

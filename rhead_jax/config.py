@@ -101,6 +101,10 @@ def default_config() -> ml_collections.ConfigDict:
         recent=256,
         full_fraction=(0.1, 0.25, 0.5),  # fractions of KV heads kept full
         seeds=(0, 1, 2),     # random choices of the full heads: one per seed
+        heads=("random", "none", "all"),  # choices: NAME:PATH rankings (copy:head_scores.json, gates:x.tsv),
+                                          # random, none (all streaming), all (full cache); --heads overrides
+        lengths=(),          # the evaluation's context lengths; () = config.sweep.lengths
+        depths=(),           # and needle depths (%); () = config.sweep.depths
     ))
     return c
 
@@ -194,6 +198,21 @@ def validate(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     if g.passkeys > 20 or not float(g.lr) > 0 or not float(g.l1) >= 0:
         raise UserError(f"config.gates: passkeys must be <= 20, lr > 0 and l1 >= 0; got passkeys={g.passkeys}, "
                         f"lr={g.lr}, l1={g.l1}")
+    m = c.mixedkv
+    _ints([m.sink], "config.mixedkv.sink", minimum=0)
+    _ints([m.recent], "config.mixedkv.recent", minimum=1)
+    fr = list(m.full_fraction)
+    if not fr or not all(isinstance(f, (int, float)) and not isinstance(f, bool) and 0 < f <= 1 for f in fr):
+        raise UserError(f"config.mixedkv.full_fraction must list fractions in (0, 1], got {fr}")
+    if not list(m.seeds) or len(set(m.seeds)) != len(list(m.seeds)):
+        raise UserError(f"config.mixedkv.seeds must be distinct integers, at least one, got {list(m.seeds)}")
+    _ints(m.seeds, "config.mixedkv.seeds")
+    _ints(m.lengths, "config.mixedkv.lengths", minimum=1)
+    _ints(m.depths, "config.mixedkv.depths", minimum=0)
+    if any(d > 100 for d in m.depths):
+        raise UserError(f"config.mixedkv.depths are percentages in [0, 100], got {list(m.depths)}")
+    if isinstance(m.heads, str) or not all(isinstance(h, str) for h in m.heads) or not list(m.heads):
+        raise UserError(f"config.mixedkv.heads must list head choices (strings), got {m.heads!r}")
     return c
 
 

@@ -244,20 +244,24 @@ class Engine:
     # -- shared prefix -------------------------------------------------------------------------
 
     def shared_prefix(self, instances: Sequence[Instance], spec: GenerateSpec, prefill_mask=None,
-                      *, label: str = "") -> SharedPrefix | None:
+                      *, label: str = "", runner=None) -> SharedPrefix | None:
         """The shared prefix of `instances` (None when config.sweep.share_prefix is off).
 
-        `prefill_mask` [L, H] (None: unmasked) must be the PREFILL mask of the batches that use it.
-        The unmasked prefix is kept; of masked ones only the latest (`label`) stays alive. With
-        spec.prefill_masses (the question's queries) each instance's part stops before its question.
+        `prefill_mask` [L, H] (None: unmasked) must be the PREFILL mask of the batches that use it;
+        `runner` (None: the engine's) the runner of those batches (a mixed KV cache's,
+        rhead_jax.mixedkv). The unmasked prefix is kept; of masked or other runners' only the latest
+        (`label`) stays alive. With spec.prefill_masses (the question's queries) each instance's part
+        stops before its question.
         """
         if not self.config.sweep.share_prefix:
             return None
+        r = runner or self.runner
         before_question = bool(spec.prefill_masses)
-        key = ("unmasked" if prefill_mask is None else label) + (" before questions" if before_question else "")
+        key = ("unmasked" if prefill_mask is None and runner is None else label) + (
+            " before questions" if before_question else "")
         if key in self._shared:
             return self._shared[key]
-        if prefill_mask is not None:
+        if not key.startswith("unmasked"):
             for k in [k for k in self._shared if not k.startswith("unmasked")]:
                 del self._shared[k]
         t = time.time()
@@ -272,14 +276,14 @@ class Engine:
             if before_question:
                 lengths[inst.key] = min(lengths[inst.key], question_start(inst))
         n = max(lengths.values())
-        cache = self.runner.init_cache(1, size)
+        cache = r.prefix_cache(size)
         if n > 0:
             width = round_up(n, spec.prefill_chunk) if n > spec.prefill_chunk else n
             toks = np.zeros((1, width), np.int32)
             toks[0, :n] = ref_ids[:n]
             pos = np.where(np.arange(width) < n, np.arange(width), -1)[None].astype(np.int32)
-            cache = self.runner.prefill(toks, pos, cache, spec, head_mask=prefill_mask)
-        jax.block_until_ready(cache.k)
+            cache = r.prefill(toks, pos, cache, spec, head_mask=prefill_mask)
+        jax.block_until_ready(cache)
         self.timings["shared_prefix_s"] += time.time() - t
         shared = SharedPrefix(cache=cache, lengths=lengths, reference=ref.key, tokens=n)
         saved = sum(lengths.values())
@@ -294,28 +298,31 @@ class Engine:
     def generate(self, rows: Sequence[Sequence[int]], spec: GenerateSpec, *, batch_size: int | None = None,
                  shared: SharedPrefix | None = None, keys: Sequence[str] | None = None,
                  prefill_mask=None, decode_mask=None, prefill_targets: MassTargets | None = None,
-                 decode_targets: MassTargets | None = None) -> BatchOutput:
+                 decode_targets: MassTargets | None = None, runner=None) -> BatchOutput:
         """Greedy generation for one batch of prompts (token id lists) with optional shared prefix
         (`keys` name each row's instance in it) and head masks; only the real rows come back.
         prefill_targets / decode_targets: host MassTargets (one row per prompt) of spec.prefill_masses /
         spec.decode_masses (models.attention.mass_targets builds them).
+        `runner`: whose programs and cache run it (None: the engine's Runner; a mixed KV cache's
+        MixedRunner, rhead_jax.mixedkv, takes no head masks and no mass targets).
 
         Each row is prefilled on its own, from the end of its shared prefix to its last prompt
         token but one, in calls of the widths `prefill_widths(spec.prefill_chunk)`; then all rows
         decode together. So the programs compiled for a batch shape are: one cache set-up, at most
         four prefill widths and one decode loop, whatever the prompts' depths and needles."""
         real = len(rows)
-        d = self.runner.data_size
+        r = runner or self.runner
+        d = r.data_size
         n_rows = round_up(max(batch_size or real, real), d)
         prompts, lens = pad_prompts(list(rows) + [rows[-1]] * (n_rows - real), self.config.sweep.pad_multiple)
         size = cache_size_for(prompts.shape[1], spec)
         if shared is not None:
             keys = list(keys) + [keys[-1]] * (n_rows - real)
             starts = np.array([shared.lengths[k] for k in keys], np.int32)
-            cache = self.runner.rows(shared.cache, starts, size)
+            cache = r.rows(shared.cache, starts, size)
         else:
             starts = np.zeros(n_rows, np.int32)
-            cache = self.runner.init_cache(n_rows, size)
+            cache = r.init_cache(n_rows, size)
 
         def pad_rows(targets: MassTargets) -> MassTargets:   # padding rows repeat the last row, like prompts
             return jax.tree.map(lambda x: np.concatenate([x, np.repeat(x[-1:], n_rows - real, 0)]), targets)
@@ -353,16 +360,16 @@ class Engine:
                         pos[i, :hi - lo] = np.arange(lo, hi)
                 if spec.prefill_masses:
                     block_targets = jax.tree.map(lambda x: x[members], prefill_targets)
-                    cache, mass = self.runner.prefill_block(cache, j, toks, pos, spec, head_mask=prefill_mask,
-                                                            targets=block_targets)
+                    cache, mass = r.prefill_block(cache, j, toks, pos, spec, head_mask=prefill_mask,
+                                                  targets=block_targets)
                     calls.append((members, mass))
                 else:
-                    cache = self.runner.prefill_block(cache, j, toks, pos, spec, head_mask=prefill_mask)
+                    cache = r.prefill_block(cache, j, toks, pos, spec, head_mask=prefill_mask)
                 done += w
-        jax.block_until_ready(cache.k)
+        jax.block_until_ready(cache)
         t1 = time.time()
         first = prompts[np.arange(n_rows), lens - 1]
-        gen = self.runner.decode(first, lens, cache, spec, decode_mask=decode_mask, targets=decode_targets)
+        gen = r.decode(first, lens, cache, spec, decode_mask=decode_mask, targets=decode_targets)
         cap = spec.top_k > 0
         n_tok = np.asarray(gen.num_tokens)  # outputs are replicated (readable on every host)
         prefill_mass = None

@@ -174,6 +174,10 @@ class Runner:
     def init_cache(self, batch: int, size: int) -> KVCache:
         return self.init_cache_jit(batch, size)()
 
+    def prefix_cache(self, size: int) -> KVCache:
+        """The 1-row cache the engine prefills the shared prefix into (`rows` takes the batch from it)."""
+        return self.init_cache(1, size)
+
     def prefill(self, tokens: np.ndarray, positions: np.ndarray, cache: KVCache, spec: GenerateSpec,
                 head_mask=None) -> KVCache:
         """Append tokens [B, T] to the cache (used for the shared prefix, B = 1)."""

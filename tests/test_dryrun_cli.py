@@ -110,6 +110,10 @@ def test_reexec_gives_jax_the_devices_once_it_has_started():
     (["rhead_jax.dryrun", "--config", "yi34b.py", "--topology", "v5p-64", "--batch_size", "4"],
      "--batch_size is a config key now: use --config.sweep.batch_size=N"),
     (["rhead_jax.dryrun", "--config", "yi34b.py"], "give exactly one of --topology"),
+    (["rhead_jax.dryrun", "--config", "yi34b.py", "--topology", "v5p-64", "--mixed_full_fraction", "0.25,2"],
+     "--mixed_full_fraction takes fractions in (0, 1], got 2.0"),
+    (["rhead_jax.dryrun", "--config", "yi34b.py", "--topology", "v5p-64", "--mixed_full_fraction", "x"],
+     "--mixed_full_fraction takes comma-separated fractions"),
     (["rhead_jax.dryrun", "--topology", "v5p-64"], "--config is required"),
 ])
 def test_user_errors_are_one_line(args, message):

@@ -264,3 +264,24 @@ def test_grid_programs_bound_does_not_grow_with_depths():
     assert grid_programs(c)["bound"] == g["bound"]
     c.sweep.depths = tuple(range(0, 101, 10))
     assert "at most 141 (20 lengths" in grid_programs_line(c)
+
+
+def test_mixed_kv_cache_plan():
+    """A mixed KV cache's plan (rhead_jax.mixedkv): analytic bytes from its shapes, its three programs
+    compiled on one CPU device with the cache donated; the memory shrinks with the full fraction."""
+    cfg = ModelConfig.from_hf(presets.preset_hf_config("SmolLM2-135M-Instruct") | {"num_hidden_layers": 2},
+                              dtype="bfloat16")
+    kw = dict(context_len=2000, batch_size=2, max_new_tokens=8, prefill_chunk=512, backend="cpu")
+    plain = dryrun.plan(cfg, "v5litepod-1", compile=False, **kw)
+    p = dryrun.plan(cfg, "v5litepod-1", mixed={"full_fraction": 0.5, "sink": 16, "recent": 64}, **kw)
+    m, a = p.mixed, p.analytic
+    assert (m["full_heads"], m["kv_heads"], m["groups"], m["full_slots"], m["ring_slots"]) == (3, 6, 1, 3, 3)
+    S, D = p.cache_size, cfg.head_dim
+    assert a["kv_cache"] == 2 * 2 * (3 * S + 3 * 80) * D * 2 + 2 * (S + 80) * 4 + 2 * 4   # k, v in bf16 + positions
+    assert m["full_cache_bytes"] == plain.analytic["kv_cache"] and a["kv_cache"] < 0.55 * plain.analytic["kv_cache"]
+    assert a["shared_prefix_cache"] == plain.analytic["shared_prefix_cache"] + S * 4   # every position kept (+ ring_pos)
+    c = p.compiled
+    assert set(c) == {"setup", "prefill", "decode"} and p.fits
+    for name in ("prefill", "decode"):
+        assert abs(c[name]["alias"] - a["kv_cache"]) < 4096, name
+    assert "mixed KV cache (50% full), batch" in p.table() and "3 of 6 KV heads full" in p.table()

@@ -59,6 +59,14 @@ def resolve_context(config, cfg: ModelConfig, context_len: int | None) -> tuple[
                          f"config until they are dropped; planned the longest accepted length, {context_len}"]
 
 
+def mixed_settings(config, fraction: float) -> dict[str, Any]:
+    """`plan(mixed=...)` for a mixed KV cache keeping `fraction` of the KV heads full (config.mixedkv's
+    sink and recent)."""
+    if not 0 < fraction <= 1:
+        raise UserError(f"--mixed_full_fraction takes fractions in (0, 1], got {fraction}")
+    return {"full_fraction": fraction, "sink": config.mixedkv.sink, "recent": config.mixedkv.recent}
+
+
 def parse_mesh(text: str) -> dict[str, int]:
     """"data=-1,model=8,expert=1" -> {"data": -1, "model": 8, "expert": 1}."""
     out = {}
@@ -73,11 +81,12 @@ def parse_mesh(text: str) -> dict[str, int]:
 
 def sweep_dry_run(config, *, topology: str, context_len: int | None = None, config_path: str | None = None,
                   mesh: str | Mapping[str, int] = "config", backend: str = "auto",
-                  model: tuple[ModelConfig, str, str] | None = None) -> Plan:
+                  model: tuple[ModelConfig, str, str] | None = None, mixed: Mapping[str, Any] | None = None) -> Plan:
     """The plan of the config's sweep batch on `topology`: what `python -m rhead_jax.sweep --dry_run` prints.
 
     mesh: "config" (config.mesh when its sizes fit the slice, else auto_mesh with a note), "auto", or
     explicit sizes. model: (ModelConfig, label, source) instead of `model_config_for(config)`.
+    mixed: plan a mixed KV cache instead (`mixed_settings`).
     """
     topo = parse_topology(topology)
     cfg, label, source = model or model_config_for(config, config_path)
@@ -94,7 +103,7 @@ def sweep_dry_run(config, *, topology: str, context_len: int | None = None, conf
     elif mesh != "auto":
         raise UserError(f"mesh must be 'config', 'auto' or sizes such as data=-1,model=8, got {mesh!r}")
     p = plan(cfg, topo, context_len=context_len, batch_size=config.sweep.batch_size, mesh=mesh_sizes,
-             backend=backend, model_name=label, **step_settings(config))
+             backend=backend, model_name=label, mixed=mixed, **step_settings(config))
     if mesh == "config" and mesh_sizes is not None:
         p.mesh_source = "config.mesh"
     p.notes[:0] = notes
@@ -134,6 +143,8 @@ def define_flags() -> None:
                         "config's model.")
     flags.DEFINE_string("hf_config", None, "Model shapes from this checkpoint config.json instead of the "
                         "config's model.")
+    flags.DEFINE_list("mixed_full_fraction", None, "Plan a mixed KV cache (rhead_jax.mixedkv) instead, one plan "
+                      "per fraction of KV heads kept full, e.g. 0.25,0.5 (sink / recent: config.mixedkv).")
     flags.DEFINE_alias("dry_run_context", "context")
     flags.DEFINE_alias("dry_run_mesh", "mesh")
     flags.DEFINE_alias("dry_run_backend", "backend")
@@ -191,12 +202,18 @@ def main(argv) -> int:
         mesh = parse_mesh(mesh)
         if FLAGS.topology:   # refuse bad sizes before any compiler set-up
             sharding.mesh_shape(mesh, chips, what="--mesh")
+    try:
+        mixed = [mixed_settings(config, float(f)) for f in FLAGS.mixed_full_fraction or ()] or [None]
+    except ValueError as e:
+        raise UserError(str(e) if isinstance(e, UserError) else
+                        f"--mixed_full_fraction takes comma-separated fractions, got {FLAGS.mixed_full_fraction}")
     backend = dev.prepare_process(chips, FLAGS.backend)
     model = model_override(config) or model_config_for(config, cli.config_path())
     if FLAGS.topology:
-        p = sweep_dry_run(config, topology=FLAGS.topology, context_len=FLAGS.context, mesh=mesh, backend=backend,
-                          model=model)
-        _print_plan(p, FLAGS.json)
+        for mx in mixed:
+            p = sweep_dry_run(config, topology=FLAGS.topology, context_len=FLAGS.context, mesh=mesh, backend=backend,
+                              model=model, mixed=mx)
+            _print_plan(p, FLAGS.json)
         return 0
 
     if mesh != "auto":
@@ -211,12 +228,16 @@ def main(argv) -> int:
         if FLAGS.json:
             print("JSON " + json.dumps(p.as_dict()), flush=True)
 
-    found = find_smallest_slice(cfg, FLAGS.smallest, context_len, config.sweep.batch_size, max_chips=FLAGS.max_chips,
-                                on_attempt=show, backend=backend, model_name=label,
-                                **step_settings(config))
-    if found is None:
-        print(f"no {FLAGS.smallest} slice (up to {FLAGS.max_chips or 'the largest'} chips) fits {label} at "
-              f"{context_len} tokens")
-        return 1
-    print(found.table())
-    return 0
+    status = 0
+    for mx in mixed:
+        what = "" if mx is None else f" with a mixed KV cache ({100 * mx['full_fraction']:g}% full heads)"
+        found = find_smallest_slice(cfg, FLAGS.smallest, context_len, config.sweep.batch_size,
+                                    max_chips=FLAGS.max_chips, on_attempt=show, backend=backend, model_name=label,
+                                    mixed=mx, **step_settings(config))
+        if found is None:
+            print(f"no {FLAGS.smallest} slice (up to {FLAGS.max_chips or 'the largest'} chips) fits {label} at "
+                  f"{context_len} tokens{what}")
+            status = 1
+            continue
+        print(found.table())
+    return status

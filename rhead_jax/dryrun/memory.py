@@ -107,6 +107,22 @@ def cache_bytes(cfg, sizes: Mapping[str, int], *, rows: int, cache_size: int) ->
     return out
 
 
+def mixed_cache_bytes(cfg, layout, sizes: Mapping[str, int], *, rows: int, cache_size: int,
+                      ring: int | None = None) -> int:
+    """Per-device bytes of a [rows]-row mixed KV cache (rhead_jax.models.mixed) of `cache_size` positions."""
+    from rhead_jax.mixedkv.runner import CACHE_AXES as MIXED_AXES
+    from rhead_jax.models.mixed import init_mixed_cache
+
+    mesh_like = SimpleNamespace(shape=dict(sizes))
+    shape = jax.eval_shape(lambda: init_mixed_cache(cfg, layout, rows, cache_size, ring=ring))
+    out = 0
+    for name, axes in MIXED_AXES.items():
+        leaf = getattr(shape, name)
+        spec = shd.logical_to_spec(axes, leaf.shape, mesh_like, what=f"mixed_cache/{name}")
+        out += shard_bytes(leaf.shape, leaf.dtype, spec, sizes)
+    return out
+
+
 def analytic_bytes(cfg, sizes: Mapping[str, int], *, batch: int, prefill_width: int, cache_size: int,
                    max_new_tokens: int, top_k: int = 1, share_prefix: bool = True) -> dict[str, int]:
     """Per-device bytes from the shardings alone (no devices, no compile). The batch's cache is
@@ -165,6 +181,7 @@ class Plan:
     backend: str                  # "tpu" or "cpu"
     analytic: dict[str, int]
     compiled: dict[str, dict[str, int]] | None = None
+    mixed: dict[str, Any] | None = None   # a mixed KV cache's plan: full_fraction, full heads, layout, sink, recent
     compile_error: str | None = None
     compile_seconds: float = 0.0
     margin: float = MARGIN
@@ -226,12 +243,15 @@ class Plan:
             "peak_program": self.peak_program,
             "compile_error": self.compile_error, "compile_seconds": round(self.compile_seconds, 1),
             "total_gib": self.total_bytes / GiB, "usable_gib": self.usable_bytes / GiB, "fits": self.fits,
-            "headroom_gib": self.headroom_bytes / GiB, "notes": self.notes,
+            "headroom_gib": self.headroom_bytes / GiB, "mixed": self.mixed, "notes": self.notes,
         }
 
     def table(self) -> str:
         t, g = self.topology, (lambda b: f"{b / GiB:9.2f}")
         rows_per_dev = rows_per_device(self.batch, self.mesh["data"])
+        kv_label, mx = "KV cache", self.mixed
+        if mx:
+            kv_label = f"mixed KV cache ({100 * mx['full_fraction']:g}% full)"
         lines = [
             f"== dry run: {self.model} on {t.name} ({t.chips} chips, {t.hosts} host(s), "
             f"{t.hbm_bytes / GiB:g} GiB HBM per chip) ==",
@@ -242,10 +262,15 @@ class Plan:
             f"prefill calls of up to {self.prefill_width} tokens per row block (prefill chunk {self.prefill_chunk}), "
             f"{self.max_new_tokens} new tokens, bf16",
             f"compiler: {_BACKEND_TEXT[self.backend]}",
+        ] + ([
+            f"mixed KV cache: {mx['full_heads']} of {mx['kv_heads']} KV heads full, the rest streaming (sink "
+            f"{mx['sink']} + recent {mx['recent']}); {mx['groups']} head group(s) on 'model', per group "
+            f"{mx['full_slots']} full and {mx['ring_slots']} ring (layer, head) caches; plain cache "
+            f"{mx['full_cache_bytes'] / GiB:.2f} GiB per device"] if mx else []) + [
             "",
             f"{'per device':48s} {'GiB':>9s}",
             f"{'params (analytic: leaf bytes / shards)':48s} {g(self.analytic['params'])}",
-            f"{'KV cache, batch (analytic; donated, held once)':48s} {g(self.analytic['kv_cache'])}",
+            f"{kv_label + ', batch (analytic; donated, held once)':48s} {g(self.analytic['kv_cache'])}",
             f"{'shared-prefix cache, resident (analytic)':48s} {g(self.analytic['shared_prefix_cache'])}",
             f"{'prefill tokens, decode inputs (analytic)':48s} {g(self.analytic['inputs'])}",
             f"{'generated tokens, captured slots (analytic)':48s} {g(self.analytic['outputs'])}",

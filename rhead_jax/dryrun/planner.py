@@ -37,7 +37,7 @@ from rhead_jax import presets
 from rhead_jax import sharding as shd
 from rhead_jax.config import default_config
 from rhead_jax.dryrun import devices as dev
-from rhead_jax.dryrun.memory import MARGIN, Plan, analytic_bytes, auto_mesh, padded_batch
+from rhead_jax.dryrun.memory import MARGIN, Plan, analytic_bytes, auto_mesh, mixed_cache_bytes, padded_batch
 from rhead_jax.dryrun.topology import Topology, family_slices, parse_topology
 from rhead_jax.engine import extra_score_masses
 from rhead_jax.errors import UserError
@@ -89,11 +89,14 @@ def plan(cfg: ModelConfig, topology: Topology | str, *, context_len: int, batch_
          k_chunk: int = SWEEP_DEFAULTS.k_chunk, share_prefix: bool = SWEEP_DEFAULTS.share_prefix,
          extra_scores: tuple[str, ...] = tuple(SWEEP_DEFAULTS.extra_scores), backend: str = "auto",
          compile: bool = True, margin: float = MARGIN,
-         model_name: str | None = None, max_model: int = 8) -> Plan:
+         model_name: str | None = None, max_model: int = 8, mixed: Mapping[str, Any] | None = None) -> Plan:
     """Plan a sweep batch of `cfg` at `context_len` on `topology` (see the module docstring).
 
     mesh: None (auto_mesh), a mapping of sizes ({"data": -1, "model": 8}), or a jax Mesh whose
       devices stand for the chips. compile=False: the analytic numbers only (no devices needed).
+    mixed: {"full_fraction", "sink", "recent"}: plan the batch with a mixed KV cache
+      (rhead_jax.mixedkv) instead, its full heads spread evenly over the model axis (layer-major
+      order: the best case; a ranking that piles full heads onto one KV-head index needs more).
     """
     topo = parse_topology(topology) if isinstance(topology, str) else topology
     backend = dev.resolve_backend(backend) if compile else ("tpu" if backend == "tpu" else "cpu")
@@ -131,10 +134,22 @@ def plan(cfg: ModelConfig, topology: Topology | str, *, context_len: int, batch_
     S = cache_size_for(P, spec)
     analytic = analytic_bytes(cfg, sizes, batch=batch, prefill_width=width, cache_size=S,
                               max_new_tokens=max_new_tokens, share_prefix=share_prefix)
+    layout = tables = None
+    if mixed is not None and extra_scores:
+        raise UserError("the mixed KV cache is planned without extra scores: drop --config.sweep.extra_scores "
+                        "or --mixed_full_fraction")
+    if mixed is not None:
+        layout, tables, mixed_info = _mixed_plan(cfg, sizes, mixed)
+        mixed_info["full_cache_bytes"] = analytic["kv_cache"]
+        analytic["kv_cache"] = mixed_cache_bytes(cfg, layout, sizes, rows=batch, cache_size=S)
+        if share_prefix:
+            analytic["shared_prefix_cache"] = mixed_cache_bytes(cfg, layout, sizes, rows=1, cache_size=S, ring=S)
+        notes.append("mixed KV cache: the shared prefix is one row whose streaming heads keep every position "
+                     "(rows take their rings from it); --config.sweep.share_prefix=false drops it")
     p = Plan(model=model_name or cfg.model_type, topology=topo, mesh=sizes, mesh_source=source,
              context_len=context_len, batch_size=batch_size, batch=batch, prompt_len=P, prefill_width=width,
              cache_size=S, prefill_chunk=prefill_chunk, max_new_tokens=max_new_tokens, backend=backend,
-             analytic=analytic, margin=margin, notes=notes)
+             analytic=analytic, margin=margin, notes=notes, mixed=None if mixed is None else mixed_info)
     if batch != batch_size:
         notes.append(f"batch {batch_size} padded to {batch} rows for data={data} (as Runner does)")
     for ax, dim, what in (("model", cfg.num_kv_heads, "KV heads: the KV cache is replicated on it"),
@@ -146,19 +161,36 @@ def plan(cfg: ModelConfig, topology: Topology | str, *, context_len: int, batch_
 
     if mesh_obj is None:
         mesh_obj = shd.make_mesh(sizes, devices=dev.compile_devices(topo, backend))
-    runner = Runner(cfg, None, mesh_obj)      # no params: only its jitted programs are used
     rep = shd.replicated(mesh_obj)
-    cache = _abstract(jax.eval_shape(lambda: init_cache(cfg, batch, S)), runner.cache_sharding(batch, S))
-    params = _abstract(param_shapes(cfg), runner.param_sh)
     rows = jax.ShapeDtypeStruct((batch,), jnp.int32, sharding=shd.batch_sharding((batch,), mesh_obj))
     call = jax.ShapeDtypeStruct((data, width), jnp.int32, sharding=shd.batch_sharding((data, width), mesh_obj))
     shared = analytic["shared_prefix_cache"]
+    block = jax.ShapeDtypeStruct((), jnp.int32, sharding=rep)
+    if mixed is not None:
+        from rhead_jax.mixedkv.runner import MixedRunner
+
+        runner = MixedRunner(cfg, None, mesh_obj, layout, tables)
+        tabs = _abstract(tables, runner._tables_sharding())
+        cache = _abstract(runner.cache_shape(batch, S), runner.cache_sharding(batch, S))
+        params = _abstract(param_shapes(cfg), runner.param_sh)
+        cache1 = _abstract(runner.cache_shape(1, S, S), runner.cache_sharding(1, S, S))
+        programs = {
+            "setup": (runner.rows_jit(batch, S, S), (cache1, rows), analytic["params"]) if share_prefix else
+            (runner.init_cache_jit(batch, S), (), analytic["params"]),
+            "prefill": (runner.prefill_block_jit(batch, S, width, spec), (params, tabs, cache, block, call, call),
+                        shared),
+            "decode": (runner.decode_jit(batch, S, spec), (params, tabs, rows, rows, cache), shared),
+        }
+        return _compile(p, programs, backend)
+    runner = Runner(cfg, None, mesh_obj)      # no params: only its jitted programs are used
+    cache = _abstract(jax.eval_shape(lambda: init_cache(cfg, batch, S)), runner.cache_sharding(batch, S))
+    params = _abstract(param_shapes(cfg), runner.param_sh)
     if share_prefix:
         cache1 = _abstract(jax.eval_shape(lambda: init_cache(cfg, 1, S)), runner.cache_sharding(1, S))
         setup = (runner.rows_jit(batch, S, S), (cache1, rows), analytic["params"])
     else:
         setup = (runner.init_cache_jit(batch, S), (), analytic["params"])
-    prefill_args = (params, cache, jax.ShapeDtypeStruct((), jnp.int32, sharding=rep), call, call, None)
+    prefill_args = (params, cache, block, call, call, None)
     decode_args = (params, rows, rows, cache, None)
     if spec.prefill_masses:
         prefill_args += (_abstract_targets(data, len(spec.prefill_masses), mesh_obj),)
@@ -169,6 +201,31 @@ def plan(cfg: ModelConfig, topology: Topology | str, *, context_len: int, batch_
         "prefill": (runner.prefill_block_jit(batch, S, width, spec), prefill_args, shared),
         "decode": (runner.decode_jit(batch, S, spec), decode_args, shared),
     }
+    return _compile(p, programs, backend)
+
+
+def _mixed_plan(cfg: ModelConfig, sizes: Mapping[str, int], mixed: Mapping[str, Any]):
+    """(layout, tables, info) of a mixed KV cache at mixed["full_fraction"], full heads in layer-major order."""
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    from rhead_jax.mixedkv.heads import num_full, top_full
+    from rhead_jax.mixedkv.runner import mixed_layout
+
+    L, K = cfg.num_layers, cfg.num_kv_heads
+    f = float(mixed["full_fraction"])
+    full = top_full(np.zeros((L, K)), num_full(f, L * K))
+    layout, tables = mixed_layout(cfg, full, SimpleNamespace(shape=dict(sizes)), sink=int(mixed["sink"]),
+                                  recent=int(mixed["recent"]))
+    info = {"full_fraction": f, "full_heads": int(full.sum()), "kv_heads": L * K, "sink": layout.sink,
+            "recent": layout.recent, "groups": layout.groups, "full_slots": layout.full_slots,
+            "ring_slots": layout.ring_slots}
+    return layout, tables, info
+
+
+def _compile(p: Plan, programs: dict, backend: str) -> Plan:
+    """Compile each (jitted fn, abstract args, resident bytes) of `programs` into p.compiled."""
     p.compiled = {}
     t0 = time.time()
     for name, (fn, args, resident) in programs.items():

@@ -224,3 +224,33 @@ def plot_sweep_k(table: dict, path, title: str = "", metric: str = "accuracy (%)
     ax.legend(fontsize=8, loc="best")
     ax.set_title(title, fontsize=10)
     _save(plt, fig, path)
+
+
+def plot_accuracy_vs_kv(lines: Sequence[dict], path, title: str = "", metric: str = "accuracy (%)") -> None:
+    """Accuracy vs KV-cache memory, one line per head choice (the mixed KV cache, rhead_jax.mixedkv).
+
+    lines: [{label, x: [KV memory, % of the full cache], y: [accuracy 0-1], yerr: [std 0-1] or None,
+    text: [point annotations] or None}]; a one-point line is drawn as a marker."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    markers = "osD^v<>ph*"
+    for i, ln in enumerate(lines):
+        order = np.argsort(ln["x"])
+        x = np.asarray(ln["x"], float)[order]
+        y = 100 * np.asarray(ln["y"], float)[order]
+        style = markers[i % len(markers)] + ("-" if len(x) > 1 else "")
+        if ln.get("yerr") is not None and np.any(np.asarray(ln["yerr"]) > 0):
+            ax.errorbar(x, y, yerr=100 * np.asarray(ln["yerr"], float)[order], fmt=style, capsize=3, label=ln["label"])
+        else:
+            ax.plot(x, y, style, label=ln["label"], markersize=7)
+        for xi, yi, t in zip(x, y, np.asarray(ln.get("text") or [""] * len(x), object)[order]):
+            if t:
+                ax.annotate(str(t), (xi, yi), textcoords="offset points", xytext=(4, 4), fontsize=7)
+    ax.set_xlabel("KV cache memory (% of the full cache)")
+    ax.set_ylabel(metric)
+    ax.set_ylim(-3, 103)
+    ax.set_xlim(0, 105)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="best")
+    ax.set_title(title, fontsize=10)
+    _save(plt, fig, path)
