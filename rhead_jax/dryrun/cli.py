@@ -4,6 +4,7 @@
     python -m rhead_jax.dryrun --config yi34b.py --topology v5p-64 [--context 50000] [--json]
     python -m rhead_jax.dryrun --config mixtral_8x7b.py --smallest v5e --context 31947
     python -m rhead_jax.dryrun --config yi34b.py --preset Yi-6B-200K --topology v5p-8 --config.sweep.batch_size=4
+    python -m rhead_jax.dryrun --config yi34b.py --smallest v5p --context 200000 --mixed_full_fraction 0.25,0.5
 
 Both read the step's settings (batch, new tokens, prefill chunk, tiles, padding, shared prefix) from
 the config (`--config.sweep.prefill_chunk=2048` overrides one) and the model's shapes from

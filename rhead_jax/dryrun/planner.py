@@ -10,7 +10,8 @@ NamedShardings): nothing is allocated and no checkpoint is read. The programs:
 With config.sweep.extra_scores (`extra_scores=`), prefill and decode are the programs that also
 reduce the extra scores' attention masses (and take their targets), so their memory shows.
 The shared-prefix cache the engine keeps resident is not an argument of prefill or decode: it is
-added to their peak (`memory.program_peak`). A program that exceeds HBM fails to compile on TPU;
+added to their peak (`memory.program_peak`). With `mixed=` the same three programs are the
+MixedRunner's (rhead_jax.mixedkv: a mixed KV cache of full and streaming heads). A program that exceeds HBM fails to compile on TPU;
 the plan then reports the compiler's required bytes and "does not fit".
 
 With the CPU backend (rhead_jax.dryrun.devices) the SPMD partitioning, shardings and argument/output

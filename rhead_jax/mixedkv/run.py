@@ -181,7 +181,8 @@ def plot_lines(results: dict) -> list[dict]:
         ln["yerr"].append(g["accuracy_std"])
         ln["text"].append("" if g["fraction"] is None else f"{g['fraction']:g}")
         if g["kind"] == "random":
-            ln["label"] = f"random ({len(g['seeds'])} seed{'s' * (len(g['seeds']) > 1)}, mean ± std)"
+            n = len(g["seeds"])
+            ln["label"] = f"random ({n} seeds, mean ± std)" if n > 1 else f"random (seed {g['seeds'][0]})"
         elif g["kind"] == "none":
             ln["label"] = "none (all streaming)"
         elif g["kind"] == "all":
@@ -251,9 +252,10 @@ def run_mixedkv(config, workdir: str, *, model=None, heads: Sequence[str] | None
     if engine.is_writer:
         with tempfile.TemporaryDirectory() as tmp:
             png = Path(tmp) / "accuracy_vs_kv.png"
+            depths = "/".join(map(str, results["grid"]["depths"]))
             plot_accuracy_vs_kv(plot_lines(results), png,
-                                f"{name}: mixed KV cache (sink {m.sink} + recent {m.recent}), NIAH at "
-                                f"{'/'.join(map(str, lengths))} tokens", metric="ROUGE-1 recall (%)")
+                                f"{name}: mixed KV cache (sink {m.sink} + recent {m.recent})\nneedles at "
+                                f"{'/'.join(map(str, lengths))} tokens, depths {depths}%", metric="ROUGE-1 recall (%)")
             results["files"] = ["accuracy_vs_kv.png", "table.md", "results.json"]
             io.atomic_write_bytes(root / "accuracy_vs_kv.png", png.read_bytes())
         io.atomic_write_text(root / "table.md", table + "\n")
