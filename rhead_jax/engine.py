@@ -34,6 +34,7 @@ alone, so a resumed run recomputes exactly the batches an uninterrupted one woul
 """
 from __future__ import annotations
 
+import collections
 import dataclasses
 import time
 from typing import Any, Callable, Sequence
@@ -55,7 +56,7 @@ from rhead_jax.plan import plan_needles, stop_tokens
 from rhead_jax.runner import Runner
 
 __all__ = ["BatchOutput", "EXTRA_SCORES", "Engine", "ResultStore", "SharedPrefix", "barrier", "common_prefix",
-           "extra_score_masses", "make_batches", "mesh_from_config", "round_up", "stop_tokens"]
+           "extra_score_masses", "grid_batches", "make_batches", "mesh_from_config", "round_up", "stop_tokens"]
 
 # the extra scores of a needle sweep (config.sweep.extra_scores) -> the attention masses they need:
 # "mass": decode steps, keys of the answer span; "query": prefill, question queries on the needle's keys
@@ -85,6 +86,14 @@ def make_batches(instances: Sequence[Instance], batch_size: int) -> list[list[in
         else:
             batches.append([i])
     return batches
+
+
+def grid_batches(instances: Sequence[Instance], batch_size: int) -> tuple[int, list[list[int]]]:
+    """(batch size, make_batches(...)) with the batch size capped at the largest group of one
+    length: a batch is never padded beyond it (padding rows cost full compute)."""
+    per_length = collections.Counter(i.length for i in instances)
+    size = min(batch_size, max(per_length.values()))
+    return size, make_batches(instances, size)
 
 
 def common_prefix(a: np.ndarray, b: np.ndarray) -> int:

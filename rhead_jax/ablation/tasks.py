@@ -19,7 +19,7 @@ import numpy as np
 
 from rhead_jax import qa
 from rhead_jax.ablation.taxonomy import CATEGORIES, classify_response, haystack_ngrams
-from rhead_jax.engine import Engine, make_batches, stop_tokens
+from rhead_jax.engine import Engine, grid_batches, stop_tokens
 from rhead_jax.errors import UserError
 from rhead_jax.needle.rouge import keep_test, rouge1_recall
 
@@ -47,10 +47,7 @@ class NiahTask:
     def __init__(self, engine: Engine):
         self.engine, self.config = engine, engine.config
         self.instances = engine.plan_needles()
-        per_length = collections.Counter(i.length for i in self.instances)
-        # never pad a batch beyond the largest group of one length (padding rows cost full compute)
-        self.batch_size = min(self.config.sweep.batch_size, max(per_length.values()))
-        self.batches = make_batches(self.instances, self.batch_size)
+        self.batch_size, self.batches = grid_batches(self.instances, self.config.sweep.batch_size)
         self.spec = engine.spec(capture=False)
         self._ngrams: dict[str, frozenset] = {}
 

@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 from rhead_jax import config as config_lib
 from rhead_jax import io
-from rhead_jax.engine import Engine, make_batches
+from rhead_jax.engine import Engine, grid_batches
 from rhead_jax.errors import UserError
 from rhead_jax.mixedkv.heads import MixedRun, parse_choices, plan_runs
 from rhead_jax.mixedkv.runner import MeasuredRunner, MixedRunner, mixed_layout
@@ -62,9 +62,7 @@ class MixedNiah:
     def __init__(self, engine: Engine):
         self.engine, self.config = engine, engine.config
         self.instances = engine.plan_needles()
-        per_length = collections.Counter(i.length for i in self.instances)
-        self.batch_size = min(self.config.sweep.batch_size, max(per_length.values()))
-        self.batches = make_batches(self.instances, self.batch_size)
+        self.batch_size, self.batches = grid_batches(self.instances, self.config.sweep.batch_size)
         self.spec = engine.spec(capture=False)
         self._jits: dict[Any, dict] = {}   # compiled programs per layout, shared by the runs that have it
 
