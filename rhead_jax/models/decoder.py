@@ -272,7 +272,11 @@ def attention_output(lp, cfg: ModelConfig, x, out):
     out: attention output [B, T, K, G, D] (query head h = k * G + g)."""
     c = cfg
     K, G, D = c.num_kv_heads, c.group_size, c.head_dim
-    o = jnp.einsum("btkgd,kgdm->btm", out.astype(jnp.dtype(c.dtype)), lp["o"].reshape(K, G, D, -1))
+    B, T = out.shape[:2]
+    # both operands as matrices (reshapes, not transposes): a decode step otherwise had XLA:CPU copy
+    # the o_proj weight into the attention output's layout at every layer and step
+    o = jnp.einsum("btj,jm->btm", out.astype(jnp.dtype(c.dtype)).reshape(B, T, K * G * D),
+                   lp["o"].reshape(K * G * D, -1))
     if c.o_bias:
         o = o + lp["o_bias"]
     x = x + o
