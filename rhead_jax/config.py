@@ -47,6 +47,9 @@ def default_config() -> ml_collections.ConfigDict:
         max_new_tokens=50,           # decode-step cap (the original's 50)
         batch_size=8,                # instances of one length decoded together (the data axis)
         share_prefix=True,           # prefill the common haystack prefix once per grid
+        prefix_branches=0,           # and up to this many more prompt prefixes (branches), each shared
+                                     # by several instances (depth 0 of every length, one per needle):
+                                     # less prefill, a resident row each (rhead_jax.engine)
         prefill_chunk=1024,          # tokens per prefill call: bounds activation memory
         q_chunk=512,                 # attention query tile
         k_chunk=512,                 # attention key tile (cache sizes are multiples of it)
@@ -162,6 +165,8 @@ def validate(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     for k in ("max_new_tokens", "batch_size", "prefill_chunk", "q_chunk", "k_chunk", "pad_multiple"):
         if not isinstance(s[k], int) or s[k] < 1:
             raise UserError(f"config.sweep.{k} must be an integer >= 1, got {s[k]!r}")
+    if not isinstance(s.prefix_branches, int) or s.prefix_branches < 0:
+        raise UserError(f"config.sweep.prefix_branches must be an integer >= 0, got {s.prefix_branches!r}")
     extra = list(s.extra_scores)
     if any(e not in EXTRA_SCORES for e in extra) or len(set(extra)) != len(extra):
         raise UserError(f"config.sweep.extra_scores must list distinct names out of {EXTRA_SCORES}, got {extra}; "

@@ -25,15 +25,26 @@ from rhead_jax.models.decoder import KVCache, init_cache
 from rhead_jax.models.generate import Generation, GenerateSpec, decode_impl, prefill, prefill_block_impl
 
 
-def _rows(cache: KVCache, starts, size: int) -> KVCache:
-    """[B]-row cache of `size` slots from a 1-row cache: row b keeps slots < starts[b]."""
+def _rows(cache: KVCache, starts, branches: KVCache | None = None, source=None, *, size: int) -> KVCache:
+    """[B]-row cache of `size` slots from a 1-row cache: row b keeps slots < starts[b]. With
+    `branches` (an [R]-row cache), row b takes them from branch row source[b] instead where
+    source[b] >= 0."""
     B = starts.shape[0]
     k, v = cache.k[:, :, :, :size], cache.v[:, :, :, :size]
     shape = (k.shape[0], B) + k.shape[2:]
+    k, v = jnp.broadcast_to(k, shape), jnp.broadcast_to(v, shape)
+    if branches is not None:
+        use = (source >= 0)[None, :, None, None, None]
+
+        def rows_of(x):  # [L, R, K, Sb, D] -> [L, B, K, size, D]: row source[b] of each, fitted to size
+            x = x[:, :, :, :size]
+            x = jnp.pad(x, ((0, 0), (0, 0), (0, 0), (0, size - x.shape[3]), (0, 0)))
+            return jnp.take(x, jnp.maximum(source, 0), axis=1)
+
+        k, v = jnp.where(use, rows_of(branches.k), k), jnp.where(use, rows_of(branches.v), v)
     slot = jnp.arange(size)[None]
     pos = jnp.where(slot < starts[:, None], slot, -1).astype(jnp.int32)
-    return KVCache(k=jnp.broadcast_to(k, shape), v=jnp.broadcast_to(v, shape), pos=pos,
-                   length=starts.astype(jnp.int32))
+    return KVCache(k=k, v=v, pos=pos, length=starts.astype(jnp.int32))
 
 
 def _rep_fn(shape, mesh):
@@ -104,17 +115,22 @@ class Runner:
 
         return self._jit(("init", batch, size), make)
 
-    def rows_jit(self, batch: int, size: int, prefix_size: int):
-        """(cache1, starts [batch]) -> a [batch]-row cache of `size` slots taken from the 1-row
-        shared-prefix cache of `prefix_size` slots (row b keeps its slots < starts[b])."""
+    def rows_jit(self, batch: int, size: int, prefix_size: int, branches: tuple[int, int] | None = None):
+        """(cache1, starts [batch][, branches, source [batch]]) -> a [batch]-row cache of `size`
+        slots taken from the 1-row shared-prefix cache of `prefix_size` slots (row b keeps its
+        slots < starts[b]); with `branches` = (rows, slots) of a branch cache, row b takes them from
+        branch row source[b] where source[b] >= 0 (engine.choose_branches)."""
         def make():
             step = partial(_rows, size=size)
             if self.mesh is None:
                 return jax.jit(step)
-            in_sh = (self.cache_sharding(1, prefix_size), shd.batch_sharding((batch,), self.mesh))
+            bsh = shd.batch_sharding((batch,), self.mesh)
+            in_sh = (self.cache_sharding(1, prefix_size), bsh)
+            if branches is not None:
+                in_sh += (self.cache_sharding(*branches), bsh)
             return jax.jit(step, in_shardings=in_sh, out_shardings=self.cache_sharding(batch, size))
 
-        return self._jit(("rows", batch, size, prefix_size), make)
+        return self._jit(("rows", batch, size, prefix_size, branches), make)
 
     def prefill_block_jit(self, batch: int, size: int, width: int, spec: GenerateSpec, mask: bool = False):
         """(params, cache, block, tokens [d, width], positions [d, width], head_mask or None[, targets])
@@ -199,9 +215,12 @@ class Runner:
         mask = None if head_mask is None else self._put(head_mask, _rep_fn)
         return fn(self.params, self._put(tokens, _rep_fn), self._put(positions, _rep_fn), cache, mask)
 
-    def rows(self, cache1: KVCache, starts: np.ndarray, size: int) -> KVCache:
-        fn = self.rows_jit(len(starts), size, cache1.size)
-        return fn(cache1, self._put(starts, shd.batch_sharding))
+    def rows(self, cache1: KVCache, starts: np.ndarray, size: int, branches: KVCache | None = None,
+             source: np.ndarray | None = None) -> KVCache:
+        if branches is None:
+            return self.rows_jit(len(starts), size, cache1.size)(cache1, self._put(starts, shd.batch_sharding))
+        fn = self.rows_jit(len(starts), size, cache1.size, (branches.k.shape[1], branches.size))
+        return fn(cache1, self._put(starts, shd.batch_sharding), branches, self._put(source, shd.batch_sharding))
 
     def _put_targets(self, targets: MassTargets) -> MassTargets:
         return jax.tree.map(lambda x: self._put(x, shd.batch_sharding), targets)

@@ -87,6 +87,22 @@ def test_shared_prefix_gives_identical_results(tiny_dir, model, reference_run, t
     assert _read(tmp_path, "head_scores.json") == _read(wd, "head_scores.json")
 
 
+def test_prefix_branches_give_identical_results(tiny_dir, model, reference_run, tmp_path):
+    """Branches (the depth-0 prompts of each needle, shared across lengths) change where rows start,
+    not what they compute: results as with the reference prefix alone, fewer tokens prefilled."""
+    wd, _ = reference_run
+    detection.run_sweep(_config(tiny_dir, prefix_branches=4), str(tmp_path), model=model)
+    ours = [json.loads(x) for x in _read(tmp_path, "results.jsonl").splitlines()]
+    ref = [json.loads(x) for x in _read(wd, "results.jsonl").splitlines()]
+    gained = [a["key"] for a, b in zip(ours, ref) if a["shared_prefix_tokens"] > b["shared_prefix_tokens"]]
+    assert {f"L300_D0_N{i}" for i in range(3)} <= set(gained)   # the shorter haystack at depth 0, each needle
+    assert all(a["shared_prefix_tokens"] >= b["shared_prefix_tokens"] for a, b in zip(ours, ref))
+    for a, b in zip(ours, ref):
+        a.pop("shared_prefix_tokens"), b.pop("shared_prefix_tokens")
+        assert a == b
+    assert _read(tmp_path, "head_scores.json") == _read(wd, "head_scores.json")
+
+
 def _config_file(tmp_path, model_dir) -> Path:
     f = tmp_path / "tiny_config.py"
     f.write_text(f"""

@@ -56,6 +56,26 @@ def test_shared_prefix_and_padding_rows_are_exact(engine):
     assert engine.generate(rows, engine.spec(capture=False), batch_size=3).topk_index is None
 
 
+def test_choose_branches():
+    """Depth-0 prompts of one needle: the shorter haystack is a prefix of the longer, the question
+    differs. The reference prompt shares only the template with them."""
+    hay = np.arange(100, 400)
+    short = np.concatenate([[1, 2, 7], hay[:100], [9, 9]])       # template, needle, haystack, question
+    long_ = np.concatenate([[1, 2, 7], hay[:250], [9, 9]])
+    other = np.concatenate([[1, 2, 8], hay[:200], [9, 9]])       # another needle
+    ids = [short, long_, other]
+    caps, base = [len(x) - 1 for x in ids], [2, 2, 2]
+    assert engine_lib.choose_branches(ids, caps, base, 0) == ([], base, [-1, -1, -1])
+    branches, starts, source = engine_lib.choose_branches(ids, caps, base, 4)
+    assert len(branches) == 1 and source[2] == -1 and starts[2] == 2    # one branch; `other` gains nothing
+    c, n = branches[0]
+    # the short prompt but its last token (decoded, not prefilled); the long one shares it up to the question
+    assert c == 0 and source[:2] == [0, 0] and n == 104 and starts[:2] == [104, 103]
+    before = sum(cp - b for cp, b in zip(caps, base))
+    assert sum(cp - st for cp, st in zip(caps, starts)) + n < before - 64
+    assert engine_lib.choose_branches(ids, caps, base, 4, min_gain=10 ** 6)[0] == []
+
+
 def test_result_store_pins_its_configuration(tmp_path):
     store = ResultStore(str(tmp_path), '{"a": 1}')
     assert not store.done(0)
@@ -89,13 +109,13 @@ def test_compiled_programs_are_bounded_per_length(tmp_path):
     d = make_tiny_smol(tmp_path / "tiny-smol", sharpen=False, hidden_size=32, intermediate_size=64,
                        num_attention_heads=4)
 
-    def compiles(depths, batch_size, wd):
+    def compiles(depths, batch_size, wd, branches=0):
         c = default_config()
         c.model.path, c.model.name, c.compile_cache = str(d), "tiny", False
         c.sweep.lengths, c.sweep.depths = (300, 400), depths
         c.sweep.max_new_tokens, c.sweep.prefill_chunk, c.sweep.pad_multiple = 4, 128, 32
         c.sweep.q_chunk = c.sweep.k_chunk = 64
-        c.sweep.batch_size = batch_size
+        c.sweep.batch_size, c.sweep.prefix_branches = batch_size, branches
         stats = count_compiles()
         before = stats.programs
         run_sweep(validate(c), str(tmp_path / wd))
@@ -107,6 +127,10 @@ def test_compiled_programs_are_bounded_per_length(tmp_path):
     # whole sweeps; per length: rows + <= 4 prefill widths + decode (+ copy-count scoring shapes)
     assert many <= few + 2, (few, many)
     assert many <= 2 * (1 + 4 + 1 + 2) + 4, many
+    # prefix branches: per length a second set-up (rows from the branches); once, the branch cache
+    # and its prefill widths (rhead_jax.dryrun.planner.grid_programs)
+    branched = compiles((0, 25, 50, 75, 100), 3, "branched", branches=4)
+    assert branched <= many + 2 * 1 + 1 + 4, (many, branched)
 
 
 def test_cache_write_forms_agree(engine):

@@ -41,6 +41,7 @@ def test_meshes_match_single_device(tmp_path):
     results, log = _run_meshes(d, tmp_path / "wd", ["1,1,1", "8,1,1", "2,4,1", "1,8,1"])
     _assert_same(results, "1,1,1")
     assert "kv_heads=2 is not divisible by mesh axis model" in log  # the log says what is replicated
+    assert " branches prefilled once" in log                       # prefix branches ran on every mesh
 
 
 def test_expert_sharded_mixtral_matches_single_device(tmp_path):

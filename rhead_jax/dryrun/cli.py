@@ -45,7 +45,7 @@ def step_settings(config) -> dict[str, Any]:
     s = config.sweep
     return dict(max_new_tokens=s.max_new_tokens, prefill_chunk=s.prefill_chunk, pad_multiple=s.pad_multiple,
                 q_chunk=s.q_chunk, k_chunk=s.k_chunk, share_prefix=s.share_prefix,
-                extra_scores=tuple(s.extra_scores))
+                prefix_branches=s.prefix_branches, extra_scores=tuple(s.extra_scores))
 
 
 def resolve_context(config, cfg: ModelConfig, context_len: int | None) -> tuple[int, list[str]]:

@@ -124,9 +124,12 @@ def mixed_cache_bytes(cfg, layout, sizes: Mapping[str, int], *, rows: int, cache
 
 
 def analytic_bytes(cfg, sizes: Mapping[str, int], *, batch: int, prefill_width: int, cache_size: int,
-                   max_new_tokens: int, top_k: int = 1, share_prefix: bool = True) -> dict[str, int]:
+                   max_new_tokens: int, top_k: int = 1, share_prefix: bool = True,
+                   prefix_branches: int = 0) -> dict[str, int]:
     """Per-device bytes from the shardings alone (no devices, no compile). The batch's cache is
-    counted once: every program of a batch takes it donated and returns it in place."""
+    counted once: every program of a batch takes it donated and returns it in place. The
+    shared-prefix cache counts its reference row and, with config.sweep.prefix_branches, that many
+    branch rows at the batch's cache size (an upper bound: the engine picks fewer, often shorter)."""
     kv = cache_bytes(cfg, sizes, rows=batch, cache_size=cache_size)
     d = sizes["data"]
     data = d if batch % d == 0 else 1
@@ -136,7 +139,9 @@ def analytic_bytes(cfg, sizes: Mapping[str, int], *, batch: int, prefill_width: 
     return {
         "params": params_bytes(cfg, sizes),
         "kv_cache": kv,
-        "shared_prefix_cache": cache_bytes(cfg, sizes, rows=1, cache_size=cache_size) if share_prefix else 0,
+        "shared_prefix_cache": (cache_bytes(cfg, sizes, rows=1, cache_size=cache_size)
+                                + (cache_bytes(cfg, sizes, rows=-(-prefix_branches // d) * d, cache_size=cache_size)
+                                   if prefix_branches else 0)) if share_prefix else 0,
         "inputs": inputs,
         "outputs": outputs,
     }

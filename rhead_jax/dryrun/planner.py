@@ -88,6 +88,7 @@ def plan(cfg: ModelConfig, topology: Topology | str, *, context_len: int, batch_
          max_new_tokens: int = SWEEP_DEFAULTS.max_new_tokens, prefill_chunk: int = SWEEP_DEFAULTS.prefill_chunk,
          mesh: Any = None, pad_multiple: int = SWEEP_DEFAULTS.pad_multiple, q_chunk: int = SWEEP_DEFAULTS.q_chunk,
          k_chunk: int = SWEEP_DEFAULTS.k_chunk, share_prefix: bool = SWEEP_DEFAULTS.share_prefix,
+         prefix_branches: int = SWEEP_DEFAULTS.prefix_branches,
          extra_scores: tuple[str, ...] = tuple(SWEEP_DEFAULTS.extra_scores), backend: str = "auto",
          compile: bool = True, margin: float = MARGIN,
          model_name: str | None = None, max_model: int = 8, mixed: Mapping[str, Any] | None = None) -> Plan:
@@ -134,7 +135,8 @@ def plan(cfg: ModelConfig, topology: Topology | str, *, context_len: int, batch_
     width = max(prefill_pieces(max(context_len - 1, 1), prefill_widths(prefill_chunk)))
     S = cache_size_for(P, spec)
     analytic = analytic_bytes(cfg, sizes, batch=batch, prefill_width=width, cache_size=S,
-                              max_new_tokens=max_new_tokens, share_prefix=share_prefix)
+                              max_new_tokens=max_new_tokens, share_prefix=share_prefix,
+                              prefix_branches=0 if mixed is not None else prefix_branches)
     layout = tables = None
     if mixed is not None and extra_scores:
         raise UserError("the mixed KV cache is planned without extra scores: drop --config.sweep.extra_scores "
@@ -340,14 +342,20 @@ def grid_programs(config) -> dict[str, Any]:
     s = config.sweep
     widths = prefill_widths(s.prefill_chunk)
     lengths, depths = sorted(set(s.lengths)), sorted(set(s.depths))
-    per_length = 1 + len(widths) + 1 + 1
+    branches = bool(s.share_prefix and s.prefix_branches)
+    # with prefix branches: a second cache set-up per length (rows taken from branches too), and
+    # once the branch cache's set-up and its prefill widths
+    per_length = 1 + len(widths) + 1 + 1 + branches
+    once = 1 + (1 + len(widths) if branches else 0)
     return {"lengths": len(lengths), "depths": len(depths), "widths": list(widths), "per_length": per_length,
-            "bound": len(lengths) * per_length + 1, "batches_of_one_cell": len(lengths) * len(depths)}
+            "bound": len(lengths) * per_length + once, "batches_of_one_cell": len(lengths) * len(depths)}
 
 
 def grid_programs_line(config) -> str:
     g = grid_programs(config)
-    return (f"XLA programs for the whole grid: at most {g['bound']} ({g['lengths']} lengths x (1 cache set-up + "
+    setups = "2 cache set-ups" if g["per_length"] > 3 + len(g["widths"]) else "1 cache set-up"
+    branches = " and its branches" if g["per_length"] > 3 + len(g["widths"]) else ""
+    return (f"XLA programs for the whole grid: at most {g['bound']} ({g['lengths']} lengths x ({setups} + "
             f"{len(g['widths'])} prefill widths {'/'.join(map(str, g['widths']))} + 1 decode loop + 1 scoring) + the "
-            f"shared prefix), whatever the {g['depths']} depths and the needles; a program per (length, depth) "
+            f"shared prefix{branches}), whatever the {g['depths']} depths and the needles; a program per (length, depth) "
             f"batch would be {g['batches_of_one_cell']} or more")

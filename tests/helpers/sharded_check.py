@@ -25,6 +25,7 @@ def tiny_config(model_dir: str, mesh: tuple[int, int, int]):
     c.model.path, c.model.name = model_dir, "tiny"
     c.sweep.lengths, c.sweep.depths = [300], [0, 50, 100]
     c.sweep.batch_size, c.sweep.max_new_tokens = 8, 5
+    c.sweep.prefix_branches = 4   # prompts sharing a needle's first words: branch rows sharded like the batch
     c.sweep.prefill_chunk, c.sweep.q_chunk, c.sweep.k_chunk, c.sweep.pad_multiple = 128, 64, 64, 32
     c.mesh.data, c.mesh.model, c.mesh.expert = mesh
     return validate(c)
