@@ -168,7 +168,7 @@ def run_sweep(config, workdir: str, *, model: LoadedModel | None = None) -> dict
 
     def run_one(b: int) -> list[dict]:
         batch = [instances[i] for i in batches[b]]
-        return score_batch(engine, batch, spec, batch_size=bs, shared=engine.shared_prefix(instances, spec),
+        return score_batch(engine, batch, spec, batch_size=bs, shared=engine.shared_prefix(instances, spec, once=True),
                            extra_scores=extra)
 
     per_batch = engine.run_batches(store, [len(b) for b in batches], run_one, desc=f"sweep {engine.name}")

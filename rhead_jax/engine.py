@@ -145,6 +145,15 @@ class SharedPrefix:
     branches: KVCache | None = None                          # [R] rows (padded to the data axis)
     source: dict[str, int] = dataclasses.field(default_factory=dict)   # key -> branch row; absent: reference
     branch_tokens: int = 0       # tokens prefilled for the branches
+    pending: set[str] | None = None  # with `once`: the branches' instances not generated yet
+
+    def taken(self, keys: Sequence[str]) -> None:
+        """`keys` got their rows; with `once`, the branches are dropped (their memory freed) when
+        every instance that takes from them has."""
+        if self.pending is not None and self.branches is not None:
+            self.pending -= set(keys)
+            if not self.pending:
+                self.branches = None
 
 
 def choose_branches(ids: Sequence[np.ndarray], caps: Sequence[int], base: Sequence[int], max_branches: int,
@@ -300,14 +309,15 @@ class Engine:
     # -- shared prefix -------------------------------------------------------------------------
 
     def shared_prefix(self, instances: Sequence[Instance], spec: GenerateSpec, prefill_mask=None,
-                      *, label: str = "", runner=None) -> SharedPrefix | None:
+                      *, label: str = "", runner=None, once: bool = False) -> SharedPrefix | None:
         """The shared prefix of `instances` (None when config.sweep.share_prefix is off).
 
         `prefill_mask` [L, H] (None: unmasked) must be the PREFILL mask of the batches that use it;
         `runner` (None: the engine's) the runner of those batches (a mixed KV cache's,
         rhead_jax.mixedkv). The unmasked prefix is kept; of masked or other runners' only the latest
         (`label`) stays alive. With spec.prefill_masses (the question's queries) each instance's part
-        stops before its question.
+        stops before its question. `once`: each instance is generated at most once (a sweep), so
+        the prefix branches are freed as soon as the last instance that takes from them has been.
         """
         if not self.config.sweep.share_prefix:
             return None
@@ -342,6 +352,8 @@ class Engine:
         shared = SharedPrefix(cache=cache, lengths=lengths, reference=ref.key, tokens=n)
         if runner is None and self.config.sweep.prefix_branches > 0:
             self._add_branches(shared, instances, spec, prefill_mask, before_question)
+            if once:
+                shared.pending = set(shared.source)
         jax.block_until_ready((shared.cache, shared.branches))
         self.timings["shared_prefix_s"] += time.time() - t
         saved = sum(shared.lengths.values())
@@ -441,11 +453,15 @@ class Engine:
         if shared is not None:
             keys = list(keys) + [keys[-1]] * (n_rows - real)
             starts = np.array([shared.lengths[k] for k in keys], np.int32)
-            if shared.branches is None:
+            source = np.array([shared.source.get(k, -1) for k in keys], np.int32)
+            if (source < 0).all():
                 cache = r.rows(shared.cache, starts, size)
+            elif shared.branches is None:
+                raise ValueError("the prefix branches were freed: an instance of a shared_prefix(once=True) "
+                                 "was generated twice")
             else:
-                source = np.array([shared.source.get(k, -1) for k in keys], np.int32)
                 cache = r.rows(shared.cache, starts, size, branches=shared.branches, source=source)
+            shared.taken(keys)
         else:
             starts = np.zeros(n_rows, np.int32)
             cache = r.init_cache(n_rows, size)

@@ -66,6 +66,12 @@ def _masses_of(params, tokens, positions, targets, *, cfg: ModelConfig, spec: Ge
     return mass
 
 
+# XLA:CPU compiles the sweep's programs 20% faster at LLVM -O1 than at its default, and they run
+# as fast (their dots are library calls; SmolLM2 sweep, warm: 54.3 / 55.8 s vs 54.1 / 59.4 s;
+# compiles 7.8 vs 9.8 s; identical outputs). Other platforms keep their defaults.
+CPU_COMPILER_OPTIONS = {"xla_backend_optimization_level": 1}
+
+
 class Runner:
     def __init__(self, cfg: ModelConfig, params, mesh=None):
         self.cfg, self.params, self.mesh = cfg, params, mesh
@@ -95,6 +101,12 @@ class Runner:
             return jnp.asarray(x)
         return shd.put_global(np.asarray(x), sharding_fn(np.shape(x), self.mesh))
 
+    def jit(self, fn, **kw):
+        """`jax.jit(fn, **kw)` with this platform's compiler options (CPU_COMPILER_OPTIONS on CPU)."""
+        if self.platform == "cpu":
+            kw["compiler_options"] = CPU_COMPILER_OPTIONS
+        return jax.jit(fn, **kw)
+
     def _jit(self, key, make):
         if key not in self._jits:
             self._jits[key] = make()
@@ -110,8 +122,8 @@ class Runner:
         def make():
             step = partial(init_cache, self.cfg, batch, size)
             if self.mesh is None:
-                return jax.jit(step)
-            return jax.jit(step, out_shardings=self.cache_sharding(batch, size))
+                return self.jit(step)
+            return self.jit(step, out_shardings=self.cache_sharding(batch, size))
 
         return self._jit(("init", batch, size), make)
 
@@ -123,12 +135,12 @@ class Runner:
         def make():
             step = partial(_rows, size=size)
             if self.mesh is None:
-                return jax.jit(step)
+                return self.jit(step)
             bsh = shd.batch_sharding((batch,), self.mesh)
             in_sh = (self.cache_sharding(1, prefix_size), bsh)
             if branches is not None:
                 in_sh += (self.cache_sharding(*branches), bsh)
-            return jax.jit(step, in_shardings=in_sh, out_shardings=self.cache_sharding(batch, size))
+            return self.jit(step, in_shardings=in_sh, out_shardings=self.cache_sharding(batch, size))
 
         return self._jit(("rows", batch, size, prefix_size, branches), make)
 
@@ -143,14 +155,14 @@ class Runner:
         def make():
             step = partial(prefill_block_impl, cfg=self.cfg, spec=spec, data=d)
             if self.mesh is None:
-                return jax.jit(step, donate_argnums=(1,))
+                return self.jit(step, donate_argnums=(1,))
             rep, csh = shd.replicated(self.mesh), self.cache_sharding(batch, size)
             tsh = shd.batch_sharding((d, width), self.mesh)
             in_sh = (self.param_sh, csh, rep, tsh, tsh, rep if mask else None)
             if spec.prefill_masses:
-                return jax.jit(step, in_shardings=in_sh + (_targets_sharding(self.mesh, d),),
+                return self.jit(step, in_shardings=in_sh + (_targets_sharding(self.mesh, d),),
                                out_shardings=(csh, rep), donate_argnums=(1,))
-            return jax.jit(step, in_shardings=in_sh, out_shardings=csh, donate_argnums=(1,))
+            return self.jit(step, in_shardings=in_sh, out_shardings=csh, donate_argnums=(1,))
 
         return self._jit(("prefill_block", batch, size, width, spec, mask), make)
 
@@ -162,13 +174,13 @@ class Runner:
         def make():
             step = partial(decode_impl, cfg=self.cfg, spec=spec)
             if self.mesh is None:
-                return jax.jit(step, donate_argnums=(3,))
+                return self.jit(step, donate_argnums=(3,))
             rep, csh = shd.replicated(self.mesh), self.cache_sharding(batch, size)
             lsh = shd.batch_sharding((batch,), self.mesh)
             in_sh = (self.param_sh, lsh, lsh, csh, rep if mask else None)
             if spec.decode_masses:
                 in_sh += (_targets_sharding(self.mesh, batch),)
-            return jax.jit(step, in_shardings=in_sh,
+            return self.jit(step, in_shardings=in_sh,
                            out_shardings=(shd.generation_shardings(self.mesh), csh), donate_argnums=(3,))
 
         return self._jit(("decode", batch, size, spec, mask), make)
@@ -180,9 +192,9 @@ class Runner:
         def make():
             fn = partial(_masses_of, cfg=self.cfg, spec=spec, size=size)
             if self.mesh is None:
-                return jax.jit(fn)
+                return self.jit(fn)
             tsh = shd.batch_sharding((batch, width), self.mesh)
-            return jax.jit(fn, in_shardings=(self.param_sh, tsh, tsh, _targets_sharding(self.mesh, batch)),
+            return self.jit(fn, in_shardings=(self.param_sh, tsh, tsh, _targets_sharding(self.mesh, batch)),
                            out_shardings=shd.replicated(self.mesh))
 
         return self._jit(("masses", batch, width, size, spec), make)
@@ -206,10 +218,10 @@ class Runner:
 
         key = ("prefill", tokens.shape, size, spec, head_mask is None)
         if self.mesh is None:
-            fn = self._jit(key, lambda: jax.jit(run))
+            fn = self._jit(key, lambda: self.jit(run))
         else:
             csh, rep = self.cache_sharding(B, size), shd.replicated(self.mesh)
-            fn = self._jit(key, lambda: jax.jit(
+            fn = self._jit(key, lambda: self.jit(
                 run, in_shardings=(self.param_sh, rep, rep, csh, None if head_mask is None else rep),
                 out_shardings=csh))
         mask = None if head_mask is None else self._put(head_mask, _rep_fn)

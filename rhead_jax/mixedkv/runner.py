@@ -93,8 +93,8 @@ class MixedRunner(Runner):
         def make():
             step = partial(init_mixed_cache, self.cfg, self.layout, batch, size, ring=ring)
             if self.mesh is None:
-                return jax.jit(step)
-            return jax.jit(step, out_shardings=self.cache_sharding(batch, size, ring))
+                return self.jit(step)
+            return self.jit(step, out_shardings=self.cache_sharding(batch, size, ring))
 
         return self._jit(("mixed_init", self.layout, batch, size, ring), make)
 
@@ -104,9 +104,9 @@ class MixedRunner(Runner):
         def make():
             step = partial(rows_from_prefix, size=size, sink=self.layout.sink, ring=self.layout.ring_capacity(size))
             if self.mesh is None:
-                return jax.jit(step)
+                return self.jit(step)
             in_sh = (self.cache_sharding(1, prefix_size, prefix_size), shd.batch_sharding((batch,), self.mesh))
-            return jax.jit(step, in_shardings=in_sh, out_shardings=self.cache_sharding(batch, size))
+            return self.jit(step, in_shardings=in_sh, out_shardings=self.cache_sharding(batch, size))
 
         return self._jit(("mixed_rows", self.layout, batch, size, prefix_size), make)
 
@@ -118,10 +118,10 @@ class MixedRunner(Runner):
         def make():
             step = partial(_prefill_block, cfg=self.cfg, layout=self.layout, spec=spec, data=d)
             if self.mesh is None:
-                return jax.jit(step, donate_argnums=(2,))
+                return self.jit(step, donate_argnums=(2,))
             rep, csh = shd.replicated(self.mesh), self.cache_sharding(batch, size)
             tsh = shd.batch_sharding((d, width), self.mesh)
-            return jax.jit(step, in_shardings=(self.param_sh, self._tables_sharding(), csh, rep, tsh, tsh),
+            return self.jit(step, in_shardings=(self.param_sh, self._tables_sharding(), csh, rep, tsh, tsh),
                            out_shardings=csh, donate_argnums=(2,))
 
         return self._jit(("mixed_prefill_block", self.layout, batch, size, width, spec), make)
@@ -133,9 +133,9 @@ class MixedRunner(Runner):
         def make():
             step = partial(decode_mixed, cfg=self.cfg, layout=self.layout, spec=spec)
             if self.mesh is None:
-                return jax.jit(step, donate_argnums=(4,))
+                return self.jit(step, donate_argnums=(4,))
             csh, lsh = self.cache_sharding(batch, size), shd.batch_sharding((batch,), self.mesh)
-            return jax.jit(step, in_shardings=(self.param_sh, self._tables_sharding(), lsh, lsh, csh),
+            return self.jit(step, in_shardings=(self.param_sh, self._tables_sharding(), lsh, lsh, csh),
                            out_shardings=(shd.generation_shardings(self.mesh), csh), donate_argnums=(4,))
 
         return self._jit(("mixed_decode", self.layout, batch, size, spec), make)
@@ -162,10 +162,10 @@ class MixedRunner(Runner):
 
         key = ("mixed_prefill", self.layout, tokens.shape, cache.size, cache.ring_size, spec)
         if self.mesh is None:
-            fn = self._jit(key, lambda: jax.jit(run))
+            fn = self._jit(key, lambda: self.jit(run))
         else:
             rep, csh = shd.replicated(self.mesh), self.cache_sharding(B, cache.size, cache.ring_size)
-            fn = self._jit(key, lambda: jax.jit(run, in_shardings=(self.param_sh, self._tables_sharding(), rep, rep,
+            fn = self._jit(key, lambda: self.jit(run, in_shardings=(self.param_sh, self._tables_sharding(), rep, rep,
                                                                    csh), out_shardings=csh))
         put = lambda x: self._put(x, lambda shape, mesh: shd.replicated(mesh))  # noqa: E731
         return fn(self.params, self._tables(), put(tokens), put(positions), cache)
