@@ -252,3 +252,24 @@ def test_write_rows_is_the_dropping_scatter(T, slots, B):
             want = buf.at[i, jnp.arange(B)[:, None], :, at].set(new.astype(buf.dtype), mode="drop")
             got = jax.jit(write_rows)(buf, new, jnp.int32(i), sl)
             np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(want, np.float32))
+
+
+def test_decode_score_forms_agree():
+    """A decode step's two score forms (cache on the left: CPU; query on the left: TPU) give the same
+    attention up to float rounding, masks and uniform-mask scaling included."""
+    from rhead_jax.models.attention import NO_WINDOW, dense_attention
+
+    B, K, G, S, D = 3, 2, 4, 96, 16
+    ks = jax.random.split(jax.random.PRNGKey(0), 4)
+    q = jax.random.normal(ks[0], (B, 1, K, G, D))
+    k, v = jax.random.normal(ks[1], (B, K, S, D)), jax.random.normal(ks[2], (B, K, S, D))
+    k_pos = jnp.where(jnp.arange(S)[None] < jnp.array([[40], [95], [7]]), jnp.arange(S)[None], -1)
+    q_pos = jnp.array([[39], [94], [6]])
+    scale_kg = jax.random.uniform(ks[3], (K, G))
+    for window, score_scale in [(NO_WINDOW, None), (16, scale_kg)]:
+        a = dense_attention(q, k, v, q_pos, k_pos, window=window, scale=0.25, score_scale=score_scale)
+        b = dense_attention(q, k, v, q_pos, k_pos, window=window, scale=0.25, score_scale=score_scale,
+                            cache_left=False)
+        np.testing.assert_allclose(a[0], b[0], rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(a[1], b[1], rtol=1e-5, atol=1e-7)
+        assert (jnp.argmax(a[1], -1) == jnp.argmax(b[1], -1)).all()
