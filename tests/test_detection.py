@@ -103,6 +103,24 @@ def test_prefix_branches_give_identical_results(tiny_dir, model, reference_run, 
     assert _read(tmp_path, "head_scores.json") == _read(wd, "head_scores.json")
 
 
+def test_prefix_branches_with_extra_scores(tiny_dir, model, reference_run, tmp_path):
+    """Branches stop before the questions too when the question's queries are scored ("query"):
+    the copy score unchanged, a branch user's extra scores equal the dense reference."""
+    ref_wd, _ = reference_run
+    detection.run_sweep(_config(tiny_dir, extra_scores=("mass", "query"), prefix_branches=4), str(tmp_path),
+                        model=model)
+    assert _read(tmp_path, "head_scores.json") == _read(ref_wd, "head_scores.json")
+    ours = [json.loads(x) for x in _read(tmp_path, "results.jsonl").splitlines()]
+    plan = {i.key: i for i in detection.Engine(_config(tiny_dir), model).plan_needles()}
+    user = next(r for r in ours if r["key"] == "L300_D0_N0")
+    inst = plan[user["key"]]
+    assert user["shared_prefix_tokens"] > 100 and user["shared_prefix_tokens"] <= inst.question_span[0]
+    dense = _dense_extra_scores(model, dict(user, prompt_ids=inst.prompt_ids.tolist(), needle_span=inst.needle_span,
+                                            question_span=inst.question_span))
+    for name in ("mass", "query"):
+        np.testing.assert_allclose(np.array(user["extra_scores"][name]), dense[name], rtol=1e-4, atol=1e-5)
+
+
 def _config_file(tmp_path, model_dir) -> Path:
     f = tmp_path / "tiny_config.py"
     f.write_text(f"""
