@@ -165,7 +165,12 @@ def _scores(q, k, scale, score_scale):
     Both attention matmuls take and give the head-major layout [B, K, G, T, .]: the query-major
     [B, T, K, G, D] in an operand or a result costs XLA:CPU a transpose per tile, which made the
     chunked prefill 1.9x and a decode step's attention 1.6x slower (benchmarks/kernels.py)."""
-    s = jnp.einsum("bkgtd,bksd->bkgts", q, k, preferred_element_type=jnp.float32) * scale
+    return _scaled(jnp.einsum("bkgtd,bksd->bkgts", q, k, preferred_element_type=jnp.float32), scale, score_scale)
+
+
+def _scaled(s, scale, score_scale):
+    """Scores [B, K, G, T, S] times the softmax scale and the uniform mask's [K, G] factors."""
+    s = s * scale
     if score_scale is not None:
         s = s * score_scale[None, :, :, None, None]
     return s
@@ -180,10 +185,7 @@ def _decode_scores(q, k, scale, score_scale):
     S = k.shape[2]
     s = lax.dot_general(k.reshape(B * K, S, D), q.reshape(B * K, G, D), (((2,), (2,)), ((0,), (0,))),
                         preferred_element_type=jnp.float32)                       # [B*K, S, G]
-    s = jnp.einsum("bksg->bkgs", s.reshape(B, K, S, G))[:, :, :, None] * scale
-    if score_scale is not None:
-        s = s * score_scale[None, :, :, None, None]
-    return s
+    return _scaled(jnp.einsum("bksg->bkgs", s.reshape(B, K, S, G))[:, :, :, None], scale, score_scale)
 
 
 def dense_attention(q, k, v, q_pos, k_pos, *, window, scale, score_scale=None, sink=0, cache_left: bool = True):
