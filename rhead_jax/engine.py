@@ -52,7 +52,7 @@ from rhead_jax import io
 from rhead_jax.checkpoints import LoadedModel
 from rhead_jax.compilation import COMPILES, count_compiles, enable_compile_cache
 from rhead_jax.errors import UserError
-from rhead_jax.models.attention import AttentionOptions, MassTargets, cache_writes_for
+from rhead_jax.models.attention import AttentionOptions, MassTargets
 from rhead_jax.models.decoder import KVCache
 from rhead_jax.models.generate import GenerateSpec, cache_size_for, pad_prompts, prefill_pieces, prefill_widths
 from rhead_jax.needle.prompts import Instance
@@ -302,8 +302,8 @@ class Engine:
         return GenerateSpec(max_new_tokens=max_new_tokens or s.max_new_tokens, stop_tokens=stops,
                             top_k=1 if capture else 0, mask_mode=self.config.mask.mode,
                             prefill_chunk=s.prefill_chunk,
-                            attn=AttentionOptions(q_chunk=s.q_chunk, k_chunk=s.k_chunk,
-                                                  cache_writes=cache_writes_for(self.runner.platform)),
+                            attn=AttentionOptions.for_platform(self.runner.platform, q_chunk=s.q_chunk,
+                                                               k_chunk=s.k_chunk),
                             **extra_score_masses(extra_scores))
 
     # -- shared prefix -------------------------------------------------------------------------

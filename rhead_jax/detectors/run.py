@@ -11,7 +11,7 @@ from rhead_jax import io, scoring
 from rhead_jax.checkpoints import LoadedModel
 from rhead_jax.detectors.sequences import DETECTORS, detector_targets, query_counts, random_repeats
 from rhead_jax.engine import Engine, round_up
-from rhead_jax.models.attention import AttentionOptions, cache_writes_for
+from rhead_jax.models.attention import AttentionOptions
 from rhead_jax.models.generate import GenerateSpec
 
 
@@ -36,8 +36,8 @@ def run_detectors(config, workdir: str, *, model: LoadedModel | None = None) -> 
                          seed=d.seed, max_positions=cfg.max_position_embeddings)
     s = config.sweep
     spec = GenerateSpec(max_new_tokens=0, top_k=0, mask_mode=config.mask.mode, prefill_chunk=s.prefill_chunk,
-                        attn=AttentionOptions(q_chunk=s.q_chunk, k_chunk=s.k_chunk,
-                                              cache_writes=cache_writes_for(engine.runner.platform)),
+                        attn=AttentionOptions.for_platform(engine.runner.platform, q_chunk=s.q_chunk,
+                                                           k_chunk=s.k_chunk),
                         prefill_masses=DETECTORS)
     T = seq.num_tokens
     rows = round_up(min(s.batch_size, d.samples), engine.runner.data_size)   # one program for every batch

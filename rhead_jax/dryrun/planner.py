@@ -128,7 +128,7 @@ def plan(cfg: ModelConfig, topology: Topology | str, *, context_len: int, batch_
     # the TPU program's cache writes, whichever compiler stands in (the engine on TPUs picks the same)
     spec = GenerateSpec(max_new_tokens=max_new_tokens, stop_tokens=(2,), top_k=1, mask_mode="zero",
                         prefill_chunk=prefill_chunk,
-                        attn=AttentionOptions(q_chunk=q_chunk, k_chunk=k_chunk, cache_writes="tpu"),
+                        attn=AttentionOptions.for_platform("tpu", q_chunk=q_chunk, k_chunk=k_chunk),
                         **extra_score_masses(extra_scores))
     P = -(-context_len // pad_multiple) * pad_multiple
     # the widest prefill call: a row that shares no prefix prefills its whole prompt but the last token
@@ -348,14 +348,14 @@ def grid_programs(config) -> dict[str, Any]:
     per_length = 1 + len(widths) + 1 + 1 + branches
     once = 1 + (1 + len(widths) if branches else 0)
     return {"lengths": len(lengths), "depths": len(depths), "widths": list(widths), "per_length": per_length,
-            "bound": len(lengths) * per_length + once, "batches_of_one_cell": len(lengths) * len(depths)}
+            "bound": len(lengths) * per_length + once, "batches_of_one_cell": len(lengths) * len(depths),
+            "branches": branches}
 
 
 def grid_programs_line(config) -> str:
     g = grid_programs(config)
-    setups = "2 cache set-ups" if g["per_length"] > 3 + len(g["widths"]) else "1 cache set-up"
-    branches = " and its branches" if g["per_length"] > 3 + len(g["widths"]) else ""
+    setups, branches = ("2 cache set-ups", " and its branches") if g["branches"] else ("1 cache set-up", "")
     return (f"XLA programs for the whole grid: at most {g['bound']} ({g['lengths']} lengths x ({setups} + "
             f"{len(g['widths'])} prefill widths {'/'.join(map(str, g['widths']))} + 1 decode loop + 1 scoring) + the "
-            f"shared prefix{branches}), whatever the {g['depths']} depths and the needles; a program per (length, depth) "
-            f"batch would be {g['batches_of_one_cell']} or more")
+            f"shared prefix{branches}), whatever the {g['depths']} depths and the needles; a program per "
+            f"(length, depth) batch would be {g['batches_of_one_cell']} or more")

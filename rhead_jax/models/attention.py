@@ -43,24 +43,28 @@ class AttentionOptions:
     q_chunk / k_chunk: tile sizes of the chunked path (multiples of 8 are friendliest to TPUs).
     cache_writes: how new keys and values go into the cache (decoder.write_rows; same values either
       way): "scatter" (XLA:CPU and GPU update the cache in place) or "tpu" (forms that XLA:TPU
-      updates without copying the cache). "tpu" also keeps a decode step's scores in the query-on-
-      the-left form (`dense_attention(cache_left=False)`): the cache-on-the-left matmul merges the
-      batch and KV-head axes, which XLA:TPU answers with copies of the cache (the dry run's decode
-      temp for Yi-34B at 200K on v5p-16: 3.5 GiB instead of 0.2). The engine picks it from its
-      devices' platform.
+      updates without copying the cache).
+    decode_scores: a decode step's scores (`dense_attention`): "cache_left" (`_decode_scores`, 1.6x
+      faster on XLA:CPU) or "query_left" (`_scores`; XLA:TPU answers the other's merged batch and
+      KV-head axes with copies of the cache: decode temp 3.5 GiB instead of 0.3 for Yi-34B at 200K
+      on v5p-16). The two agree up to rounding (tests/test_models.py).
+    The engine takes both from its devices' platform (`for_platform`).
     """
 
     q_chunk: int = 512
     k_chunk: int = 512
     cache_writes: str = "scatter"
+    decode_scores: str = "cache_left"
+
+    @classmethod
+    def for_platform(cls, platform: str, **tiles) -> "AttentionOptions":
+        """The forms a platform's compiler handles best ("tpu" forms on TPUs, the defaults elsewhere)."""
+        if platform == "tpu":
+            return cls(cache_writes="tpu", decode_scores="query_left", **tiles)
+        return cls(**tiles)
 
 
 CACHE_WRITES = ("scatter", "tpu")
-
-
-def cache_writes_for(platform: str) -> str:
-    """The `cache_writes` of a platform ("tpu" for TPUs, "scatter" elsewhere)."""
-    return "tpu" if platform == "tpu" else "scatter"
 
 
 def visible(q_pos, k_pos, window, sink=0):
@@ -190,7 +194,7 @@ def _decode_scores(q, k, scale, score_scale):
 
 def dense_attention(q, k, v, q_pos, k_pos, *, window, scale, score_scale=None, sink=0, cache_left: bool = True):
     """Returns (out [B, T, K, G, D] in v.dtype, probs [B, K, G, T, S] fp32); masses: `mass_from_probs`.
-    cache_left: a single query's scores by `_decode_scores` (see AttentionOptions.cache_writes)."""
+    cache_left: a single query's scores by `_decode_scores` (AttentionOptions.decode_scores)."""
     if q.shape[1] == 1 and cache_left:
         s = _decode_scores(q, k, scale, score_scale)
     else:

@@ -363,7 +363,7 @@ def forward(params: Params, cfg: ModelConfig, tokens, positions, cache: KVCache 
         cap = {}
         if T == 1 or capture.full_probs:
             out, p = dense_attention(q, kc, vc, positions, new_pos, window=window, scale=scale,
-                                     score_scale=score_scale, cache_left=attn.cache_writes != "tpu")
+                                     score_scale=score_scale, cache_left=attn.decode_scores == "cache_left")
             if capture.full_probs:
                 cap["probs"] = p.reshape(B, c.num_heads, T, -1)
             if masses:

@@ -316,7 +316,7 @@ def forward_mixed(params, cfg: ModelConfig, layout: MixedLayout, tables: HeadTab
             qf = heads(q, tb.full_head).reshape(B, T, M * Fl, G, D)
             if T == 1:
                 o, p = dense_attention(qf, kc, vc, positions, full_pos, window=window, scale=scale,
-                                       cache_left=attn.cache_writes != "tpu")
+                                       cache_left=attn.decode_scores == "cache_left")
                 if top_k:
                     w_top, i_top = lax.top_k(p[:, :, :, 0].reshape(B, M, Fl, G, -1), top_k)
                     tops.append((jnp.take_along_axis(full_pos[:, None, None, None], i_top, axis=-1), w_top))
