@@ -7,7 +7,7 @@ Prints one line `RESULT {mesh: {"gates": [[...]], "distill": [...]}}` for the te
 """
 from __future__ import annotations
 
-import argparse
+import functools
 import json
 import os
 
@@ -16,6 +16,7 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 from rhead_jax.checkpoints import load_model  # noqa: E402
 from rhead_jax.config import default_config, validate  # noqa: E402
 from rhead_jax.gates.train import run_gates  # noqa: E402
+from tests.helpers.meshes import run_meshes  # noqa: E402
 
 
 def tiny_config(model_dir: str, mesh: tuple[int, int, int]):
@@ -28,22 +29,20 @@ def tiny_config(model_dir: str, mesh: tuple[int, int, int]):
     return validate(c)
 
 
+@functools.lru_cache(maxsize=None)
+def _model(model_dir: str):
+    """The model, loaded once for every mesh (unsharded: run_gates shards it)."""
+    return load_model(model_dir)
+
+
 def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--model_dir", required=True)
-    ap.add_argument("--workroot", required=True)
-    ap.add_argument("--meshes", nargs="+", required=True)
-    args = ap.parse_args()
-    model = load_model(args.model_dir)
-    out = {}
-    for m in args.meshes:
-        config = tiny_config(args.model_dir, tuple(int(x) for x in m.split(",")))
-        wd = os.path.join(args.workroot, "mesh_" + m.replace(",", "x"))
-        result = run_gates(config, wd, model=model)
+    def one(model_dir, mesh, wd):
+        result = run_gates(tiny_config(model_dir, mesh), wd, model=_model(model_dir))
         with open(os.path.join(wd, "loss.jsonl")) as f:
             distill = [json.loads(line)["distill"] for line in f]
-        out[m] = {"gates": result["gates"], "distill": distill}
-    print("RESULT " + json.dumps(out))
+        return {"gates": result["gates"], "distill": distill}
+
+    run_meshes(one)
 
 
 if __name__ == "__main__":

@@ -8,7 +8,6 @@ Prints one JSON line: {mesh: {"sweep": [[key, generated, copy_counts], ...], "to
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 
@@ -18,6 +17,7 @@ from rhead_jax import detection  # noqa: E402
 from rhead_jax.checkpoints import load_model  # noqa: E402
 from rhead_jax.config import default_config, validate  # noqa: E402
 from rhead_jax.engine import Engine, mesh_from_config  # noqa: E402
+from tests.helpers.meshes import run_meshes  # noqa: E402
 
 
 def tiny_config(model_dir: str, mesh: tuple[int, int, int]):
@@ -35,17 +35,10 @@ def main():
     from absl import logging
 
     logging.set_verbosity(logging.INFO)
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--model_dir", required=True)
-    ap.add_argument("--workroot", required=True)
-    ap.add_argument("--meshes", nargs="+", required=True)
-    args = ap.parse_args()
-    out = {}
-    for m in args.meshes:
-        mesh = tuple(int(x) for x in m.split(","))
-        config = tiny_config(args.model_dir, mesh)
-        model = load_model(args.model_dir, mesh=mesh_from_config(config))
-        wd = os.path.join(args.workroot, "mesh_" + m.replace(",", "x"))
+
+    def one(model_dir, mesh, wd):
+        config = tiny_config(model_dir, mesh)
+        model = load_model(model_dir, mesh=mesh_from_config(config))
         detection.run_sweep(config, wd, model=model)
         with open(os.path.join(wd, "results.jsonl")) as f:
             rows = [json.loads(line) for line in f]
@@ -69,11 +62,11 @@ def main():
             for a, b, s_ in zip(jax.tree.leaves(model.params), jax.tree.leaves(restored), jax.tree.leaves(sh)):
                 assert b.sharding == s_, (b.sharding, s_)
                 np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-            print(f"ORBAX_OK {m}", flush=True)
-        out[m] = {"sweep": [[r["key"], r["generated"], r["copy_counts"]] for r in rows],
-                  "top_slot": [r["top_slot"] for r in batch], "top_weight": [r["top_weight"] for r in batch]}
-    print("RESULT " + json.dumps(out))
+            print(f"ORBAX_OK {','.join(map(str, mesh))}", flush=True)
+        return {"sweep": [[r["key"], r["generated"], r["copy_counts"]] for r in rows],
+                "top_slot": [r["top_slot"] for r in batch], "top_weight": [r["top_weight"] for r in batch]}
 
+    run_meshes(one)
 
 if __name__ == "__main__":
     main()

@@ -8,7 +8,6 @@ Prints one line `RESULT {mesh: {"sweep": [[key, generated, copy_counts, extra_sc
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 
@@ -17,33 +16,26 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 from rhead_jax import detection, detectors  # noqa: E402
 from rhead_jax.checkpoints import load_model  # noqa: E402
 from rhead_jax.engine import mesh_from_config  # noqa: E402
+from tests.helpers.meshes import run_meshes  # noqa: E402
 from tests.helpers.sharded_check import tiny_config  # noqa: E402
 
 
 def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--model_dir", required=True)
-    ap.add_argument("--workroot", required=True)
-    ap.add_argument("--meshes", nargs="+", required=True)
-    args = ap.parse_args()
-    out = {}
-    for m in args.meshes:
-        mesh = tuple(int(x) for x in m.split(","))
-        config = tiny_config(args.model_dir, mesh)
+    def one(model_dir, mesh, wd):
+        config = tiny_config(model_dir, mesh)
         config.sweep.depths, config.sweep.max_new_tokens = [100], 4
         config.sweep.extra_scores = ("mass", "query")
         config.detectors.length, config.detectors.repeats, config.detectors.samples = 40, 3, 2
-        model = load_model(args.model_dir, mesh=mesh_from_config(config))
-        wd = os.path.join(args.workroot, "mesh_" + m.replace(",", "x"))
+        model = load_model(model_dir, mesh=mesh_from_config(config))
         detection.run_sweep(config, os.path.join(wd, "sweep"), model=model)
         with open(os.path.join(wd, "sweep", "results.jsonl")) as f:
             rows = [json.loads(line) for line in f]
         detectors.run_detectors(config, os.path.join(wd, "detectors"), model=model)
         det = {n: json.load(open(os.path.join(wd, "detectors", f"head_scores_{n}.json"))) for n in detectors.DETECTORS}
-        out[m] = {"sweep": [[r["key"], r["generated"], r["copy_counts"], r["extra_scores"]] for r in rows],
-                  "detectors": det}
-    print("RESULT " + json.dumps(out))
+        return {"sweep": [[r["key"], r["generated"], r["copy_counts"], r["extra_scores"]] for r in rows],
+                "detectors": det}
 
+    run_meshes(one)
 
 if __name__ == "__main__":
     main()
