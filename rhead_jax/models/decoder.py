@@ -1,8 +1,18 @@
 """The Llama-like decoder as a pure function of (params, inputs), declared as a Flax linen module.
 
 One decoder covers Llama-2/3, Mistral (sliding window), Mixtral (sparse MoE), Yi (Llama), Qwen1.5/2
-(q/k/v biases), Qwen3 (q/k RMSNorm) and SmolLM2 (tied embeddings). Layers are stacked on a leading
-axis and run with `lax.scan`, so compile time does not grow with depth.
+(q/k/v biases), Qwen3 (q/k RMSNorm), SmolLM2 (tied embeddings) and Gemma 1/2/3 ((1 + w) norms,
+sandwich norms, GeGLU, scaled embeddings, soft-capping, local/global layers). Layers are stacked on
+a leading axis and run with `lax.scan`, so compile time does not grow with depth.
+
+Hybrid local/global models (Gemma 2: 1 local : 1 global; Gemma 3: 5 : 1). A layer's kind is DATA
+in the scan: its window ([L] int32, NO_WINDOW for a global layer) and the index of its rope in
+cfg.ropes ([L] int32; the rope tables of each kind are computed once per call, [R, B, T, D], and
+the layer picks its own). So the scan body is one layer with ONE attention op, whatever the
+pattern or depth: the op already masks by positions and takes the window as a traced scalar (the
+chunked path skips the key chunks a window hides). The alternative, scanning the repeating block
+(5 local + 1 global) with the kinds as the block's static structure, compiles 6 layers and a
+remainder scan, and would only be needed if the kinds' caches had different shapes in one scan.
 
 Parameter tree (L layers, d model, f MLP, H/K query/kv heads, D head dim, E experts, V vocab):
 
@@ -12,6 +22,8 @@ Parameter tree (L layers, d model, f MLP, H/K query/kv heads, D head dim, E expe
     layers/k, v      [L, d, K, D]  layers/k_bias, v_bias [L, K, D]
     layers/o         [L, H, D, d]  layers/o_bias [L, d]      (o_bias)
     layers/q_norm, k_norm [L, D]                             (qk_norm)
+    layers/post_attn_norm, post_mlp_norm [L, d]              (sandwich_norms; mlp_norm is then
+                                                              HF's pre_feedforward_layernorm)
     dense MLP: layers/gate, up [L, d, f], down [L, f, d]     (+ *_bias with mlp_bias)
     MoE MLP:   layers/router [L, d, E], gate, up [L, E, d, f], down [L, E, f, d]
     final_norm [d]
@@ -26,6 +38,7 @@ import flax.linen as nn
 import flax.struct
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 from rhead_jax.models.attention import (MASS_TARGETS, NO_WINDOW, AttentionOptions, MassTargets,
@@ -174,6 +187,8 @@ class Decoder(nn.Module):
             layers["o_bias"] = ((L, d), zeros)
         if c.qk_norm:
             layers |= {"q_norm": ((L, D), ones), "k_norm": ((L, D), ones)}
+        if c.sandwich_norms:
+            layers |= {"post_attn_norm": ((L, d), ones), "post_mlp_norm": ((L, d), ones)}
         if c.is_moe:
             E = c.num_experts
             layers |= {"router": ((L, d, E), w), "gate": ((L, E, d, f), w), "up": ((L, E, d, f), w),
@@ -218,11 +233,30 @@ def param_shapes(cfg: ModelConfig) -> Params:
 # ----------------------------------------------------------------------------- forward
 
 
-def rms_norm(x, weight, eps):
-    """transformers' RMSNorm: normalize in fp32, cast back, then scale."""
+def rms_norm(x, weight, eps, plus_one: bool = False):
+    """transformers' RMSNorm: normalize in fp32, cast back, then scale. plus_one (Gemma): scale by
+    (1 + weight) in fp32, then cast."""
     xf = x.astype(jnp.float32)
     xf = xf * lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
+    if plus_one:
+        return (xf * (1.0 + weight.astype(jnp.float32))).astype(x.dtype)
     return weight * xf.astype(x.dtype)
+
+
+def norm(x, weight, cfg: ModelConfig):
+    """The model's RMSNorm of x [..., n] with weight [n]."""
+    return rms_norm(x, weight, cfg.rms_norm_eps, cfg.norm_plus_one)
+
+
+def _act(cfg: ModelConfig, g):
+    if cfg.activation == "silu":
+        return jax.nn.silu(g)
+    return jax.nn.gelu(g, approximate=cfg.activation == "gelu_tanh")
+
+
+def softcap(x, cap):
+    """cap * tanh(x / cap) (no-op for cap None)."""
+    return x if cap is None else jnp.tanh(x / cap) * cap
 
 
 def _mlp(lp, h, cfg: ModelConfig):
@@ -231,7 +265,7 @@ def _mlp(lp, h, cfg: ModelConfig):
         u = jnp.einsum("btd,df->btf", h, lp["up"])
         if cfg.mlp_bias:
             g, u = g + lp["gate_bias"], u + lp["up_bias"]
-        y = jnp.einsum("btf,fd->btd", jax.nn.silu(g) * u, lp["down"])
+        y = jnp.einsum("btf,fd->btd", _act(cfg, g) * u, lp["down"])
         return y + lp["down_bias"] if cfg.mlp_bias else y
     # Sparse MoE, transformers' Mixtral routing: softmax over all experts in fp32, keep the top-k,
     # renormalize (= softmax over the selected logits). Experts are evaluated densely and combined
@@ -243,27 +277,53 @@ def _mlp(lp, h, cfg: ModelConfig):
     weights = jnp.sum(jax.nn.one_hot(top_i, cfg.num_experts, dtype=jnp.float32) * top_w[..., None], axis=-2)
     g = jnp.einsum("btd,edf->btef", h, lp["gate"])
     u = jnp.einsum("btd,edf->btef", h, lp["up"])
-    y = jnp.einsum("btef,efd->bted", jax.nn.silu(g) * u, lp["down"])
+    y = jnp.einsum("btef,efd->bted", _act(cfg, g) * u, lp["down"])
     return jnp.einsum("bted,bte->btd", y.astype(jnp.float32), weights).astype(h.dtype)
 
 
 def embed(params: Params, cfg: ModelConfig, tokens):
-    """Token embeddings [B, T, d] in the model's dtype."""
-    return params["embed"][tokens].astype(jnp.dtype(cfg.dtype))
+    """Token embeddings [B, T, d] in the model's dtype (Gemma: times sqrt(d), the factor first cast
+    to the compute dtype as transformers does)."""
+    dt = jnp.dtype(cfg.dtype)
+    x = params["embed"][tokens].astype(dt)
+    if cfg.embed_scale:
+        x = x * jnp.asarray(np.float32(cfg.hidden_size ** 0.5)).astype(dt)
+    return x
+
+
+def layer_kinds(cfg: ModelConfig):
+    """Per-layer data of the scan: (windows [L] int32, NO_WINDOW for global layers; rope index
+    [L] int32 into cfg.ropes)."""
+    return (jnp.asarray([w or NO_WINDOW for w in cfg.windows], jnp.int32),
+            jnp.asarray(cfg.rope_kinds, jnp.int32))
+
+
+def rope_tables(cfg: ModelConfig, positions):
+    """cos, sin [R, B, T, D] for each of cfg.ropes (R = 1 or 2) at positions [B, T]."""
+    tabs = [rope_cos_sin(cfg, positions, rope=r) for r in cfg.ropes]
+    return jnp.stack([t[0] for t in tabs]), jnp.stack([t[1] for t in tabs])
+
+
+def layer_rope(tables, kind):
+    """One layer's cos, sin [B, T, D] from rope_tables' [R, B, T, D] and its rope index."""
+    cos, sin = tables
+    if cos.shape[0] == 1:   # one rope: no select in the program (the dense models' graph unchanged)
+        return cos[0], sin[0]
+    return lax.dynamic_index_in_dim(cos, kind, 0, False), lax.dynamic_index_in_dim(sin, kind, 0, False)
 
 
 def attention_inputs(lp, cfg: ModelConfig, x, cos, sin):
     """One layer's (q [B, T, H, D], k [B, T, K, D], v [B, T, K, D]) from its input x [B, T, d], with
     RoPE applied (lp: that layer's slice of params["layers"])."""
     c = cfg
-    h = rms_norm(x, lp["attn_norm"], c.rms_norm_eps)
+    h = norm(x, lp["attn_norm"], c)
     q = jnp.einsum("btd,dhk->bthk", h, lp["q"])
     k = jnp.einsum("btd,dnk->btnk", h, lp["k"])
     v = jnp.einsum("btd,dnk->btnk", h, lp["v"])
     if c.qkv_bias:
         q, k, v = q + lp["q_bias"], k + lp["k_bias"], v + lp["v_bias"]
     if c.qk_norm:
-        q, k = rms_norm(q, lp["q_norm"], c.rms_norm_eps), rms_norm(k, lp["k_norm"], c.rms_norm_eps)
+        q, k = norm(q, lp["q_norm"], c), norm(k, lp["k_norm"], c)
     return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
 
 
@@ -279,20 +339,23 @@ def attention_output(lp, cfg: ModelConfig, x, out):
                    lp["o"].reshape(K * G * D, -1))
     if c.o_bias:
         o = o + lp["o_bias"]
+    if c.sandwich_norms:
+        x = x + norm(o, lp["post_attn_norm"], c)
+        return x + norm(_mlp(lp, norm(x, lp["mlp_norm"], c), c), lp["post_mlp_norm"], c)
     x = x + o
-    return x + _mlp(lp, rms_norm(x, lp["mlp_norm"], c.rms_norm_eps), c)
+    return x + _mlp(lp, norm(x, lp["mlp_norm"], c), c)
 
 
 def final_hidden(params: Params, cfg: ModelConfig, x):
     """The final RMSNorm of the last layer's output (what the LM head reads)."""
-    return rms_norm(x, params["final_norm"], cfg.rms_norm_eps)
+    return norm(x, params["final_norm"], cfg)
 
 
 def output_logits(params: Params, cfg: ModelConfig, x):
     """fp32 logits [..., V] from the last layer's output x [..., d]."""
     x = final_hidden(params, cfg, x)
     head = params["embed"].T if cfg.tie_word_embeddings else params["lm_head"]
-    return jnp.einsum("...d,dv->...v", x, head, preferred_element_type=jnp.float32)
+    return softcap(jnp.einsum("...d,dv->...v", x, head, preferred_element_type=jnp.float32), cfg.final_softcap)
 
 
 def check_head_mask(cfg: ModelConfig, head_mask) -> None:
@@ -336,14 +399,14 @@ def forward(params: Params, cfg: ModelConfig, tokens, positions, cache: KVCache 
         size = -(-T // min(attn.k_chunk, T)) * min(attn.k_chunk, T)
         cache = init_cache(c, B, size)
     K, G, D = c.num_kv_heads, c.group_size, c.head_dim
-    scale = D ** -0.5
+    scale = c.attn_scale
     slots = cache.length
     valid = positions >= 0
     n_valid = valid.sum(-1).astype(jnp.int32)
     new_pos = cache.pos.at[jnp.arange(B)[:, None], slots[:, None] + jnp.arange(T)[None]].set(
         jnp.where(valid, positions, -1).astype(jnp.int32), mode="drop")
-    cos, sin = rope_cos_sin(c, positions)
-    windows = jnp.asarray([w or NO_WINDOW for w in (c.sliding_window or (None,) * c.num_layers)], jnp.int32)
+    ropes = rope_tables(c, positions)
+    windows, rope_kind = layer_kinds(c)
     hm = (jnp.ones((c.num_layers, c.num_heads), jnp.float32) if head_mask is None
           else jnp.asarray(head_mask, jnp.float32))
     want_last_row = capture.top_k > 0 and not capture.full_probs
@@ -351,8 +414,8 @@ def forward(params: Params, cfg: ModelConfig, tokens, positions, cache: KVCache 
 
     def layer(carry, xs):
         x, k_all, v_all = carry
-        lp, window, hm_l, i = xs
-        q, k, v = attention_inputs(lp, c, x, cos, sin)
+        lp, window, kind, hm_l, i = xs
+        q, k, v = attention_inputs(lp, c, x, *layer_rope(ropes, kind))
         # write just the new rows into the carried cache (in place inside loops)
         k_all = write_rows(k_all, k, i, slots, attn.cache_writes)
         v_all = write_rows(v_all, v, i, slots, attn.cache_writes)
@@ -363,7 +426,7 @@ def forward(params: Params, cfg: ModelConfig, tokens, positions, cache: KVCache 
         cap = {}
         if T == 1 or capture.full_probs:
             out, p = dense_attention(q, kc, vc, positions, new_pos, window=window, scale=scale,
-                                     score_scale=score_scale, cache_left=attn.decode_scores == "cache_left")
+                                     score_scale=score_scale, softcap=c.attn_softcap, cache_left=attn.decode_scores == "cache_left")
             if capture.full_probs:
                 cap["probs"] = p.reshape(B, c.num_heads, T, -1)
             if masses:
@@ -371,7 +434,8 @@ def forward(params: Params, cfg: ModelConfig, tokens, positions, cache: KVCache 
             last_p = jnp.take_along_axis(p, last_idx[:, None, None, None, None], axis=3)[:, :, :, 0]
         else:
             out = chunked_attention(q, kc, vc, positions, new_pos, slots, window=window, scale=scale,
-                                    score_scale=score_scale, opts=attn, masses=masses, targets=targets)
+                                    score_scale=score_scale, softcap=c.attn_softcap, opts=attn, masses=masses,
+                                    targets=targets)
             if masses:
                 out, mass = out
                 cap["mass"] = mass.reshape(B, c.num_heads, -1)
@@ -380,7 +444,7 @@ def forward(params: Params, cfg: ModelConfig, tokens, positions, cache: KVCache 
                 q_last = jnp.take_along_axis(q, last_idx[:, None, None, None, None], axis=1)
                 pos_last = jnp.take_along_axis(positions, last_idx[:, None], axis=1)
                 _, p1 = dense_attention(q_last, kc, vc, pos_last, new_pos, window=window, scale=scale,
-                                        score_scale=score_scale)
+                                        score_scale=score_scale, softcap=c.attn_softcap)
                 last_p = p1[:, :, :, 0]
         if capture.top_k > 0:
             w_top, i_top = lax.top_k(last_p.reshape(B, c.num_heads, -1), capture.top_k)
@@ -390,7 +454,7 @@ def forward(params: Params, cfg: ModelConfig, tokens, positions, cache: KVCache 
         return (attention_output(lp, c, x, out), k_all, v_all), cap
 
     x = embed(params, c, tokens)
-    xs = (params["layers"], windows, hm, jnp.arange(c.num_layers))
+    xs = (params["layers"], windows, rope_kind, hm, jnp.arange(c.num_layers))
     (x, k_all, v_all), caps = lax.scan(layer, (x, cache.k, cache.v), xs)
     new_cache = KVCache(k=k_all, v=v_all, pos=new_pos, length=cache.length + n_valid)
     captures = Captures(topk_index=caps.get("topk_index"), topk_weight=caps.get("topk_weight"),
