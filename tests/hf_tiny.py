@@ -38,6 +38,9 @@ FAMILIES = {
     "mixtral": ("MixtralConfig", "MixtralForCausalLM",
                 dict(num_local_experts=4, num_experts_per_tok=2, sliding_window=None)),
     "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", dict()),
+    # Qwen2's sliding window from max_window_layers: layer 0 global, layers 1-2 local
+    "qwen2_window": ("Qwen2Config", "Qwen2ForCausalLM", dict(use_sliding_window=True, sliding_window=5,
+                                                             max_window_layers=1)),
     "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", dict(head_dim=16)),
     "smollm2": ("LlamaConfig", "LlamaForCausalLM", dict(num_key_value_heads=1, tie_word_embeddings=True)),
     # Gemma: head_dim != hidden / heads, tied embeddings; windows of 5 (not dividing the tests'

@@ -93,27 +93,95 @@ class Captures:
 
 @flax.struct.dataclass
 class KVCache:
-    """Static-shape KV cache.
+    """Static-shape KV cache: the plain one (every layer keeps every position) or, with rings, the
+    windowed one (a local layer keeps only its window of positions).
 
-    k, v: [L, B, K, S, D] (the layout attention reads without copies). pos: [B, S] int32 position held in each slot (-1: empty/padding).
-    length: [B] int32, the next slot each row writes to.
+    k, v: [Lf, B, K, S, D] (the layout attention reads without copies): the layers that keep every
+      position (Lf = L for a plain cache; the global layers of a windowed one). pos: [B, S] int32
+      position held in each slot (-1: empty/padding); slot = position.
+    length: [B] int32, the next slot each row writes to (= the row's next position).
+    ring_k, ring_v: [Ll, B, K, W, D] or None: a windowed cache's local layers (cfg.windows not
+      None), in layer order; position p lives in ring slot p % W. W >= every local window, so a
+      ring holds all a local query can see; its memory is W, not S. ring_pos [B, W]: position per
+      ring slot (-1: empty).
+
+    The interface the decoder reads (forward's layer body), the same for both kinds:
+      write a block: the call's keys go to slots length + t (full layers) / p % W (rings, only the
+        last W positions of the call);
+      what attention reads: full layers read their S slots with `pos`; a local layer reads its
+        ring rolled into position order followed by the call's own keys, with their positions
+        (`ring_view`), so the chunked path's "slots advance with positions" holds;
+      slots back to positions (capture): a windowed cache's captured top-k are positions (key
+        position of the attended slot); a plain cache's are slots, which equal positions.
     """
 
     k: jax.Array
     v: jax.Array
     pos: jax.Array
     length: jax.Array
+    ring_k: jax.Array | None = None
+    ring_v: jax.Array | None = None
+    ring_pos: jax.Array | None = None
 
     @property
     def size(self) -> int:
         return self.k.shape[3]
 
+    @property
+    def windowed(self) -> bool:
+        return self.ring_k is not None
 
-def init_cache(cfg: ModelConfig, batch: int, size: int, *, dtype=None) -> KVCache:
+    @property
+    def ring_size(self) -> int:
+        return self.ring_k.shape[3]
+
+
+def local_layers(cfg: ModelConfig) -> tuple[int, ...]:
+    """Indices of the layers with a window (local layers)."""
+    return tuple(i for i, w in enumerate(cfg.windows) if w is not None)
+
+
+def ring_size_for(cfg: ModelConfig, size: int) -> int | None:
+    """Ring slots of a windowed cache of `size` positions: the largest window, or None (a plain
+    cache) when the model has no local layer or its window is not smaller than `size`."""
+    wins = [w for w in cfg.windows if w is not None]
+    return max(wins) if wins and max(wins) < size else None
+
+
+def init_cache(cfg: ModelConfig, batch: int, size: int, *, dtype=None, ring: int | None = None) -> KVCache:
+    """A zeroed cache of `size` slots. ring: None, a plain cache; W, a windowed one whose local
+    layers keep rings of W slots (W >= every window; W = size keeps every position in order, as
+    the shared prefix's one row must so each row can cut its own window from it)."""
     dtype = dtype or jnp.dtype(cfg.dtype)
-    shape = (cfg.num_layers, batch, cfg.num_kv_heads, size, cfg.head_dim)
-    return KVCache(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype),
-                   pos=jnp.full((batch, size), -1, jnp.int32), length=jnp.zeros((batch,), jnp.int32))
+    local = local_layers(cfg) if ring is not None else ()
+    if ring is not None and (not local or ring < max(w for w in cfg.windows if w is not None)):
+        raise ValueError(f"a ring of {ring} slots needs local layers whose windows fit in it")
+    shape = (cfg.num_layers - len(local), batch, cfg.num_kv_heads, size, cfg.head_dim)
+    cache = KVCache(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype),
+                    pos=jnp.full((batch, size), -1, jnp.int32), length=jnp.zeros((batch,), jnp.int32))
+    if ring is None:
+        return cache
+    rshape = (len(local), batch, cfg.num_kv_heads, ring, cfg.head_dim)
+    return cache.replace(ring_k=jnp.zeros(rshape, dtype), ring_v=jnp.zeros(rshape, dtype),
+                         ring_pos=jnp.full((batch, ring), -1, jnp.int32))
+
+
+def ring_view(ring_pos, length, new_pos):
+    """What a local layer reads: its ring rolled into position order, then the call's keys.
+
+    ring_pos [B, W], length [B] (before the call), new_pos [B, T] -> (order [B, W]: the ring slot
+    at each rolled index; key positions [B, W + T])."""
+    W = ring_pos.shape[1]
+    order = (length[:, None] + jnp.arange(W)[None]) % W
+    return order, jnp.concatenate([jnp.take_along_axis(ring_pos, order, axis=1), new_pos], axis=1)
+
+
+def ring_slots(new_pos, W: int):
+    """[B, T] ring slot of each new token, W (dropped) for padding and for tokens that a later
+    token of the same call overwrites (only the call's last W positions are written)."""
+    end = jnp.max(new_pos, axis=1, keepdims=True) + 1
+    keep = (new_pos >= 0) & (new_pos >= end - W)
+    return jnp.where(keep, new_pos % W, W)
 
 
 def write_rows(buf, new, i, slots, mode: str = "tpu"):
@@ -231,6 +299,81 @@ def param_shapes(cfg: ModelConfig) -> Params:
 
 
 # ----------------------------------------------------------------------------- forward
+
+
+def _windowed_layers(c: ModelConfig, cache: KVCache, x, xs, attend, as_positions, positions, new_pos, n_valid,
+                     ropes, attn: AttentionOptions, mask_mode: str, capture: CaptureSpec):
+    """`forward`'s layer scan over a windowed cache (KVCache with rings): the same layer body, the
+    layer's kind as data. A global layer writes and reads its full slots (stack index j); a local
+    one reads its ring j rolled into position order followed by the call's keys (`ring_view`),
+    then writes the call's last W keys into the ring. With both kinds, `lax.cond` on the kind
+    picks which cache the ONE attention (`attend`) reads: the two read shapes differ (S vs W + T).
+    Returns (x, new cache, captures with top-k as positions)."""
+    if capture.full_probs:
+        raise ValueError("full_probs capture needs a plain cache (init_cache without ring)")
+    B, T = positions.shape
+    K, G, D = c.num_kv_heads, c.group_size, c.head_dim
+    S, W = cache.size, cache.ring_size
+    local = [w is not None for w in c.windows]
+    has_global = not all(local)
+    is_local = jnp.asarray(local)
+    index = jnp.asarray([sum(local[:i]) if local[i] else i - sum(local[:i]) for i in range(c.num_layers)], jnp.int32)
+    slots = cache.length
+    pos = jnp.where(positions >= 0, positions, -1).astype(jnp.int32)
+    order, ring_kpos = ring_view(cache.ring_pos, cache.length, pos)
+    n_keys = W + T
+    if T > 1:  # the chunked path tiles the keys: pad them to a multiple of the key chunk
+        ck = min(attn.k_chunk, n_keys)
+        n_keys = -(-n_keys // ck) * ck
+        ring_kpos = jnp.pad(ring_kpos, ((0, 0), (0, n_keys - W - T)), constant_values=-1)
+    ring_at = ring_slots(pos, W)
+    new_ring_pos = cache.ring_pos.at[jnp.arange(B)[:, None], ring_at].set(pos, mode="drop")
+    rows = jnp.arange(B)[:, None]
+
+    def layer(carry, xs_l):
+        x, k_all, v_all, rk, rv = carry
+        lp, window, kind, hm_l, i = xs_l
+        loc, j = is_local[i], index[i]
+        q, k, v = attention_inputs(lp, c, x, *layer_rope(ropes, kind))
+        q = q.reshape(B, T, K, G, D)
+        hm_kg = hm_l.reshape(K, G)
+        score_scale = hm_kg if mask_mode == "uniform" else None
+        if has_global:  # a local layer writes nowhere here (slots past the end are dropped)
+            at = jnp.where(loc, S, slots)
+            k_all = write_rows(k_all, k, jnp.where(loc, 0, j), at, attn.cache_writes)
+            v_all = write_rows(v_all, v, jnp.where(loc, 0, j), at, attn.cache_writes)
+
+        def local_attention(ops):
+            q, k, v, rk, rv, k_all, v_all = ops
+            jl = jnp.where(loc, j, 0)
+
+            def keys(ring, new):    # [B, K, W, D] rolled, then the call's [B, K, T, D], padded
+                rolled = jnp.take_along_axis(ring[jl], order[:, None, :, None], axis=2)
+                out = jnp.concatenate([rolled, new.swapaxes(1, 2).astype(ring.dtype)], axis=2)
+                return jnp.pad(out, ((0, 0), (0, 0), (0, n_keys - W - T), (0, 0)))
+
+            out, cap = attend(q, keys(rk, k), keys(rv, v), ring_kpos, jnp.full((B,), W, jnp.int32), window,
+                              score_scale)
+            return out, as_positions(cap, ring_kpos)
+
+        def global_attention(ops):
+            q, k, v, rk, rv, k_all, v_all = ops
+            out, cap = attend(q, k_all[j], v_all[j], new_pos, slots, window, score_scale)
+            return out, as_positions(cap, new_pos)
+
+        ops = (q, k, v, rk, rv, k_all, v_all)
+        out, cap = lax.cond(loc, local_attention, global_attention, ops) if has_global else local_attention(ops)
+        at = jnp.where(loc, ring_at, W)     # the call's last W keys into the ring, after it was read
+        rk = rk.at[jnp.where(loc, j, 0), rows, :, at].set(k.astype(rk.dtype), mode="drop")
+        rv = rv.at[jnp.where(loc, j, 0), rows, :, at].set(v.astype(rv.dtype), mode="drop")
+        if mask_mode == "zero":
+            out = out * hm_kg[:, :, None].astype(out.dtype)
+        return (attention_output(lp, c, x, out), k_all, v_all, rk, rv), cap
+
+    (x, k_all, v_all, rk, rv), caps = lax.scan(layer, (x, cache.k, cache.v, cache.ring_k, cache.ring_v), xs)
+    new = KVCache(k=k_all, v=v_all, pos=new_pos, length=cache.length + n_valid, ring_k=rk, ring_v=rv,
+                  ring_pos=new_ring_pos)
+    return x, new, caps
 
 
 def rms_norm(x, weight, eps, plus_one: bool = False):
@@ -412,28 +555,19 @@ def forward(params: Params, cfg: ModelConfig, tokens, positions, cache: KVCache 
     want_last_row = capture.top_k > 0 and not capture.full_probs
     last_idx = jnp.maximum(n_valid - 1, 0)
 
-    def layer(carry, xs):
-        x, k_all, v_all = carry
-        lp, window, kind, hm_l, i = xs
-        q, k, v = attention_inputs(lp, c, x, *layer_rope(ropes, kind))
-        # write just the new rows into the carried cache (in place inside loops)
-        k_all = write_rows(k_all, k, i, slots, attn.cache_writes)
-        v_all = write_rows(v_all, v, i, slots, attn.cache_writes)
-        kc, vc = k_all[i], v_all[i]
-        q = q.reshape(B, T, K, G, D)
-        hm_kg = hm_l.reshape(K, G)
-        score_scale = hm_kg if mask_mode == "uniform" else None
+    def attend(q, kc, vc, k_pos, q_slot0, window, score_scale):
+        """One layer's attention over keys kc, vc [B, K, S, D] at positions k_pos [B, S]: (out, cap)."""
         cap = {}
         if T == 1 or capture.full_probs:
-            out, p = dense_attention(q, kc, vc, positions, new_pos, window=window, scale=scale,
+            out, p = dense_attention(q, kc, vc, positions, k_pos, window=window, scale=scale,
                                      score_scale=score_scale, softcap=c.attn_softcap, cache_left=attn.decode_scores == "cache_left")
             if capture.full_probs:
                 cap["probs"] = p.reshape(B, c.num_heads, T, -1)
             if masses:
-                cap["mass"] = mass_from_probs(p, positions, new_pos, masses, targets).reshape(B, c.num_heads, -1)
+                cap["mass"] = mass_from_probs(p, positions, k_pos, masses, targets).reshape(B, c.num_heads, -1)
             last_p = jnp.take_along_axis(p, last_idx[:, None, None, None, None], axis=3)[:, :, :, 0]
         else:
-            out = chunked_attention(q, kc, vc, positions, new_pos, slots, window=window, scale=scale,
+            out = chunked_attention(q, kc, vc, positions, k_pos, q_slot0, window=window, scale=scale,
                                     score_scale=score_scale, softcap=c.attn_softcap, opts=attn, masses=masses,
                                     targets=targets)
             if masses:
@@ -443,20 +577,43 @@ def forward(params: Params, cfg: ModelConfig, tokens, positions, cache: KVCache 
             if want_last_row:  # the newest query's row over all keys: O(S), never T x S
                 q_last = jnp.take_along_axis(q, last_idx[:, None, None, None, None], axis=1)
                 pos_last = jnp.take_along_axis(positions, last_idx[:, None], axis=1)
-                _, p1 = dense_attention(q_last, kc, vc, pos_last, new_pos, window=window, scale=scale,
+                _, p1 = dense_attention(q_last, kc, vc, pos_last, k_pos, window=window, scale=scale,
                                         score_scale=score_scale, softcap=c.attn_softcap)
                 last_p = p1[:, :, :, 0]
         if capture.top_k > 0:
             w_top, i_top = lax.top_k(last_p.reshape(B, c.num_heads, -1), capture.top_k)
             cap["topk_index"], cap["topk_weight"] = i_top.astype(jnp.int32), w_top
+        return out, cap
+
+    def as_positions(cap, k_pos):
+        """A windowed cache's capture: attended slots -> their key positions."""
+        if capture.top_k > 0:
+            cap = dict(cap, topk_index=jnp.take_along_axis(k_pos[:, None], cap["topk_index"], axis=2))
+        return cap
+
+    def layer(carry, xs):
+        x, k_all, v_all = carry
+        lp, window, kind, hm_l, i = xs
+        q, k, v = attention_inputs(lp, c, x, *layer_rope(ropes, kind))
+        # write just the new rows into the carried cache (in place inside loops)
+        k_all = write_rows(k_all, k, i, slots, attn.cache_writes)
+        v_all = write_rows(v_all, v, i, slots, attn.cache_writes)
+        q = q.reshape(B, T, K, G, D)
+        hm_kg = hm_l.reshape(K, G)
+        out, cap = attend(q, k_all[i], v_all[i], new_pos, slots, window,
+                          hm_kg if mask_mode == "uniform" else None)
         if mask_mode == "zero":
             out = out * hm_kg[:, :, None].astype(out.dtype)
         return (attention_output(lp, c, x, out), k_all, v_all), cap
 
     x = embed(params, c, tokens)
     xs = (params["layers"], windows, rope_kind, hm, jnp.arange(c.num_layers))
-    (x, k_all, v_all), caps = lax.scan(layer, (x, cache.k, cache.v), xs)
-    new_cache = KVCache(k=k_all, v=v_all, pos=new_pos, length=cache.length + n_valid)
+    if not cache.windowed:
+        (x, k_all, v_all), caps = lax.scan(layer, (x, cache.k, cache.v), xs)
+        new_cache = KVCache(k=k_all, v=v_all, pos=new_pos, length=cache.length + n_valid)
+    else:
+        x, new_cache, caps = _windowed_layers(c, cache, x, xs, attend, as_positions, positions, new_pos, n_valid,
+                                              ropes, attn, mask_mode, capture)
     captures = Captures(topk_index=caps.get("topk_index"), topk_weight=caps.get("topk_weight"),
                         probs=caps.get("probs"), mass=caps.get("mass"))
 
