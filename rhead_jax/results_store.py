@@ -152,7 +152,11 @@ class ResultStore:
                 have = json.loads(meta.read_text())
             except ValueError:
                 have = None
-            if not isinstance(have, dict) or set(have) != {"config", "inputs"} or have["config"] != want["config"]:
+            if not isinstance(have, dict) or set(have) != {"config", "inputs"}:
+                raise UserError(
+                    f"workdir {root} was written by an earlier rhead_jax or another program ({meta} does not "
+                    "pin a config and its inputs); use a new --workdir, or delete that one to start over")
+            if have["config"] != want["config"]:
                 raise UserError(
                     f"workdir {root} holds results of a different configuration ({meta}); use a new "
                     "--workdir, or delete that one to start over")

@@ -392,3 +392,10 @@ def test_object_store_writes_whole_objects_and_resumes(tiny_dir, model, referenc
     for b in range(N_BATCHES):
         assert fs.cat_file(f"{wd}/batches/{_batch(b)}") == (reference / "batches" / _batch(b)).read_bytes()
     assert faults.renames == 0 and not [p for p in fs.find(wd) if ".tmp-" in p]   # no rename, no temporaries
+
+
+def test_a_workdir_without_pinned_inputs_is_refused(tmp_path):
+    """A workdir of the format before input fingerprints: its batch files cannot be validated."""
+    (tmp_path / "sweep_config.json").write_text('{"a": 1}')
+    with pytest.raises(UserError, match="earlier rhead_jax"):
+        ResultStore(str(tmp_path), '{"a": 1}')
