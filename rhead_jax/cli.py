@@ -1,6 +1,7 @@
 """The one command-line shape of every command: `--config` (a file or a shipped name, overridden
 with `--config.a.b=value`), `--workdir`, the multi-host flags, `--debug`, and `run(main)`, which
-turns a user's mistake into one line `error: ...` and exit status 2 (`--debug` keeps the traceback).
+turns a user's mistake into one line `error: ...` and exit status 2 (`--debug` keeps the traceback),
+and a preemption notice (rhead_jax.errors.Preempted) into one line `preempted: ...` and status 143.
 
     from rhead_jax import cli
     cli.define_config_flag()
@@ -25,7 +26,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from rhead_jax import config as config_lib
-from rhead_jax.errors import UserError
+from rhead_jax.errors import Preempted, UserError
 
 FLAGS = flags.FLAGS
 USER_ERRORS = (UserError, ValueError, FileNotFoundError, flags.Error)
@@ -138,6 +139,9 @@ def run(main: Callable[[list[str]], object], argv: Sequence[str] | None = None,
             if FLAGS.debug:
                 raise
             _fail(e)
+        except Preempted as e:  # stopped between result writes: the same command resumes
+            print(f"preempted: {e}", file=sys.stderr, flush=True)
+            sys.exit(e.exit_status)
 
     def parse(args):
         try:

@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import os
 import time
 from typing import Any, Callable, Sequence
 
@@ -57,6 +58,7 @@ from rhead_jax.models.decoder import KVCache
 from rhead_jax.models.generate import GenerateSpec, cache_size_for, pad_prompts, prefill_pieces, prefill_widths
 from rhead_jax.needle.prompts import Instance
 from rhead_jax.plan import plan_needles, stop_tokens
+from rhead_jax.results_store import ResultStore, input_fingerprints, preemption_notice
 from rhead_jax.runner import Runner
 
 __all__ = ["BatchOutput", "EXTRA_SCORES", "Engine", "ResultStore", "SharedPrefix", "barrier", "common_prefix",
@@ -218,36 +220,6 @@ class BatchOutput:
         return self.tokens[b, :self.num_tokens[b]].tolist()
 
 
-class ResultStore:
-    """Per-batch result files in `root/batches/`, written atomically; what the results depend on is
-    pinned in `root/sweep_config.json`, so a resume with different settings is refused."""
-
-    def __init__(self, root: str, pinned_json: str, *, writer: bool = True):
-        self.root = io.as_path(root)
-        self.writer = writer
-        meta = self.root / "sweep_config.json"
-        if meta.exists():
-            if meta.read_text() != pinned_json:
-                raise UserError(
-                    f"workdir {root} holds results of a different configuration ({meta}); use a new "
-                    "--workdir, or delete that one to start over")
-        elif writer:
-            io.atomic_write_text(meta, pinned_json)
-
-    def _batch_path(self, b: int):
-        return self.root / "batches" / f"batch_{b:05d}.json"
-
-    def done(self, b: int) -> bool:
-        return self._batch_path(b).exists()
-
-    def write(self, b: int, results: list[dict]) -> None:
-        if self.writer:
-            io.atomic_write_json(self._batch_path(b), results)
-
-    def read(self, b: int) -> list[dict]:
-        return io.read_json(self._batch_path(b))
-
-
 class Engine:
     """The model of `config.model` on the mesh of `config.mesh`, and the programs that run it."""
 
@@ -271,6 +243,7 @@ class Engine:
         self.name = config.model.name or model.name
         self.is_writer = jax.process_index() == 0
         self._shared: dict[Any, SharedPrefix] = {}
+        self._inputs: dict | None = None   # input_fingerprints, computed by the first store()
         self.timings = {"shared_prefix_s": 0.0, "prefill_s": 0.0, "decode_s": 0.0, "decode_steps": 0,
                         "decode_row_steps": 0}
         if self.mesh is not None:
@@ -517,30 +490,45 @@ class Engine:
     # -- results -------------------------------------------------------------------------------
 
     def store(self, root: str, pinned_json: str) -> ResultStore:
-        return ResultStore(root, pinned_json, writer=self.is_writer)
+        """The result store of `root`, pinned to `pinned_json` and to the content of the inputs
+        (rhead_jax.results_store.input_fingerprints of the checkpoint, haystack and needles)."""
+        if self._inputs is None:
+            from rhead_jax.needle.haystack import DEFAULT_HAYSTACK_PATH, DEFAULT_NEEDLES_PATH
+
+            c = self.config
+            paths = {"model": self.model.directory,
+                     "haystack": c.haystack or DEFAULT_HAYSTACK_PATH, "needles": c.needles or DEFAULT_NEEDLES_PATH}
+            if str(c.model.path).endswith(".gguf"):
+                paths["model.gguf"] = c.model.path   # its converted directory is cached by name
+            self._inputs = input_fingerprints({k: p for k, p in paths.items() if p and os.path.exists(p)})
+        return ResultStore(root, pinned_json, inputs=self._inputs, writer=self.is_writer)
 
     def run_batches(self, store: ResultStore, sizes: Sequence[int], run_one: Callable[[int], list[dict]], *,
                     desc: str, bar: tqdm | None = None) -> list[list[dict]]:
-        """Run every batch `store` lacks (run_one(b) -> its results), writing each atomically;
-        returns all batches' results in order. On several hosts every process runs the same
-        batches and process 0 alone writes; this run's batches stay in memory, so the other
-        hosts need no shared disk."""
+        """Run every batch `store` lacks or holds torn (run_one(b) -> its results), writing each
+        atomically; returns all batches' results in order. On several hosts every process runs the
+        same batches (process 0's scan decides which) and process 0 alone writes; the batches of
+        earlier runs are read from the workdir (gs://, shared by the hosts). SIGTERM ends the run
+        between writes with rhead_jax.errors.Preempted."""
         barrier(f"{desc}_start")
-        todo = [b for b in range(len(sizes)) if not store.done(b)]
+        have = store.scan(len(sizes))
+        done = _agreed_done([b in have for b in range(len(sizes))])
+        todo = [b for b in range(len(sizes)) if not done[b]]
         logging.info("%s: %d tests in %d batches, %d to run (%d already done)", desc, sum(sizes), len(sizes),
                      len(todo), len(sizes) - len(todo))
         own_bar = bar is None
         if own_bar:
             bar = tqdm(total=sum(sizes), initial=sum(sizes) - sum(sizes[b] for b in todo), desc=desc, unit="test")
         computed: dict[int, list[dict]] = {}
-        for b in todo:
-            t = time.time()
-            results = run_one(b)
-            store.write(b, results)
-            computed[b] = results
-            bar.update(len(results))
-            logging.info("%s: batch %d/%d (%d tests) in %.1fs", desc, b + 1, len(sizes), len(results),
-                         time.time() - t)
+        with preemption_notice(store, desc):
+            for b in todo:
+                t = time.time()
+                results = run_one(b)
+                store.write(b, results)
+                computed[b] = results
+                bar.update(len(results))
+                logging.info("%s: batch %d/%d (%d tests) in %.1fs", desc, b + 1, len(sizes), len(results),
+                             time.time() - t)
         if own_bar:
             bar.close()
         t = self.timings
@@ -548,4 +536,13 @@ class Engine:
                      "compiles included", desc, COMPILES, t["shared_prefix_s"], t["prefill_s"], t["decode_s"],
                      t["decode_steps"], t["decode_row_steps"])
         barrier(f"{desc}_done")
-        return [computed[b] if b in computed else store.read(b) for b in range(len(sizes))]
+        return [computed[b] if b in computed else have[b] if b in have else store.read(b) for b in range(len(sizes))]
+
+
+def _agreed_done(done: list[bool]) -> list[bool]:
+    """Process 0's list of finished batches, on every process (so all run the same batches)."""
+    if jax.process_count() == 1 or not done:
+        return done
+    from jax.experimental import multihost_utils
+
+    return [bool(x) for x in multihost_utils.broadcast_one_to_all(np.asarray(done, np.int32))]

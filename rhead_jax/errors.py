@@ -13,3 +13,11 @@ class UserError(ValueError):
 
 class MissingFileError(UserError, FileNotFoundError):
     """A file or directory the user named does not exist (also a FileNotFoundError for old callers)."""
+
+
+class Preempted(Exception):
+    """The run got a preemption notice (SIGTERM) and stopped between result writes; the same
+    command resumes it. Commands (rhead_jax.cli.run) print `preempted: ...` and exit with
+    `exit_status` (128 + SIGTERM, what a shell reports for a process SIGTERM ended)."""
+
+    exit_status = 143

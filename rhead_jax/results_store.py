@@ -1,0 +1,248 @@
+"""The result store of every command that runs batches (sweep, ablation, mixed KV cache): one file
+per batch, written atomically (rhead_jax.io), validated when read, pinned to its configuration and
+to the content of its inputs, and a preemption notice (SIGTERM) that stops a run between writes.
+
+    store = ResultStore(root, pinned_json, inputs=input_fingerprints({"model": model_dir, ...}))
+    results = store.scan(n)          # {b: results} of the valid batch files; torn ones logged, redone
+    store.write(b, results)          # root/batches/batch_00003.json, whole or absent
+    with preemption_notice(store):   # SIGTERM: the write under way completes, then `Preempted`
+        ...
+
+Files (docs/reliability.md):
+  root/sweep_config.json   {"config": <pinned_json>, "inputs": {name: {file: fingerprint}}}; a resume
+                           with another config is refused, one with changed inputs too (naming it)
+  root/batches/batch_NNNNN.json   line 1: a header {"format", "batch", "pin", "bytes", "sha256"};
+                           then the results as JSON. A file whose header, length or checksum does
+                           not match (torn copy, empty file, another sweep's file) is reported in
+                           one log line naming it and recomputed, never merged.
+
+Input fingerprints: every file of the input (a directory's non-hidden top-level files) by size and
+sha256; a file over FULL_HASH_BYTES is hashed over SAMPLES evenly spaced blocks of BLOCK bytes
+(first and last included) and, for .safetensors, its whole header: a few MiB read per checkpoint
+file, so it is cheap on a 70 GB checkpoint, and any other weights (another model, a fine-tune,
+another dtype or shape) change it. An edit confined to unsampled bytes of a large file is not seen.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import signal
+import threading
+from pathlib import Path
+from typing import Iterator, Mapping
+
+from absl import logging
+
+from rhead_jax import io
+from rhead_jax.errors import Preempted, UserError
+
+__all__ = ["BATCH_FORMAT", "BatchFileError", "ResultStore", "input_fingerprints", "preemption_notice"]
+
+BATCH_FORMAT = "rhead_jax.batch/1"
+FULL_HASH_BYTES = 16 << 20   # files up to this size are hashed whole
+SAMPLES, BLOCK = 64, 1 << 16  # larger ones: 64 blocks of 64 KiB (4 MiB read) + a safetensors header
+IGNORED_INPUT_FILES = ("rhead_jax_gguf_import.json",)  # conversion provenance (absolute source path)
+
+
+class BatchFileError(ValueError):
+    """A batch file that is not a whole result file of this store (why: the message)."""
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def encode_batch(b: int, results: list[dict], pin: str) -> bytes:
+    """Header line + the results' JSON: what a batch file holds."""
+    payload = json.dumps(results).encode()
+    header = {"format": BATCH_FORMAT, "batch": b, "pin": pin, "bytes": len(payload), "sha256": _sha256(payload)}
+    return json.dumps(header, sort_keys=True).encode() + b"\n" + payload
+
+
+def decode_batch(data: bytes, b: int, pin: str) -> list[dict]:
+    """The results of a batch file's bytes; BatchFileError says why they are not a whole batch `b`."""
+    if not data:
+        raise BatchFileError("empty file")
+    head, sep, payload = data.partition(b"\n")
+    try:
+        header = json.loads(head)
+    except ValueError:
+        header = None
+    if not sep or not isinstance(header, dict) or header.get("format") != BATCH_FORMAT:
+        raise BatchFileError("no batch header (a torn, foreign or pre-checksum file)")
+    if header.get("batch") != b:
+        raise BatchFileError(f"holds batch {header.get('batch')}, not {b}")
+    if header.get("pin") != pin:
+        raise BatchFileError("written by another configuration or other inputs (its pin differs)")
+    if len(payload) != header.get("bytes"):
+        raise BatchFileError(f"truncated or padded: {len(payload)} result bytes, the header says {header.get('bytes')}")
+    if _sha256(payload) != header.get("sha256"):
+        raise BatchFileError("checksum mismatch (corrupted results)")
+    return json.loads(payload)
+
+
+# -- input fingerprints ----------------------------------------------------------------------------
+
+
+def file_fingerprint(path: Path) -> str:
+    """"<size> bytes sha256:<hex>" of the whole file, or "... sampled" over SAMPLES blocks (+ a
+    safetensors header) for a file over FULL_HASH_BYTES."""
+    size = path.stat().st_size
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        if size <= FULL_HASH_BYTES:
+            h.update(f.read())
+            return f"{size} bytes sha256:{h.hexdigest()}"
+        if path.suffix == ".safetensors":   # u64 header length + the JSON header (names, dtypes, shapes)
+            n = int.from_bytes(f.read(8), "little")
+            h.update(f.read(min(n, size - 8)))
+        for i in range(SAMPLES):
+            f.seek((size - BLOCK) * i // (SAMPLES - 1))
+            h.update(f.read(BLOCK))
+    return f"{size} bytes sha256:{h.hexdigest()} sampled"
+
+
+def input_fingerprints(inputs: Mapping[str, str | os.PathLike]) -> dict[str, dict[str, str]]:
+    """{name: {file name: file_fingerprint}} of each input path (a file, or a directory's
+    non-hidden top-level files but IGNORED_INPUT_FILES)."""
+    out = {}
+    for name, p in inputs.items():
+        p = Path(p)
+        if p.is_dir():
+            files = sorted(f for f in p.iterdir() if f.is_file() and not f.name.startswith(".")
+                           and f.name not in IGNORED_INPUT_FILES)
+        else:
+            files = [p]
+        out[name] = {f.name: file_fingerprint(f) for f in files}
+    return out
+
+
+def _changed(old: dict, new: dict) -> str:
+    """One phrase naming what differs between two {name: {file: fingerprint}}."""
+    for name in sorted(set(old) | set(new)):
+        a, b = old.get(name, {}), new.get(name, {})
+        for f in sorted(set(a) | set(b)):
+            if a.get(f) != b.get(f):
+                return f"{name} changed: {f} was {a.get(f, 'absent')}, is now {b.get(f, 'absent')}"
+    return "no change"
+
+
+# -- the store -------------------------------------------------------------------------------------
+
+
+class ResultStore:
+    """Per-batch result files in `root/batches/`, written atomically and checksummed; what the results
+    depend on (`pinned_json`, and `inputs`: input_fingerprints of the files they were computed from)
+    is pinned in `root/sweep_config.json`, so a resume with other settings or other inputs is refused.
+    `writer`: whether this process writes (process 0 of several hosts)."""
+
+    def __init__(self, root: str, pinned_json: str, *, inputs: dict | None = None, writer: bool = True):
+        self.root = io.as_path(root)
+        self.writer = writer
+        self._writing = False
+        self._pending: Preempted | None = None
+        want = {"config": json.loads(pinned_json), "inputs": inputs or {}}
+        text = json.dumps(want, sort_keys=True, indent=1)
+        self.pin = _sha256(text.encode())[:16]
+        meta = self.root / "sweep_config.json"
+        if meta.exists():
+            try:
+                have = json.loads(meta.read_text())
+            except ValueError:
+                have = None
+            if not isinstance(have, dict) or set(have) != {"config", "inputs"}:
+                raise UserError(
+                    f"workdir {root} was written by an earlier rhead_jax or another program ({meta} does not "
+                    "pin a config and its inputs); use a new --workdir, or delete that one to start over")
+            if have["config"] != want["config"]:
+                raise UserError(
+                    f"workdir {root} holds results of a different configuration ({meta}); use a new "
+                    "--workdir, or delete that one to start over")
+            if have["inputs"] != want["inputs"]:
+                raise UserError(
+                    f"workdir {root} holds results computed from other inputs ({_changed(have['inputs'], want['inputs'])}); "
+                    "restore the inputs it was started with, or use a new --workdir")
+        elif writer:
+            io.atomic_write_text(meta, text)
+        if writer:
+            self._remove_stale_temporaries()
+
+    def _batch_path(self, b: int):
+        return self.root / "batches" / f"batch_{b:05d}.json"
+
+    def _remove_stale_temporaries(self) -> None:
+        """Temporary siblings a killed writer left (io.atomic_write_bytes names them .NAME.tmp-*)."""
+        d = self.root / "batches"
+        if d.exists():
+            for p in d.iterdir():
+                if p.name.startswith(".batch_") and ".tmp-" in p.name:
+                    p.unlink(missing_ok=True)
+
+    def done(self, b: int) -> bool:
+        """Whether batch `b` has a whole file (a torn one reads as not done; `scan` reports it)."""
+        if not self._batch_path(b).exists():
+            return False
+        try:
+            self.read(b)
+        except BatchFileError:
+            return False
+        return True
+
+    def read(self, b: int) -> list[dict]:
+        """Batch `b`'s results; BatchFileError (naming the file) when its file is not a whole batch."""
+        path = self._batch_path(b)
+        try:
+            return decode_batch(path.read_bytes(), b, self.pin)
+        except BatchFileError as e:
+            raise BatchFileError(f"{path}: {e}") from None
+
+    def scan(self, n: int) -> dict[int, list[dict]]:
+        """{b: results} of the batches among range(n) whose files are whole; each file that is not
+        is logged in one line naming it, and left to be recomputed (overwritten)."""
+        out = {}
+        for b in range(n):
+            if not self._batch_path(b).exists():
+                continue
+            try:
+                out[b] = self.read(b)
+            except BatchFileError as e:
+                logging.warning("%s; recomputing batch %d", e, b)
+        return out
+
+    def write(self, b: int, results: list[dict]) -> None:
+        """Batch `b`'s file, whole or absent; a preemption notice meanwhile takes effect after it."""
+        if not self.writer:
+            return
+        self._writing = True
+        try:
+            io.atomic_write_bytes(self._batch_path(b), encode_batch(b, results, self.pin))
+        finally:
+            self._writing = False
+        if self._pending is not None:
+            raise self._pending
+
+
+@contextlib.contextmanager
+def preemption_notice(store: ResultStore, what: str) -> Iterator[None]:
+    """SIGTERM (a TPU VM's preemption notice) inside this block raises `Preempted` naming `what`:
+    at once, or after the store's write under way completes. A no-op off the main thread."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def on_sigterm(signum, frame):
+        e = Preempted(f"{what} received SIGTERM (preemption); the batches written so far are kept in "
+                      f"{store.root}: run the same command again to resume")
+        if store._writing:
+            store._pending = e
+        else:
+            raise e
+
+    old = signal.signal(signal.SIGTERM, on_sigterm)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)
+        store._pending = None
