@@ -12,7 +12,7 @@ Usage: launch/run_sweep.sh --name NAME --zone ZONE --config CONFIG --workdir DIR
                            [--[no_]distributed] [--remote_dir DIR] [--venv DIR] [--log_dir DIR]
                            [--ssh_flag FLAG]... [--dry_run]
                            [-- EXTRA_FLAGS...]
-       launch/run_sweep.sh --name NAME --zone ZONE --stop
+       launch/run_sweep.sh --name NAME --zone ZONE --stop | --status [--module M]
 
 Starts `python -m rhead_jax.sweep --config CONFIG --workdir DIR --distributed EXTRA_FLAGS...` on
 every worker at once (gcloud compute tpus tpu-vm ssh --worker=all). Multi-host slices run the same
@@ -31,6 +31,8 @@ survives a dropped ssh connection; --foreground streams the log and waits instea
   --env KEY=VALUE    environment variable for the run (repeatable)
   --foreground       stream the workers' logs and wait for the end (default: start and return)
   --stop             stop the runs started earlier (kills the pids in LOG_DIR/*-worker*.pid)
+  --status           exit 0 when the module's run is alive on every worker, 3 when it is not on one
+                     (keep_running.sh polls it)
   --module M         the entry point: rhead_jax.sweep (default), rhead_jax.ablate, rhead_jax.mixedkv,
                      rhead_jax.gates, rhead_jax.detectors (all take --config, --workdir, --distributed)
   --distributed      pass --distributed to the entry point; the default with --worker all, for every
@@ -63,6 +65,7 @@ WORKER=all
 ENVS=()
 FOREGROUND=0
 STOP=0
+STATUS=0
 MODULE=rhead_jax.sweep
 DISTRIBUTED=auto
 REMOTE_DIR='~/rhead_jax'
@@ -86,6 +89,7 @@ while (($#)); do
     --log_dir | --log_dir=*) take "$@"; LOG_DIR=$VAL; shift "$SHIFT" ;;
     --foreground) FOREGROUND=1; shift ;;
     --stop) STOP=1; shift ;;
+    --status) STATUS=1; shift ;;
     --distributed) DISTRIBUTED=yes; shift ;;
     --no_distributed) DISTRIBUTED=no; shift ;;
     --ssh_flag | --ssh_flag=*) take "$@"; check_gcloud_flag "$VAL" --ssh_flag; SSH_FLAGS+=("$VAL"); shift "$SHIFT" ;;
@@ -110,6 +114,14 @@ PIDS="$LOG_DIR/$TAG-worker"
 if ((STOP)); then
   REMOTE="for f in $PIDS*.pid; do [ -f \"\$f\" ] || continue; p=\$(cat \"\$f\");"
   REMOTE+=" if kill \"\$p\" 2>/dev/null; then echo \"\$(hostname): stopped pid \$p (\$f)\"; fi; rm -f \"\$f\"; done"
+  run "$GCLOUD" compute tpus tpu-vm ssh "$NAME" "${GCLOUD_LOC[@]}" --worker="$WORKER" \
+    ${SSH_FLAGS[@]+"${SSH_FLAGS[@]}"} --command="$REMOTE"
+  exit 0
+fi
+
+if ((STATUS)); then
+  REMOTE="W=\$(curl -sf -m 5 -H Metadata-Flavor:Google http://metadata.google.internal/computeMetadata/v1/instance/attributes/agent-worker-number || hostname)"
+  REMOTE+="; PIDF=$PIDS\$W.pid; if [ -f \$PIDF ] && kill -0 \$(cat \$PIDF) 2>/dev/null; then echo \"worker \$W: $MODULE running\"; else echo \"worker \$W: $MODULE not running\"; exit 3; fi"
   run "$GCLOUD" compute tpus tpu-vm ssh "$NAME" "${GCLOUD_LOC[@]}" --worker="$WORKER" \
     ${SSH_FLAGS[@]+"${SSH_FLAGS[@]}"} --command="$REMOTE"
   exit 0

@@ -22,7 +22,7 @@ from tests.helpers.setup_meta import setup_kwargs
 
 ROOT = Path(__file__).resolve().parent.parent
 LAUNCH = ROOT / "launch"
-SCRIPTS = ("create_tpu.sh", "install.sh", "run_sweep.sh", "fetch_results.sh", "delete_tpu.sh")
+SCRIPTS = ("create_tpu.sh", "install.sh", "run_sweep.sh", "fetch_results.sh", "delete_tpu.sh", "keep_running.sh")
 SEP = "\x1f"
 
 FAKE_GCLOUD = r"""#!/usr/bin/env bash
@@ -109,6 +109,8 @@ def test_help(launch, script):
     ("fetch_results.sh", ["--workdir", "workdir/x", "--name", "t"], "--zone"),
     ("delete_tpu.sh", ["--zone", "z"], "--name"),
     ("delete_tpu.sh", ["--name", "t"], "--zone"),
+    ("keep_running.sh", ["--zone", "z", "--config", "c.py", "--workdir", "gs://b/d"], "--name"),
+    ("keep_running.sh", ["--name", "t", "--zone", "z", "--workdir", "gs://b/d"], "--config"),
 ])
 def test_missing_required_flag_fails_clearly(launch, script, args, missing):
     p = launch.run(script, *args, rc=2)
@@ -143,6 +145,8 @@ def test_bad_arguments_fail(launch, script, args):
     ("fetch_results.sh", ["--workdir", "gs://b/d", "--dest", "out"]),
     ("fetch_results.sh", ["--name", "t", "--zone", "z", "--remote_dir", "workdir/x", "--dest", "out"]),
     ("delete_tpu.sh", ["--name", "t", "--zone", "z", "--yes"]),
+    ("keep_running.sh", ["--name", "t", "--zone", "z", "--config", "c.py", "--workdir", "gs://b/d"]),
+    ("run_sweep.sh", ["--name", "t", "--zone", "z", "--status"]),
 ])
 def test_dry_run_prints_and_records_nothing(launch, script, args):
     p = launch.run(script, *args, "--dry_run")
