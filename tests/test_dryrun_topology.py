@@ -15,15 +15,17 @@ from rhead_jax.errors import UserError
     ("v5litepod-16", "v5e", 16, 4, "v5litepod-16"), ("v5e-8", "v5e", 8, 1, "v5litepod-8"),
     ("v5litepod-1", "v5e", 1, 1, "v5litepod-1"), ("v5p-8", "v5p", 4, 1, "v5p-8"), ("v5p-64", "v5p", 32, 8, "v5p-64"),
     ("v6e-8", "v6e", 8, 1, "v6e-8"), ("v6e-256", "v6e", 256, 64, "v6e-256"),
+    # TPU7x: names count TensorCores (tpu7x-8 = 4 chips on one VM), JAX sees 2 devices per chip
+    ("tpu7x-8", "tpu7x", 8, 1, "tpu7x-8"), ("tpu7x-2", "tpu7x", 2, 1, "tpu7x-2"), ("tpu7x-128", "tpu7x", 128, 16, "tpu7x-128"),
 ])
 def test_parse_topology(name, family, chips, hosts, canonical):
     t = dryrun.parse_topology(name)
     assert (t.family, t.chips, t.hosts, t.name) == (family, chips, hosts, canonical)
-    assert t.hbm_bytes == {"v4": 32, "v5e": 16, "v5p": 95, "v6e": 32}[family] * 2**30
-    assert math.prod(t.grid) == chips
+    assert t.hbm_bytes == {"v4": 32, "v5e": 16, "v5p": 95, "v6e": 32, "tpu7x": 96}[family] * 2**30   # per device
+    assert math.prod(t.grid) == t.physical_chips == (chips // 2 if family == "tpu7x" else chips)
 
 
-@pytest.mark.parametrize("bad", ["v4-33", "v5litepod-12", "v5p-6", "tpu-8", "v3-8"])
+@pytest.mark.parametrize("bad", ["v4-33", "v5litepod-12", "v5p-6", "tpu-8", "v3-8", "tpu7x-7", "tpu7x-4"])
 def test_parse_topology_refuses_unknown_slices(bad):
     with pytest.raises(UserError, match=bad) as e:   # a UserError is a ValueError too
         dryrun.parse_topology(bad)
@@ -42,7 +44,7 @@ def test_family_slices_increase():
 def test_names_round_trip():
     for fam, sizes in topology.SLICE_CHIPS.items():
         for chips in sizes:
-            assert dryrun.parse_topology(topology.topology_name(fam, chips)).chips == chips
+            assert dryrun.parse_topology(topology.topology_name(fam, chips)).physical_chips == chips
     assert dryrun.parse_topology("v5p-16").tpu_topology_name == "v5p:2x2x2"
     assert dryrun.parse_topology("v5litepod-8").tpu_topology_name == "v5e:2x4"
 

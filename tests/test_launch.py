@@ -22,7 +22,7 @@ from tests.helpers.setup_meta import setup_kwargs
 
 ROOT = Path(__file__).resolve().parent.parent
 LAUNCH = ROOT / "launch"
-SCRIPTS = ("create_tpu.sh", "install.sh", "run_sweep.sh", "fetch_results.sh", "delete_tpu.sh")
+SCRIPTS = ("create_tpu.sh", "install.sh", "run_sweep.sh", "fetch_results.sh", "delete_tpu.sh", "keep_running.sh")
 SEP = "\x1f"
 
 FAKE_GCLOUD = r"""#!/usr/bin/env bash
@@ -109,6 +109,8 @@ def test_help(launch, script):
     ("fetch_results.sh", ["--workdir", "workdir/x", "--name", "t"], "--zone"),
     ("delete_tpu.sh", ["--zone", "z"], "--name"),
     ("delete_tpu.sh", ["--name", "t"], "--zone"),
+    ("keep_running.sh", ["--zone", "z", "--config", "c.py", "--workdir", "gs://b/d"], "--name"),
+    ("keep_running.sh", ["--name", "t", "--zone", "z", "--workdir", "gs://b/d"], "--config"),
 ])
 def test_missing_required_flag_fails_clearly(launch, script, args, missing):
     p = launch.run(script, *args, rc=2)
@@ -143,6 +145,8 @@ def test_bad_arguments_fail(launch, script, args):
     ("fetch_results.sh", ["--workdir", "gs://b/d", "--dest", "out"]),
     ("fetch_results.sh", ["--name", "t", "--zone", "z", "--remote_dir", "workdir/x", "--dest", "out"]),
     ("delete_tpu.sh", ["--name", "t", "--zone", "z", "--yes"]),
+    ("keep_running.sh", ["--name", "t", "--zone", "z", "--config", "c.py", "--workdir", "gs://b/d"]),
+    ("run_sweep.sh", ["--name", "t", "--zone", "z", "--status"]),
 ])
 def test_dry_run_prints_and_records_nothing(launch, script, args):
     p = launch.run(script, *args, "--dry_run")
@@ -186,7 +190,7 @@ def test_create_tpu_unknown_accelerator_needs_version(launch):
 
 def test_create_queued_resource_and_wait(launch):
     launch.run("create_tpu.sh", "--name", "rhead-v4", "--zone", "us-central2-b", "--accelerator", "v4-32",
-               "--queued", "--spot", "--wait", "--poll", "0", "--", "--network=net", FAKE_GCLOUD_STDOUT="ACTIVE")
+               "--queued", "--spot", "--wait", "--poll", "0", "--create_flag=--network=net", FAKE_GCLOUD_STDOUT="ACTIVE")
     create, describe = launch.calls()
     assert create == ["gcloud", "compute", "tpus", "queued-resources", "create", "rhead-v4", "--node-id=rhead-v4",
                       "--zone=us-central2-b", "--accelerator-type=v4-32",
@@ -276,7 +280,9 @@ def test_install_local_checkout(launch):
     assert set(extras) <= set(meta["extras_require"]), (extras, meta["extras_require"])
     assert meta["extras_require"]["tpu"] == ["jax[tpu]"] and meta["extras_require"]["gcs"] == ["gcsfs"]
     assert len(pips) == 3, pips
-    assert calls[-1]["argv"][0] == "-c" and "jax.process_index()" in calls[-1]["argv"][1]
+    # the device check joins jax.distributed first on --worker all (every worker runs it at once)
+    check = calls[-1]["argv"]
+    assert check[0] == "-c" and check[1].index("jax.distributed.initialize()") < check[1].index("jax.process_count()")
 
 
 def test_install_plain_directory_and_options(launch):
@@ -288,7 +294,7 @@ def test_install_plain_directory_and_options(launch):
     tarball = launch.tmp / "code.tar.gz"
     launch.run("install.sh", "--name", "t", "--zone", "z", "--repo", str(src), "--tarball", str(tarball),
                "--worker", "1", "--venv", "~/v", "--remote_dir", "~/code", "--jax", "jax[tpu]==0.10.2",
-               "--pip", "tensorboard", "--no_check", "--project", "p", "--", "--internal-ip")
+               "--pip", "tensorboard", "--no_check", "--project", "p", "--ssh_flag", "--internal-ip")
     scp, ssh = launch.calls()
     assert scp[5:] == [str(tarball), "t:rhead_jax.tar.gz", "--zone=z", "--project=p", "--worker=1", "--internal-ip"]
     assert ssh[5:-1] == ["t", "--zone=z", "--project=p", "--worker=1", "--internal-ip"]
@@ -418,8 +424,12 @@ def test_run_sweep_module_and_local_workdir_note(launch):
     ([], True),                                   # all workers: jax.distributed.initialize() on each
     (["--worker", "0"], False),                   # one worker of a slice would wait for the others
     (["--no_distributed"], False),
-    (["--module", "rhead_jax.ablate"], False),
-    (["--module", "rhead_jax.ablate", "--distributed"], True),
+    (["--module", "rhead_jax.ablate"], True),     # every module, not only the sweep
+    (["--module", "rhead_jax.mixedkv"], True),
+    (["--module", "rhead_jax.gates"], True),
+    (["--module", "rhead_jax.detectors"], True),
+    (["--module", "rhead_jax.ablate", "--worker", "2"], False),
+    (["--module", "rhead_jax.ablate", "--worker", "2", "--distributed"], True),
 ])
 def test_run_sweep_distributed_flag(launch, args, distributed):
     launch.run("run_sweep.sh", "--name", "t", "--zone", "z", "--config", "c.py", "--workdir", "gs://b/d", *args)
@@ -450,3 +460,67 @@ def test_fetch_from_worker0(launch):
         base + ["t:runs/yi6b", f"{dest}/", "--zone=z", "--worker=0"],
         base + ["t:/data/yi6b", f"{dest}/", "--zone=z", "--project=p", "--worker=2"],
     ]
+
+
+def test_distributed_modules_accept_the_flag():
+    """Every module run_sweep.sh documents defines --distributed (cli.define_workdir_flags)."""
+    text = (LAUNCH / "run_sweep.sh").read_text()
+    for module in ("rhead_jax.sweep", "rhead_jax.ablate", "rhead_jax.mixedkv", "rhead_jax.gates", "rhead_jax.detectors"):
+        assert module in text
+        path = ROOT / (module.replace(".", "/") + ".py")
+        if not path.exists():
+            path = ROOT / module.replace(".", "/") / "__main__.py"
+        assert "cli.define_workdir_flags()" in path.read_text() or "define_workdir_flags" in path.read_text(), module
+
+
+# ------------------------------------------------------------------------------------ gcloud flags
+def test_ssh_flags_reach_every_connection(launch):
+    """--ssh_flag (or $TPU_SSH_FLAGS) goes to every tpu-vm ssh/scp of every script; nowhere else."""
+    env = dict(TPU_NAME="t", TPU_ZONE="z", TPU_SSH_FLAGS="--internal-ip  --tunnel-through-iap")
+    launch.run("install.sh", "--tarball", str(launch.tmp / "c.tar.gz"), **env)
+    launch.run("run_sweep.sh", "--config", "c.py", "--workdir", "gs://b/d", **env)
+    launch.run("run_sweep.sh", "--stop", **env)
+    launch.run("fetch_results.sh", "--remote_dir", "workdir/x", "--dest", str(launch.tmp / "r"), **env)
+    launch.run("create_tpu.sh", **env)
+    launch.run("delete_tpu.sh", **env)
+    calls = launch.calls()
+    assert len(calls) == 7
+    for call in calls:
+        connects = call[3:5] in (["tpu-vm", "ssh"], ["tpu-vm", "scp"])
+        assert ("--internal-ip" in call and "--tunnel-through-iap" in call) == connects, call
+    launch.run("run_sweep.sh", "--name", "t", "--zone", "z", "--config", "c.py", "--workdir", "gs://b/d",
+               "--ssh_flag=--internal-ip", "--", "--config.sweep.batch_size=8")
+    ssh = launch.calls()[-1]
+    assert "--internal-ip" in ssh and ssh[-1].startswith("--command=")   # a gcloud flag, not a Python one
+    assert "--internal-ip" not in _remote(ssh)
+
+
+@pytest.mark.parametrize("script,args,hint", [
+    ("install.sh", ["--name", "t", "--zone", "z", "--", "--internal-ip"], "--ssh_flag"),
+    ("create_tpu.sh", ["--name", "t", "--zone", "z", "--", "--network=n"], "--create_flag"),
+    ("install.sh", ["--name", "t", "--zone", "z", "--ssh_flag", "internal-ip"], "one gcloud flag"),
+])
+def test_gcloud_flags_have_one_way(launch, script, args, hint):
+    p = launch.run(script, *args, rc=2)
+    assert hint in p.stderr and launch.calls() == []
+
+
+def test_create_maps_v5e_and_refuses_tpu7x(launch):
+    p = launch.run("create_tpu.sh", "--name", "t", "--zone", "z", "--accelerator", "v5e-16")
+    [call] = launch.calls()
+    assert flag(call, "--accelerator-type") == "v5litepod-16" and flag(call, "--version") == "v2-alpha-tpuv5-lite"
+    assert "v5litepod-N" in p.stderr
+    p = launch.run("create_tpu.sh", "--name", "t", "--zone", "z", "--accelerator", "tpu7x-8", rc=2)
+    assert "GKE" in p.stderr and len(launch.calls()) == 1
+
+
+def test_install_python_floor(launch):
+    p = launch.run("install.sh", "--name", "t", "--zone", "z", "--python", "3.11", rc=2)
+    assert "Python >= 3.12" in p.stderr and launch.calls() == []
+    launch.run("install.sh", "--name", "t", "--zone", "z", "--python", "3.11", "--jax", "jax[tpu]==0.10.2",
+               "--tarball", str(launch.tmp / "c.tar.gz"))
+    cmd = _remote(launch.calls()[-1])
+    assert "--python 3.11" in cmd and "'jax[tpu]==0.10.2'" in cmd
+    launch.run("install.sh", "--name", "t", "--zone", "z", "--worker", "1", "--tarball", str(launch.tmp / "c.tar.gz"))
+    cmd = _remote(launch.calls()[-1])   # one worker alone: no jax.distributed (it would wait for the others)
+    assert "jax.process_count()" in cmd and "jax.distributed.initialize()" not in cmd

@@ -49,6 +49,13 @@ def test_notebook_shape():
     nb = nbformat.read(NOTEBOOK, as_version=4)
     assert nb.nbformat == 4
     assert nb.metadata.kernelspec.name == "python3" and nb.metadata.accelerator == "TPU"
+    # Colab opens it on a current TPU type (v2-8 is retired): a v5e-1; the text covers the v6e-1 too
+    assert nb.metadata.colab.gpuType == "V5E1"
+    fits = _cell(nb, "fits-md").source
+    assert "v5e-1 (16 GiB)" in fits and "v6e-1 (32 GiB)" in fits and "--topology v5litepod-1" in fits
+    for row in ("`smollm2_135m.py`", "`gemma3_270m.py`", "`llama2_7b_80k.py`"):
+        assert row in fits
+    assert "TPU cores" not in json.dumps(nb) and "device_kind" in _cell(nb, "devices").source
     assert all(not c.get("outputs") for c in nb.cells if c.cell_type == "code"), "commit it without outputs"
     install = _cell(nb, "install").source
     # the source is checked first, pip runs through sys.executable and its failure stops the notebook

@@ -263,9 +263,11 @@ class Plan:
         kv_label, mx = "KV cache", self.mixed
         if mx:
             kv_label = f"mixed KV cache ({100 * mx['full_fraction']:g}% full)"
+        per = "chip" if t.physical_chips == t.chips else "device"   # TPU7x: 2 devices per chip
+        size = f"{t.chips} chips" if per == "chip" else f"{t.physical_chips} chips = {t.chips} devices"
         lines = [
-            f"== dry run: {self.model} on {t.name} ({t.chips} chips, {t.hosts} host(s), "
-            f"{t.hbm_bytes / GiB:g} GiB HBM per chip) ==",
+            f"== dry run: {self.model} on {t.name} ({size}, {t.hosts} host(s), "
+            f"{t.hbm_bytes / GiB:g} GiB HBM per {per}) ==",
             f"mesh: data={self.mesh['data']} model={self.mesh['model']} expert={self.mesh['expert']} "
             f"({self.mesh_source})",
             f"sweep batch: {self.batch} rows ({rows_per_dev} per device), context {self.context_len} "
