@@ -33,7 +33,7 @@ import numpy as np
 from absl import logging
 
 from rhead_jax import config as config_lib
-from rhead_jax import io, scoring
+from rhead_jax import diagnosis, io, scoring
 from rhead_jax.checkpoints import LoadedModel
 from rhead_jax.engine import EXTRA_SCORES, Engine, SharedPrefix, make_batches, question_start
 from rhead_jax.errors import UserError
@@ -137,12 +137,18 @@ def summarize(results: Sequence[dict], head_scores: dict[str, list], *, top: int
 
 
 def format_summary(name: str, summary: dict, results: Sequence[dict]) -> str:
-    lines = [f"== retrieval heads of {name} ==",
-             f"tests: {summary['tests']}, kept by the ROUGE gate: {summary['tests_kept']}, "
-             f"accuracy (mean ROUGE-1 recall): {summary['accuracy']:.3f}",
-             f"heads with mean score > 0.1: {summary['retrieval_heads']} of {summary['heads']} "
-             f"({100 * summary['retrieval_head_share']:.1f}%)",
-             "top heads (layer-head: mean score): " + ", ".join(f"{k}: {v:.3f}" for k, v in summary["top_heads"])]
+    lines = [f"== retrieval heads of {name} =="]
+    if "gate" in summary:   # few or no tests kept: said up front (rhead_jax.diagnosis)
+        lines.append(diagnosis.thin_warning(summary["gate"]))
+    lines += [f"tests: {summary['tests']}, kept by the ROUGE gate: {summary['tests_kept']}, "
+              f"accuracy (mean ROUGE-1 recall): {summary['accuracy']:.3f}",
+              f"heads with mean score > 0.1: {summary['retrieval_heads']} of {summary['heads']} "
+              f"({100 * summary['retrieval_head_share']:.1f}%)"]
+    if not summary["tests_kept"]:
+        lines.append("top heads: none (no test kept by the ROUGE gate)")
+    else:
+        lines.append("top heads (layer-head: mean score): "
+                     + ", ".join(f"{k}: {v:.3f}" for k, v in summary["top_heads"]))
     for name, extra in summary.get("extra_scores", {}).items():
         lines.append(f"top heads by {name} (head_scores_{name}.json): "
                      + ", ".join(f"{k}: {v:.3f}" for k, v in extra["top_heads"]))
@@ -175,6 +181,9 @@ def run_sweep(config, workdir: str, *, model: LoadedModel | None = None) -> dict
     results = [r for rs in per_batch for r in rs]
     hs = head_scores_from(results, engine.cfg.num_layers, engine.cfg.num_heads)
     summary = summarize(results, hs)
+    gate = diagnosis.gate_report(results)
+    if gate["thin"]:
+        summary["gate"] = gate
     extra_hs = {name: head_scores_from(results, engine.cfg.num_layers, engine.cfg.num_heads, score=name)
                 for name in extra}
     if extra:
