@@ -33,7 +33,7 @@ import numpy as np
 from absl import logging
 
 from rhead_jax import config as config_lib
-from rhead_jax import diagnosis, io, scoring
+from rhead_jax import diagnosis, io, scoring, stability
 from rhead_jax.checkpoints import LoadedModel
 from rhead_jax.engine import EXTRA_SCORES, Engine, SharedPrefix, make_batches, question_start
 from rhead_jax.errors import UserError
@@ -123,9 +123,12 @@ def head_scores_from(results: Sequence[dict], num_layers: int, num_heads: int, *
 
 
 def summarize(results: Sequence[dict], head_scores: dict[str, list], *, top: int = 20) -> dict:
+    """summary.json's content; with kept tests also how sure the scores are (rhead_jax.stability; its
+    full table is `python -m rhead_jax.analyze`'s stability.json): the top heads' 95% bootstrap
+    intervals, the retrieval-head count as a range, the heads whose interval contains 0.1."""
     means = scoring.head_means(head_scores)
     n_ret = sum(m > scoring.RETRIEVAL_THRESHOLD for m in means.values())
-    return {
+    out = {
         "tests": len(results),
         "tests_kept": sum(r["kept"] for r in results),
         "accuracy": float(np.mean([r["rouge1_recall"] for r in results])) if results else 0.0,
@@ -134,6 +137,11 @@ def summarize(results: Sequence[dict], head_scores: dict[str, list], *, top: int
         "retrieval_head_share": n_ret / max(len(means), 1),
         "top_heads": [[k, round(v, 4)] for k, v in scoring.top_heads(head_scores, top)],
     }
+    if out["tests_kept"]:
+        st = stability.stability(head_scores)
+        out.update(top_heads_ci={k: st["ci"][k] for k, _ in out["top_heads"]},
+                   retrieval_heads_range=st["retrieval_heads_range"], uncertain_heads=st["straddle"])
+    return out
 
 
 def format_summary(name: str, summary: dict, results: Sequence[dict]) -> str:
@@ -147,8 +155,11 @@ def format_summary(name: str, summary: dict, results: Sequence[dict]) -> str:
     if not summary["tests_kept"]:
         lines.append("top heads: none (no test kept by the ROUGE gate)")
     else:
-        lines.append("top heads (layer-head: mean score): "
-                     + ", ".join(f"{k}: {v:.3f}" for k, v in summary["top_heads"]))
+        ci = summary["top_heads_ci"]
+        lo, hi = summary["retrieval_heads_range"]
+        lines[-1] += f"; over 0.1 by the 95% intervals: {lo} to {hi} heads"
+        lines.append(f"top heads (layer-head mean [95% bootstrap interval over the {summary['tests_kept']} kept tests]): "
+                     + ", ".join(f"{k} {v:.2f} [{ci[k][0]:.2f}, {ci[k][1]:.2f}]" for k, v in summary["top_heads"]))
     for name, extra in summary.get("extra_scores", {}).items():
         lines.append(f"top heads by {name} (head_scores_{name}.json): "
                      + ", ".join(f"{k}: {v:.3f}" for k, v in extra["top_heads"]))

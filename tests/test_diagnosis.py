@@ -95,3 +95,17 @@ def test_smollm2_unanswerable_needle_fails_with_an_explanation(smollm_gguf, tmp_
     assert "WARNING: only 0 of 1 tests" in p.stdout
     assert list((wd / "batches").glob("batch_*.json"))                # the batches stay on disk
     assert json.loads((wd / "summary.json").read_text())["gate"]["kept"] == 0
+
+
+def test_summary_prints_each_top_head_with_its_interval():
+    results = [_result(i, 1.0) for i in range(20)]
+    for i, r in enumerate(results):
+        r["scores"] = [[0.5 + 0.1 * (i % 2), 0.2 * (i % 2 == 0)]]
+    hs = detection.head_scores_from(results, 1, 2)
+    summary = detection.summarize(results, hs)
+    lo, hi = summary["top_heads_ci"]["0-0"]
+    assert 0.5 < lo < 0.55 < hi < 0.6                       # the mean 0.55 inside, the extremes outside
+    assert summary["uncertain_heads"] == ["0-1"]            # 0-1's mean is 0.1, give or take 0.045
+    text = detection.format_summary("m", summary, results)
+    assert f"0-0 0.55 [{lo:.2f}, {hi:.2f}]" in text and "over the 20 kept tests" in text
+    assert "over 0.1 by the 95% intervals: 1 to 2 heads" in text
