@@ -33,7 +33,7 @@ import numpy as np
 from absl import logging
 
 from rhead_jax import config as config_lib
-from rhead_jax import diagnosis, io, scoring, stability
+from rhead_jax import diagnosis, io, rounds, scoring, stability
 from rhead_jax.checkpoints import LoadedModel
 from rhead_jax.engine import EXTRA_SCORES, Engine, SharedPrefix, make_batches, question_start
 from rhead_jax.errors import UserError
@@ -163,6 +163,10 @@ def format_summary(name: str, summary: dict, results: Sequence[dict]) -> str:
     for name, extra in summary.get("extra_scores", {}).items():
         lines.append(f"top heads by {name} (head_scores_{name}.json): "
                      + ", ".join(f"{k}: {v:.3f}" for k, v in extra["top_heads"]))
+    if "stop" in summary:
+        st = summary["stop"]
+        lines.insert(1, f"stop_when_stable: ran {st['tests_run']} of {st['tests_total']} tests ({st['rounds_run']} of "
+                        f"{st['rounds_total']} rounds): {st['reason']}")
     lines.append("per test: " + ", ".join(f"{r['key']}={r['rouge1_recall']:.2f}{'' if r['kept'] else '(dropped)'}"
                                           for r in results))
     return "\n".join(lines)
@@ -180,7 +184,9 @@ def run_sweep(config, workdir: str, *, model: LoadedModel | None = None) -> dict
     extra = tuple(config.sweep.extra_scores)
     spec = engine.spec(capture=True, extra_scores=extra)
     bs = config.sweep.batch_size
-    batches = make_batches(instances, bs)
+    stop_when_stable = config.sweep.stop_when_stable
+    batches, rounds_of = rounds.round_batches(instances, bs) if stop_when_stable else (make_batches(instances, bs),
+                                                                                        None)
     store = engine.store(workdir, config_lib.sweep_json(config))
 
     def run_one(b: int) -> list[dict]:
@@ -188,10 +194,18 @@ def run_sweep(config, workdir: str, *, model: LoadedModel | None = None) -> dict
         return score_batch(engine, batch, spec, batch_size=bs, shared=engine.shared_prefix(instances, spec, once=True),
                            extra_scores=extra)
 
-    per_batch = engine.run_batches(store, [len(b) for b in batches], run_one, desc=f"sweep {engine.name}")
-    results = [r for rs in per_batch for r in rs]
+    if stop_when_stable:   # rounds over the grid until the top 10 is settled (rhead_jax.rounds)
+        per_batch, stop = rounds.run_rounds(engine, store, batches, rounds_of, run_one, desc=f"sweep {engine.name}",
+                                            num_heads=engine.cfg.num_heads)
+        grid_pos = {inst.key: n for n, inst in enumerate(instances)}
+        results = sorted((r for rs in per_batch for r in rs), key=lambda r: grid_pos[r["key"]])
+    else:
+        per_batch = engine.run_batches(store, [len(b) for b in batches], run_one, desc=f"sweep {engine.name}")
+        results = [r for rs in per_batch for r in rs]
     hs = head_scores_from(results, engine.cfg.num_layers, engine.cfg.num_heads)
     summary = summarize(results, hs)
+    if stop_when_stable:
+        summary["stop"] = stop
     gate = diagnosis.gate_report(results)
     if gate["thin"]:
         summary["gate"] = gate
