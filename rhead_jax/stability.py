@@ -17,7 +17,8 @@ resamples TESTS (a test's scores for all heads move together), seeded, vectorize
   convergence       the mean overlap of the top k of n tests drawn at random WITHOUT replacement
                     with the top k of all T tests, for n = 5, 10, 20, 50, 100, 200, 500, ... and T.
   tests_for         the fewest tests n (on a grid of step 5) whose mean top-k overlap reaches a target
-                    (e.g. 9 of the top 10).
+                    (e.g. 9 of the top 10; "tests_for_overlap"), or reaches it in 90% of the draws
+                    ("tests_for_overlap_90").
 
 `stability(head_scores)` returns stability.json's entry of one file; `stop_check` is the rule of a
 sweep that stops when the ranking is settled (rhead_jax.rounds). Ties at the k-th score (e.g. many
@@ -99,12 +100,14 @@ def convergence(S: np.ndarray, k: int, points: Sequence[int] = CURVE_POINTS, dra
     return {str(n): float(subset_overlap(S, n, k, draws, seed).mean()) for n in curve_points(S.shape[0], points)}
 
 
-def tests_for(S: np.ndarray, k: int, target: float, step: int = 5, draws: int = DRAWS, seed: int = SEED) -> int | None:
+def tests_for(S: np.ndarray, k: int, target: float, step: int = 5, draws: int = DRAWS, seed: int = SEED,
+              share: float | None = None) -> int | None:
     """The fewest tests n (a multiple of `step`, or T) whose mean top-k overlap with all T tests is
-    >= target; None if the file has too few tests to say."""
+    >= target (with `share`: whose overlap is >= target in at least that share of the draws)."""
     T = S.shape[0]
     for n in [*range(step, T, step), T]:
-        if subset_overlap(S, n, k, draws, seed).mean() >= target:
+        ov = subset_overlap(S, n, k, draws, seed)
+        if (ov.mean() >= target) if share is None else ((ov >= target).mean() >= share):
             return n
     return None
 
@@ -132,6 +135,8 @@ def stability(head_scores: dict[str, list[float]], *, k: int = 10, resamples: in
         "top_k": [keys[i] for i in order[:k]],
         "convergence": convergence(S, k, draws=draws, seed=seed),
         "tests_for_overlap": {str(t): tests_for(S, k, t, draws=draws, seed=seed) for t in (k - 1, k) if t > 0},
+        "tests_for_overlap_90": {str(t): tests_for(S, k, t, draws=draws, seed=seed, share=0.9)
+                                 for t in (k - 1,) if t > 0},
         "straddle": straddle,
         "retrieval_heads": n_ret,
         "retrieval_heads_range": [lo_above, hi_above],
@@ -161,8 +166,9 @@ def head_intervals(head_scores: dict[str, list[float]], heads: Sequence[str], *,
 #   - the bootstrap's expected top-k overlap (the mean over resamples of |top-k of the resample ∩ the
 #     current top-k|, = the sum of the current top-k heads' top-k frequencies) is >= k - STOP_SLACK, and
 #   - the top k changed by at most STOP_SLACK heads since the round before.
-# "Every top-k head in the top k of >= 95% of resamples" is too strict: on four of the seven paper
-# models the 10th and 11th heads are so close that even the full grid fails it (docs/trust.md).
+# "Every top-k head in the top k of >= 95% of resamples" is too strict: on Yi-6B-200K and
+# llama-2-13b-64k the 10th and 11th heads are so close that it needs nearly the whole file, or never
+# holds (benchmarks/stop_replay.py; docs/trust.md).
 STOP_ROUNDS = 2
 STOP_MIN_TESTS = 10
 STOP_SLACK = 1
