@@ -158,7 +158,8 @@ def format_summary(name: str, summary: dict, results: Sequence[dict]) -> str:
         ci = summary["top_heads_ci"]
         lo, hi = summary["retrieval_heads_range"]
         lines[-1] += f"; over 0.1 by the 95% intervals: {lo} to {hi} heads"
-        lines.append(f"top heads (layer-head mean [95% bootstrap interval over the {summary['tests_kept']} kept tests]): "
+        lines.append(f"top heads (layer-head mean [95% bootstrap interval over the {summary['tests_kept']} kept "
+                     "tests]): "
                      + ", ".join(f"{k} {v:.2f} [{ci[k][0]:.2f}, {ci[k][1]:.2f}]" for k, v in summary["top_heads"]))
     for name, extra in summary.get("extra_scores", {}).items():
         lines.append(f"top heads by {name} (head_scores_{name}.json): "

@@ -63,7 +63,8 @@ def likely_causes(gate: dict, *, chat: bool | None = None, faithful: bool | None
     smaller = max(min(lengths) // 2, 1) if lengths else 500
     context = (f"context beyond what the model handles" + (f" (lengths {list(lengths)}" + (
         f", model positions {max_positions})" if max_positions else ")") if lengths else "")
-        + f": try shorter config.sweep.lengths (e.g. --config.sweep.lengths='({smaller},)') and see if the answers improve")
+        + f": try shorter config.sweep.lengths (e.g. --config.sweep.lengths='({smaller},)') and see if the "
+        "answers improve")
     needle = ("a question the needle does not answer: in config.needles each real_needle must be the part of its "
               "needle that answers its question; compare the answers above with the expected ones")
     if answers and empty == len(answers):

@@ -138,7 +138,8 @@ def run_rounds(engine, store, batches: Sequence[Sequence[int]], rounds: Sequence
     else:
         reason = f"the grid ran to its end before the top {k} settled"
     return per_batch, {"tests_run": ran, "tests_total": total, "rounds_run": len(checks), "rounds_total": n_rounds,
-                       "stopped_early": stopped, "reason": reason, "rule": RULE.format(k=k, k1=k - stability.STOP_SLACK), "checks": checks}
+                       "stopped_early": stopped, "reason": reason,
+                       "rule": RULE.format(k=k, k1=k - stability.STOP_SLACK), "checks": checks}
 
 
 RULE = ("stop after the first round r such that rounds r-1 and r each have >= 10 kept tests, a bootstrap "

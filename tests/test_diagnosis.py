@@ -18,7 +18,8 @@ REPO = Path(__file__).resolve().parents[1]
 
 def _result(i: int, recall: float, response: str = "something else") -> dict:
     return {"key": f"L500_D{i}_N0", "length": 500, "depth": i, "needle_index": 0, "answer": "the green bicycle",
-            "response": response, "rouge1_recall": recall, "kept": recall > 0.5, "scores": [[0.2 * (recall > 0.5), 0.0]]}
+            "response": response, "rouge1_recall": recall, "kept": recall > 0.5,
+            "scores": [[0.2 * (recall > 0.5), 0.0]]}
 
 
 def test_gate_report_quotes_the_closest_answers():
@@ -45,7 +46,8 @@ def test_no_kept_message_names_counts_gate_answers_and_fixes():
     msg = diagnosis.no_kept_message(gate, "/tmp/wd", chat=True, faithful=False, lengths=(500, 1000))
     for fragment in ("none of the 7 tests run passed the ROUGE gate", "ROUGE-1 recall", "> 0.5",
                      "answered '' (expected 'the green bicycle'", "config.model.chat=False", "newline",
-                     "config.sweep.lengths", "[500, 1000]", "lengths='(250,)'", "real_needle", "/tmp/wd/results.jsonl", "/tmp/wd/batches"):
+                     "config.sweep.lengths", "[500, 1000]", "lengths='(250,)'", "real_needle",
+                     "/tmp/wd/results.jsonl", "/tmp/wd/batches"):
         assert fragment in msg, fragment
     # all answers empty: the newline rule is named first
     assert msg.index("the answers shown are empty") < msg.index("prompt format")

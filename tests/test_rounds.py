@@ -126,3 +126,28 @@ def test_config_key_validated_and_pinned_only_when_on():
         config_lib.validate(c)
 
 
+
+
+@pytest.mark.slow
+def test_smollm2_stops_before_the_end_with_the_full_grids_top_10(smollm_gguf, tmp_path):
+    """The issue's measurement: 3 needles x 4 lengths x 5 depths = 60 tests, the full grid against
+    stop_when_stable (docs/trust.md: it stopped after 36 tests with the same top 10)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    grid = ["--config.sweep.lengths=(300,500,700,1000)", "--config.sweep.depths=(0,25,50,75,100)"]
+
+    def sweep(wd, *extra):
+        p = subprocess.run([sys.executable, "-m", "rhead_jax.sweep", "--config", "smollm2_135m.py", *grid, *extra,
+                            "--workdir", str(wd)], cwd=Path(__file__).resolve().parents[1], capture_output=True,
+                           text=True, timeout=3600)
+        assert p.returncode == 0, p.stderr[-2000:]
+        return json.loads((wd / "summary.json").read_text())
+
+    full = sweep(tmp_path / "full")
+    stop = sweep(tmp_path / "stop", "--config.sweep.stop_when_stable=True")
+    assert full["tests"] == 60 and stop["stop"]["tests_total"] == 60
+    assert stop["stop"]["stopped_early"] and stop["tests"] == stop["stop"]["tests_run"] < 60
+    top = {h for h, _ in full["top_heads"][:10]}
+    assert len(top & {h for h, _ in stop["top_heads"][:10]}) >= 9
