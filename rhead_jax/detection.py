@@ -138,7 +138,7 @@ def summarize(results: Sequence[dict], head_scores: dict[str, list], *, top: int
         "top_heads": [[k, round(v, 4)] for k, v in scoring.top_heads(head_scores, top)],
     }
     if out["tests_kept"]:
-        st = stability.stability(head_scores)
+        st = stability.stability(head_scores, curve=False)
         out.update(top_heads_ci={k: st["ci"][k] for k, _ in out["top_heads"]},
                    retrieval_heads_range=st["retrieval_heads_range"], uncertain_heads=st["straddle"])
     return out

@@ -113,8 +113,9 @@ def tests_for(S: np.ndarray, k: int, target: float, step: int = 5, draws: int = 
 
 
 def stability(head_scores: dict[str, list[float]], *, k: int = 10, resamples: int = RESAMPLES, seed: int = SEED,
-              threshold: float = RETRIEVAL_THRESHOLD, draws: int = DRAWS) -> dict:
-    """stability.json's entry of one head-score file (module docstring). Needs at least one test."""
+              threshold: float = RETRIEVAL_THRESHOLD, draws: int = DRAWS, curve: bool = True) -> dict:
+    """stability.json's entry of one head-score file (module docstring). Needs at least one test.
+    curve=False leaves out the convergence curve and tests_for (a sweep's summary needs neither)."""
     keys, S = score_matrix(head_scores)
     T, N = S.shape
     if T == 0:
@@ -133,10 +134,6 @@ def stability(head_scores: dict[str, list[float]], *, k: int = 10, resamples: in
         "tests": int(T), "heads": int(N), "k": int(k), "resamples": int(resamples), "seed": int(seed),
         "confidence": CONFIDENCE, "threshold": threshold, "method": "percentile bootstrap over tests",
         "top_k": [keys[i] for i in order[:k]],
-        "convergence": convergence(S, k, draws=draws, seed=seed),
-        "tests_for_overlap": {str(t): tests_for(S, k, t, draws=draws, seed=seed) for t in (k - 1, k) if t > 0},
-        "tests_for_overlap_90": {str(t): tests_for(S, k, t, draws=draws, seed=seed, share=0.9)
-                                 for t in (k - 1,) if t > 0},
         "straddle": straddle,
         "retrieval_heads": n_ret,
         "retrieval_heads_range": [lo_above, hi_above],
@@ -144,6 +141,11 @@ def stability(head_scores: dict[str, list[float]], *, k: int = 10, resamples: in
         "mean": {keys[i]: float(means[i]) for i in order},
         "top_k_frequency": {keys[i]: float(freq[i]) for i in by_freq},
     }
+    if curve:
+        out["convergence"] = convergence(S, k, draws=draws, seed=seed)
+        out["tests_for_overlap"] = {str(t): tests_for(S, k, t, draws=draws, seed=seed) for t in (k - 1, k) if t > 0}
+        out["tests_for_overlap_90"] = {str(t): tests_for(S, k, t, draws=draws, seed=seed, share=0.9)
+                                       for t in (k - 1,) if t > 0}
     if n_ret:
         f2 = top_k_frequency(boot, n_ret)
         out["top_k_frequency_threshold"] = {"k": n_ret, "frequency": {keys[i]: float(f2[i]) for i in order[:n_ret]}}
