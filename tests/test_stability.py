@@ -122,3 +122,19 @@ def test_a_file_of_empty_lists_has_no_intervals(tmp_path):
     assert res["stability"]["empty.json"]["tests"] == 0
     with pytest.raises(ValueError, match="no tests"):
         st.stability({"0-0": []})
+
+
+def test_report_says_up_front_when_few_tests_were_kept(tmp_path):
+    rows = [{"key": f"L100_D{i}_N0", "length": 100, "depth": i, "needle_index": 0, "rouge1_recall": float(i == 0),
+             "kept": i == 0, "scores": [[0.5, 0.0]]} for i in range(8)]
+    res = tmp_path / "results.jsonl"
+    res.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    f = write_json(tmp_path / "m.json", {"0-0": [0.5], "0-1": [0.0]})
+    analysis.analyze([f], tmp_path / "out", results=str(res))
+    page = (tmp_path / "out" / "report.html").read_text()
+    assert "Only 1 of 8 tests (12%) passed the ROUGE gate." in page
+    assert page.index("Few tests kept") < page.index("How sure are the scores")
+    ok = tmp_path / "ok.jsonl"
+    ok.write_text("".join(json.dumps(dict(r, kept=r["depth"] < 2)) + "\n" for r in rows))   # 2 of 8: a quarter
+    analysis.analyze([f], tmp_path / "out2", results=str(ok))
+    assert "Few tests kept" not in (tmp_path / "out2" / "report.html").read_text()
