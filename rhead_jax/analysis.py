@@ -24,6 +24,9 @@ Writes into DIR:
                               command, the shared colour scale, the cross-model top-k overlap, the labels
   dynamic.json                (--results) activation rate per head, always-on vs context-specific heads
   dynamic_activation.png      (--results) activation rate per head, sorted
+  stability.json              per head-score file: 95% bootstrap intervals of every head's mean, the heads
+                              whose interval contains 0.1, top-k frequency over resamples, the convergence
+                              curve (rhead_jax.stability); stability_convergence.png, <stem>_intervals.png
   report.html                 everything above in one self-contained page (rhead_jax.report)
 
 `load_head_scores`, `file_summary`, `bucket_shares`, `spearman`, `top_overlap`, `compare_pair`,
@@ -48,6 +51,7 @@ from rhead_jax import io
 from rhead_jax.errors import UserError
 from rhead_jax.report import plots, write_report
 from rhead_jax.report.provenance import file_record, run_record
+from rhead_jax.report.trust import stability_sections, thin_section, write_stability
 from rhead_jax.scoring import (BUCKET_EDGES, BUCKETS, RETRIEVAL_THRESHOLD, head_means, parse_head,
                                retrieval_heads, top_heads)
 
@@ -496,9 +500,9 @@ def _stem(label: str) -> str:
 def analyze(files: Sequence[str | os.PathLike], out_dir: str | os.PathLike, results: str | None = None,
             pairs: Iterable | None = None, top_k: int = 20, always_on: float = ALWAYS_ON_THRESHOLD,
             report: bool = True, shared_scale: bool = True, group_size: int | None = None,
-            overlap_k: Sequence | None = None) -> dict:
+            overlap_k: Sequence | None = None, stability_json: bool = True) -> dict:
     """Run every analysis and write all outputs; returns {"summary", "pairs", "dynamic", "data", "provenance",
-    "rankings"}.
+    "rankings", "stability"} (stability_json: write stability.json, rhead_jax.stability).
 
     files: head-score JSONs and gate TSVs, each `PATH` or `NAME:PATH` (the label of tables and plots;
     default: the file name). The per-file summary, buckets and pairs are the head-score files'; with two
@@ -553,6 +557,7 @@ def analyze(files: Sequence[str | os.PathLike], out_dir: str | os.PathLike, resu
             plots.plot_heatmap(r.scores, f"{r.name} ({r.shape[0]}x{r.shape[1]} KV heads)",
                                out / f"{_stem(r.name)}_gates.png", vmax=1.0, label="gate (clipped to [0, 1])",
                                xlabel="KV head")
+    stab = write_stability(data, shown, out) if stability_json else None
     io.atomic_write_json(out / "summary.json", summary, indent=1, end="\n")
     io.atomic_write_json(out / "pairs.json", pair_rows, indent=1, end="\n")
     if cmp is not None:
@@ -576,6 +581,8 @@ def analyze(files: Sequence[str | os.PathLike], out_dir: str | os.PathLike, resu
         from rhead_jax.report.sections import analysis_provenance, analysis_sections, ranking_sections
         sections = analysis_sections(prov, pairs_source, top_k) if data else []
         sections += ranking_sections(out, cmp, [(r.name, _stem(r.name)) for r in ranks if r.kind == "kv"])
+        sections = thin_section(dynamic) + sections + (
+            stability_sections(out, stab, {n: shown[n]["stem"] for n in stab}) if stab else [])
         write_report(out, shown, pair_rows, dynamic, sections=sections, provenance=analysis_provenance(prov))
     return {"summary": summary, "pairs": pair_rows, "dynamic": dynamic, "data": data, "provenance": prov,
-            "rankings": cmp}
+            "rankings": cmp, "stability": stab}

@@ -14,7 +14,9 @@ head and per KV head, where the group size G (query heads per KV head) is given 
 --model: a preset name, a configs/ stem, a config.json) or inferred from a gate file and a
 head-score file of the same depth (rhead_jax.analysis.compare_rankings).
 
-Writes summary.json, pairs.json, provenance.json, <stem>_{pie,heatmap}.png, <stem>_gates.png (gate files),
+Writes summary.json, pairs.json, provenance.json, stability.json (per head-score file: 95% bootstrap
+intervals, uncertain heads, top-k frequency, convergence curve; rhead_jax.stability),
+<stem>_{pie,heatmap,intervals}.png, stability_convergence.png, <stem>_gates.png (gate files),
 (two or more files) rankings.json and rankings_{query,kv}.png, (--results) dynamic.json and
 dynamic_activation.png, and report.html into DIR, then prints a compact table. The work and the
 output formats are in rhead_jax/analysis.py; a bad input prints one `error:` line and exits with
@@ -128,6 +130,22 @@ def format_rankings(cmp: dict) -> str:
     return "\n".join(lines)
 
 
+def format_stability(stab: dict) -> str:
+    """One line per file of stability.json: tests for k-1 of the top k, retrieval heads as a range."""
+    lines = ["stability (95% bootstrap intervals over tests; stability.json):"]
+    for name, e in stab.items():
+        if not e["tests"]:
+            lines.append(f"  {name}: no tests")
+            continue
+        k, need = e["k"], e["tests_for_overlap"].get(str(e["k"] - 1))
+        lo, hi = e["retrieval_heads_range"]
+        lines.append(f"  {name}: {need} random tests find {k - 1} of the top {k} (mean); retrieval heads "
+                     f"{e['retrieval_heads']} [{lo}, {hi}], {len(e['straddle'])} with 0.1 in their interval; top: "
+                     + ", ".join(f"{h} {e['mean'][h]:.2f} [{e['ci'][h][0]:.2f}, {e['ci'][h][1]:.2f}]"
+                                 for h in e["top_k"][:3]))
+    return "\n".join(lines)
+
+
 def main(argv: Sequence[str]) -> None:
     files = list(argv[1:])
     if not files:
@@ -145,6 +163,8 @@ def main(argv: Sequence[str]) -> None:
     print(format_table(res["summary"], res["pairs"], res["dynamic"]))
     if res["rankings"] is not None:
         print(format_rankings(res["rankings"]))
+    if res["stability"]:
+        print(format_stability(res["stability"]))
     print(f"wrote {os.path.join(FLAGS.out, 'report.html')}")
 
 

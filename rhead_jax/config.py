@@ -56,6 +56,9 @@ def default_config() -> ml_collections.ConfigDict:
         pad_multiple=64,             # prompt / prefill widths rounded up to this: fewer recompiles
         extra_scores=(),             # more detectors from the same pass, each written to
                                      # head_scores_<name>.json: "mass", "query" (rhead_jax.detection)
+        stop_when_stable=False,      # run the grid in rounds that spread over lengths, depths and needles
+                                     # and stop once the top 10 is settled (rhead_jax.rounds, the rule in
+                                     # rhead_jax.stability); summary.json says how many tests ran and why
     ))
     c.mesh = ml_collections.ConfigDict(dict(
         data=1,                      # devices along the instance (batch) axis; -1 = the rest
@@ -167,6 +170,8 @@ def validate(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
             raise UserError(f"config.sweep.{k} must be an integer >= 1, got {s[k]!r}")
     if not isinstance(s.prefix_branches, int) or s.prefix_branches < 0:
         raise UserError(f"config.sweep.prefix_branches must be an integer >= 0, got {s.prefix_branches!r}")
+    if not isinstance(s.stop_when_stable, bool):
+        raise UserError(f"config.sweep.stop_when_stable must be True or False, got {s.stop_when_stable!r}")
     extra = list(s.extra_scores)
     if any(e not in EXTRA_SCORES for e in extra) or len(set(extra)) != len(extra):
         raise UserError(f"config.sweep.extra_scores must list distinct names out of {EXTRA_SCORES}, got {extra}; "
@@ -222,8 +227,13 @@ def validate(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
 
 
 def sweep_json(c: ml_collections.ConfigDict) -> str:
-    """What a detection sweep's results depend on, as the JSON pinned in its workdir."""
-    return ml_collections.ConfigDict({k: c[k] for k in SWEEP_SECTIONS}).to_json(sort_keys=True, indent=1)
+    """What a detection sweep's results depend on, as the JSON pinned in its workdir. stop_when_stable
+    (the batches' order) is pinned only when on, so the workdirs of sweeps without it stay valid."""
+    pinned = ml_collections.ConfigDict({k: c[k] for k in SWEEP_SECTIONS})
+    if not pinned.sweep.get("stop_when_stable", False):
+        pinned = ml_collections.ConfigDict(pinned.to_dict())   # a copy: c itself keeps the key
+        del pinned.sweep["stop_when_stable"]
+    return pinned.to_json(sort_keys=True, indent=1)
 
 
 # ----------------------------------------------------------------------------- config files

@@ -33,7 +33,7 @@ import numpy as np
 from absl import logging
 
 from rhead_jax import config as config_lib
-from rhead_jax import io, scoring
+from rhead_jax import diagnosis, io, rounds, scoring, stability
 from rhead_jax.checkpoints import LoadedModel
 from rhead_jax.engine import EXTRA_SCORES, Engine, SharedPrefix, make_batches, question_start
 from rhead_jax.errors import UserError
@@ -123,9 +123,12 @@ def head_scores_from(results: Sequence[dict], num_layers: int, num_heads: int, *
 
 
 def summarize(results: Sequence[dict], head_scores: dict[str, list], *, top: int = 20) -> dict:
+    """summary.json's content; with kept tests also how sure the scores are (rhead_jax.stability; its
+    full table is `python -m rhead_jax.analyze`'s stability.json): the top heads' 95% bootstrap
+    intervals, the retrieval-head count as a range, the heads whose interval contains 0.1."""
     means = scoring.head_means(head_scores)
     n_ret = sum(m > scoring.RETRIEVAL_THRESHOLD for m in means.values())
-    return {
+    out = {
         "tests": len(results),
         "tests_kept": sum(r["kept"] for r in results),
         "accuracy": float(np.mean([r["rouge1_recall"] for r in results])) if results else 0.0,
@@ -134,18 +137,37 @@ def summarize(results: Sequence[dict], head_scores: dict[str, list], *, top: int
         "retrieval_head_share": n_ret / max(len(means), 1),
         "top_heads": [[k, round(v, 4)] for k, v in scoring.top_heads(head_scores, top)],
     }
+    if out["tests_kept"]:
+        st = stability.stability(head_scores, curve=False)
+        out.update(top_heads_ci={k: st["ci"][k] for k, _ in out["top_heads"]},
+                   retrieval_heads_range=st["retrieval_heads_range"], uncertain_heads=st["straddle"])
+    return out
 
 
 def format_summary(name: str, summary: dict, results: Sequence[dict]) -> str:
-    lines = [f"== retrieval heads of {name} ==",
-             f"tests: {summary['tests']}, kept by the ROUGE gate: {summary['tests_kept']}, "
-             f"accuracy (mean ROUGE-1 recall): {summary['accuracy']:.3f}",
-             f"heads with mean score > 0.1: {summary['retrieval_heads']} of {summary['heads']} "
-             f"({100 * summary['retrieval_head_share']:.1f}%)",
-             "top heads (layer-head: mean score): " + ", ".join(f"{k}: {v:.3f}" for k, v in summary["top_heads"])]
+    lines = [f"== retrieval heads of {name} =="]
+    if "gate" in summary:   # few or no tests kept: said up front (rhead_jax.diagnosis)
+        lines.append(diagnosis.thin_warning(summary["gate"]))
+    lines += [f"tests: {summary['tests']}, kept by the ROUGE gate: {summary['tests_kept']}, "
+              f"accuracy (mean ROUGE-1 recall): {summary['accuracy']:.3f}",
+              f"heads with mean score > 0.1: {summary['retrieval_heads']} of {summary['heads']} "
+              f"({100 * summary['retrieval_head_share']:.1f}%)"]
+    if not summary["tests_kept"]:
+        lines.append("top heads: none (no test kept by the ROUGE gate)")
+    else:
+        ci = summary["top_heads_ci"]
+        lo, hi = summary["retrieval_heads_range"]
+        lines[-1] += f"; over 0.1 by the 95% intervals: {lo} to {hi} heads"
+        lines.append(f"top heads (layer-head mean [95% bootstrap interval over the {summary['tests_kept']} kept "
+                     "tests]): "
+                     + ", ".join(f"{k} {v:.2f} [{ci[k][0]:.2f}, {ci[k][1]:.2f}]" for k, v in summary["top_heads"]))
     for name, extra in summary.get("extra_scores", {}).items():
         lines.append(f"top heads by {name} (head_scores_{name}.json): "
                      + ", ".join(f"{k}: {v:.3f}" for k, v in extra["top_heads"]))
+    if "stop" in summary:
+        st = summary["stop"]
+        lines.insert(1, f"stop_when_stable: ran {st['tests_run']} of {st['tests_total']} tests ({st['rounds_run']} of "
+                        f"{st['rounds_total']} rounds): {st['reason']}")
     lines.append("per test: " + ", ".join(f"{r['key']}={r['rouge1_recall']:.2f}{'' if r['kept'] else '(dropped)'}"
                                           for r in results))
     return "\n".join(lines)
@@ -163,7 +185,9 @@ def run_sweep(config, workdir: str, *, model: LoadedModel | None = None) -> dict
     extra = tuple(config.sweep.extra_scores)
     spec = engine.spec(capture=True, extra_scores=extra)
     bs = config.sweep.batch_size
-    batches = make_batches(instances, bs)
+    stop_when_stable = config.sweep.stop_when_stable
+    batches, rounds_of = rounds.round_batches(instances, bs) if stop_when_stable else (make_batches(instances, bs),
+                                                                                        None)
     store = engine.store(workdir, config_lib.sweep_json(config))
 
     def run_one(b: int) -> list[dict]:
@@ -171,10 +195,21 @@ def run_sweep(config, workdir: str, *, model: LoadedModel | None = None) -> dict
         return score_batch(engine, batch, spec, batch_size=bs, shared=engine.shared_prefix(instances, spec, once=True),
                            extra_scores=extra)
 
-    per_batch = engine.run_batches(store, [len(b) for b in batches], run_one, desc=f"sweep {engine.name}")
-    results = [r for rs in per_batch for r in rs]
+    if stop_when_stable:   # rounds over the grid until the top 10 is settled (rhead_jax.rounds)
+        per_batch, stop = rounds.run_rounds(engine, store, batches, rounds_of, run_one, desc=f"sweep {engine.name}",
+                                            num_heads=engine.cfg.num_heads)
+        grid_pos = {inst.key: n for n, inst in enumerate(instances)}
+        results = sorted((r for rs in per_batch for r in rs), key=lambda r: grid_pos[r["key"]])
+    else:
+        per_batch = engine.run_batches(store, [len(b) for b in batches], run_one, desc=f"sweep {engine.name}")
+        results = [r for rs in per_batch for r in rs]
     hs = head_scores_from(results, engine.cfg.num_layers, engine.cfg.num_heads)
     summary = summarize(results, hs)
+    if stop_when_stable:
+        summary["stop"] = stop
+    gate = diagnosis.gate_report(results)
+    if gate["thin"]:
+        summary["gate"] = gate
     extra_hs = {name: head_scores_from(results, engine.cfg.num_layers, engine.cfg.num_heads, score=name)
                 for name in extra}
     if extra:

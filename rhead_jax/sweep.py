@@ -6,7 +6,9 @@
 
 A bare config name resolves to the configs shipped with the package (rhead_jax.configs). Results (head_scores.json in
 the original format, results.jsonl per test, summary.json) land in --workdir; a killed sweep
-started again with the same workdir resumes where it stopped.
+started again with the same workdir resumes where it stopped. A sweep whose model passes no test of
+the ROUGE gate ends with one `error:` line (what it answered, the likely causes and their fixes) and
+exit status 2; its files stay in the workdir (rhead_jax.diagnosis).
 """
 from __future__ import annotations
 
@@ -42,7 +44,13 @@ def main(argv):
     logging.info("workdir: %s", workdir)
     from rhead_jax.detection import run_sweep
 
-    run_sweep(config, workdir)
+    summary = run_sweep(config, workdir)
+    if summary["tests"] and not summary["tests_kept"]:
+        from rhead_jax.diagnosis import no_kept_message
+        from rhead_jax.errors import UserError
+
+        raise UserError(no_kept_message(summary["gate"], workdir, chat=config.model.chat,
+                                        faithful=config.sweep.faithful, lengths=config.sweep.lengths))
 
 
 if __name__ == "__main__":

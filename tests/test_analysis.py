@@ -53,7 +53,8 @@ def test_summary_json_shape(tmp_path):
     assert not (out / "dynamic.json").exists()
     assert not (out / "report.html").exists()
     assert {p.name for p in out.iterdir()} == {"summary.json", "pairs.json", "provenance.json", "model_a_pie.png",
-                                               "model_a_heatmap.png"}  # no temporary files left
+                                               "model_a_heatmap.png", "stability.json", "model_a_intervals.png",
+                                               "stability_convergence.png"}  # no temporary files left
 
 
 def test_analyze_rewrites_existing_outputs(tmp_path):

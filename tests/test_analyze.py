@@ -62,9 +62,11 @@ def test_cli_end_to_end(tmp_path):
     assert dyn["always_on_threshold"] == 0.8 and dyn["always_on"] == ["0-0"]
 
     html = (out / "report.html").read_text()
-    assert html.count('src="data:image/png;base64,') == 6  # 2 pies, 2 heatmaps, dynamic, the ranking matrix
+    # 2 pies, 2 heatmaps, dynamic, the ranking matrix, 2 interval plots, the convergence curve
+    assert html.count('src="data:image/png;base64,') == 9
     for title in ("Retrieval-head analysis", "Overview", "base.json", "chat.json", "Model pairs",
-                  "Dynamic activation", "Top 3 heads by mean retrieval score", "Heads per score bucket"):
+                  "Dynamic activation", "Top 3 heads by mean retrieval score", "Heads per score bucket",
+                  "How sure are the scores"):
         assert title in html, title
     assert "<script" not in html and "<link" not in html and "http" not in html  # self-contained
 
@@ -128,7 +130,8 @@ def test_cli_rankings_of_any_detector(tmp_path):
                                                                                          "duo-mass"]
     assert cmp["pairs"][1]["levels"]["kv"]["spearman"] == 1.0
     html = (out / "report.html").read_text()
-    assert "Ranking comparison" in html and html.count('src="data:image/png;base64,') == 2 * 2 + 1 + 2
+    # 2 x (heatmap, pie), the gates, 2 ranking matrices, 2 interval plots and the convergence curve
+    assert "Ranking comparison" in html and html.count('src="data:image/png;base64,') == 2 * 2 + 1 + 2 + 3
 
 
 @pytest.mark.parametrize("case, fragments", [

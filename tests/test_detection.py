@@ -253,3 +253,20 @@ def test_extra_scores_match_full_probabilities_and_leave_the_copy_score(tiny_dir
         for name in ("mass", "query"):
             np.testing.assert_allclose(np.array(res["extra_scores"][name]), dense[name], rtol=1e-4, atol=1e-5)
         assert 0 < dense["query"].max() <= 1 and 0 < dense["mass"].max() <= 1
+
+
+def test_stop_when_stable_runs_the_same_tests_in_rounds(tiny_dir, model, reference_run, tmp_path):
+    """The random model keeps no test, so its ranking never settles: the round order (rhead_jax.rounds)
+    runs the whole grid, every test as in grid order, results.jsonl in grid order; summary.json says so."""
+    wd, _ = reference_run
+    summary = detection.run_sweep(_config(tiny_dir, stop_when_stable=True), str(tmp_path), model=model)
+    ref = [json.loads(x) for x in _read(wd, "results.jsonl").splitlines()]
+    ours = [json.loads(x) for x in _read(tmp_path, "results.jsonl").splitlines()]
+    assert [r["key"] for r in ours] == [r["key"] for r in ref]
+    for a, b in zip(ours, ref):
+        assert (a["generated"], a["copy_counts"], a["kept"]) == (b["generated"], b["copy_counts"], b["kept"]), a["key"]
+    stop = json.loads(_read(tmp_path, "summary.json"))["stop"]
+    assert (stop["tests_run"], stop["tests_total"], stop["stopped_early"]) == (18, 18, False)
+    assert stop == summary["stop"] and "before the top 10 settled" in stop["reason"]
+    assert "stop_when_stable" in _read(tmp_path, "sweep_config.json").decode()
+    assert "stop_when_stable" not in _read(wd, "sweep_config.json").decode()

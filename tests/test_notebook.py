@@ -150,7 +150,7 @@ def test_notebook_runs_on_cpu(tmp_path, monkeypatch):
     assert f"rhead_jax from {tmp_path / 'venv'}" in text
     assert "== retrieval heads of SmolLM2-135M-Instruct ==" in text
     assert "tests: 6, kept by the ROUGE gate:" in text
-    assert "top heads (layer-head: mean score):" in text
+    assert "top heads (layer-head mean [95% bootstrap interval over the" in text
     heads = _cell(nb, "heads")
     assert any("image/png" in o.get("data", {}) for o in heads.outputs), "no heatmap shown"
     assert "top heads:" in text and " 1. layer " in text

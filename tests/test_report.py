@@ -45,7 +45,8 @@ def test_report_with_pairs_and_dynamic_links_resolve(tmp_path):
     analysis.analyze([a, b], out, results=str(write_results(tmp_path)), pairs=[("base 1.json", "chat.json")],
                      top_k=3)
     html = (out / "report.html").read_text()
-    assert html.count('src="data:image/png;base64,') == 6  # 2 pies, 2 heatmaps, dynamic, the ranking matrix
+    # 2 pies, 2 heatmaps, dynamic, the ranking matrix, 2 interval plots, the convergence curve
+    assert html.count('src="data:image/png;base64,') == 9
     assert 'href="#s-pairs"' in html and 'href="#s-dynamic"' in html
     _hrefs_resolve(html)
 

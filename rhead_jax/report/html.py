@@ -191,7 +191,12 @@ def _file_section(out_dir: Path, name: str, e: dict) -> str:
     b = e["buckets"]
     bucket_rows = [[f'<span class="swatch" style="background:{BUCKET_COLORS[k]}"></span>{_e(k)}',
                     _e(BUCKET_TEXT[k]), f"{b[k]:.1f}%", f"{round(b[k] * n / 100)}"] for k in BUCKET_ORDER]
-    top_rows = [[i + 1, _e(h), *map(str, h.split("-")), score_html(s)] for i, (h, s) in enumerate(e["top"])]
+    ci, freq = e.get("ci"), e.get("top_k_frequency")   # rhead_jax.stability (the analysis report)
+    top_rows = [[i + 1, _e(h), *map(str, h.split("-")), score_html(s)]
+                + ([f"[{ci[h][0]:.3f}, {ci[h][1]:.3f}]", f"{freq.get(h, 0.0):.0%}"] if ci else [])
+                for i, (h, s) in enumerate(e["top"])]
+    top_header = ["rank", "head", "layer", "head index", "mean score"] + (
+        ["95% interval", f"in top {e.get('stability_k', 10)}"] if ci else [])
     scale = e.get("scale_max")
     scale_txt = (f" The colour scale, 0 to {scale:.3f}, is shared by every file of this report, so equal colours "
                  "mean equal scores." if scale is not None else "")
@@ -211,7 +216,7 @@ def _file_section(out_dir: Path, name: str, e: dict) -> str:
 <div><h3>Heads per score bucket</h3>
 {table(["bucket", "meaning", "share", "heads"], bucket_rows, left=(0, 1))}</div>
 <div><h3>Top {len(e['top'])} heads by mean retrieval score</h3>
-{table(["rank", "head", "layer", "head index", "mean score"], top_rows, left=())}</div>
+{table(top_header, top_rows, left=())}</div>
 </div>
 </section>"""
 

@@ -9,6 +9,8 @@
   plot_fig1_heatmap(cells, path, title="")     nominal context length x needle depth accuracy (paper Fig. 1)
   plot_sweep_k(table, path, title="", ...)     accuracy vs number of masked heads: top-k of each ranking
                                                vs random (mean, min-max band) and the unmasked baseline
+  plot_convergence(entries, path, title="")    mean top-k overlap of n random tests with all tests, per file
+  plot_intervals(entry, path, title="")        the top heads' means with their 95% bootstrap intervals
 
 matplotlib is imported on the first plot (`_plt`), not with this module.
 """
@@ -252,5 +254,53 @@ def plot_accuracy_vs_kv(lines: Sequence[dict], path, title: str = "", metric: st
     ax.set_xlim(0, 105)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="best")
+    ax.set_title(title, fontsize=10)
+    _save(plt, fig, path)
+
+
+# ------------------------------------------------------------------------------------------- stability
+def plot_convergence(entries: dict, path, title: str = "") -> None:
+    """How many tests settle the top k (rhead_jax.stability): per file, the mean overlap of the top k
+    of n random tests with the top k of all tests, against n (log scale); dotted: k - 1."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6.4, 4.0))
+    markers = "osD^v<>ph*X"
+    ks = set()
+    for i, (name, e) in enumerate(entries.items()):
+        n = [int(x) for x in e["convergence"]]
+        ax.plot(n, list(e["convergence"].values()), marker=markers[i % len(markers)], label=f"{name} ({e['tests']} tests)")
+        ks.add(e["k"])
+    for k in ks:
+        ax.axhline(k - 1, color="#555", linestyle=":", linewidth=1)
+    ax.set_xscale("log")
+    ax.set_xlabel("tests drawn at random (n)")
+    ax.set_ylabel(f"mean top-{'/'.join(map(str, sorted(ks)))} overlap with all tests")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=7, loc="lower right")
+    ax.set_title(title or "Convergence of the top-k ranking", fontsize=10)
+    _save(plt, fig, path)
+
+
+def plot_intervals(entry: dict, path, title: str = "", top: int = 20) -> None:
+    """The `top` heads by mean score with their 95% bootstrap intervals (rhead_jax.stability); dashed:
+    the retrieval threshold; heads whose interval contains it are drawn in orange."""
+    plt = _plt()
+    heads = list(entry["mean"])[:top]
+    means = np.array([entry["mean"][h] for h in heads])
+    ci = np.array([entry["ci"][h] for h in heads]).reshape(-1, 2)
+    straddle = set(entry["straddle"])
+    fig, ax = plt.subplots(figsize=(min(11.0, 2.0 + 0.38 * len(heads)), 3.6))
+    x = np.arange(len(heads))
+    unsure = np.array([h in straddle for h in heads], bool)
+    for sel, color in ((~unsure, "#3182bd"), (unsure, "#e6550d")):
+        if sel.any():
+            ax.errorbar(x[sel], means[sel], yerr=[means[sel] - ci[sel, 0], ci[sel, 1] - means[sel]], fmt="o",
+                        color=color, ecolor=color, capsize=3, markersize=4)
+    ax.axhline(entry["threshold"], color="#555", linestyle="--", linewidth=0.8)
+    ax.set_xticks(x)
+    ax.set_xticklabels(heads, rotation=90, fontsize=7)
+    ax.set_ylabel("mean score, 95% interval")
+    ax.set_ylim(bottom=0)
+    ax.grid(alpha=0.3, axis="y")
     ax.set_title(title, fontsize=10)
     _save(plt, fig, path)
