@@ -37,6 +37,9 @@ def _layers(params, cfg: ModelConfig, tokens, positions, attend, extra, *, remat
     """Scan the layers; attend(q [B,T,K,G,D], k, v [B,K,T,D], window, extra_l) -> [B,T,K,G,D]."""
     B, T = tokens.shape
     K, G, D = cfg.num_kv_heads, cfg.group_size, cfg.head_dim
+    if cfg.local_rope is not None or cfg.attn_softcap is not None or cfg.attn_scale != D ** -0.5:
+        raise ValueError("the gates do not implement Gemma 2/3's attention (per-kind rope, soft-cap, "
+                         "query_pre_attn_scalar)")
     cos, sin = rope_cos_sin(cfg, positions)
 
     def layer(x, xs):

@@ -83,6 +83,30 @@ def prefill(params, cfg: ModelConfig, tokens, positions, cache: KVCache, *, chun
 
     Returns the cache; with `masses`, (cache, mass [L, B, H, M]): each target's attention mass
     summed over the queries in its range (targets.queries), over all calls."""
+    if masses:
+        capture = CaptureSpec(masses=masses)
+
+        def call_mass(carry, tok, pos):
+            cache, total = carry
+            _, cache, caps = forward(params, cfg, tok, pos, cache, head_mask=head_mask, mask_mode=mask_mode,
+                                     capture=capture, logits="none", attn=attn, targets=targets)
+            return cache, total + caps.mass
+
+        total = jnp.zeros((cfg.num_layers, tokens.shape[0], cfg.num_heads, len(masses)), jnp.float32)
+        return prefill_loop(call_mass, tokens, positions, (cache, total), chunk)
+
+    def call(cache, tok, pos):
+        _, cache, _ = forward(params, cfg, tok, pos, cache, head_mask=head_mask, mask_mode=mask_mode,
+                              logits="none", attn=attn)
+        return cache
+
+    return prefill_loop(call, tokens, positions, cache, chunk)
+
+
+def prefill_loop(call, tokens, positions, carry, chunk: int):
+    """THE prefill loop over any cache: tokens, positions [B, T] (padding: position -1) fed to
+    `call(carry, tokens [B, c], positions [B, c]) -> carry` in calls of c = min(chunk, T) under
+    `lax.scan` (the last call padded). carry: the cache (and whatever the call adds up)."""
     B, T = tokens.shape
     chunk = min(chunk, T)
     n = -(-T // chunk)
@@ -91,29 +115,7 @@ def prefill(params, cfg: ModelConfig, tokens, positions, cache: KVCache, *, chun
     positions = jnp.pad(positions, ((0, 0), (0, pad)), constant_values=-1)
     tokens = tokens.reshape(B, n, chunk).swapaxes(0, 1)
     positions = positions.reshape(B, n, chunk).swapaxes(0, 1)
-
-    if masses:
-        capture = CaptureSpec(masses=masses)
-
-        def step_mass(carry, xs):
-            cache, total = carry
-            tok, pos = xs
-            _, cache, caps = forward(params, cfg, tok, pos, cache, head_mask=head_mask, mask_mode=mask_mode,
-                                     capture=capture, logits="none", attn=attn, targets=targets)
-            return (cache, total + caps.mass), None
-
-        total = jnp.zeros((cfg.num_layers, B, cfg.num_heads, len(masses)), jnp.float32)
-        (cache, total), _ = lax.scan(step_mass, (cache, total), (tokens, positions))
-        return cache, total
-
-    def step(cache, xs):
-        tok, pos = xs
-        _, cache, _ = forward(params, cfg, tok, pos, cache, head_mask=head_mask, mask_mode=mask_mode,
-                              logits="none", attn=attn)
-        return cache, None
-
-    cache, _ = lax.scan(step, cache, (tokens, positions))
-    return cache
+    return lax.scan(lambda c, xs: (call(c, *xs), None), carry, (tokens, positions))[0]
 
 
 @partial(jax.jit, static_argnames=("cfg", "spec", "prefill_width"))
@@ -151,33 +153,47 @@ def decode_impl(params, first, prompt_lens, cache: KVCache, decode_mask, targets
     """The greedy decode loop with capture, after the prefill: the cache holds every prompt token
     but the last; `first` [B] is that last token and `prompt_lens` [B] the prompt lengths.
     targets: the rows' MassTargets of spec.decode_masses (None without)."""
+    capture = CaptureSpec(top_k=spec.top_k, masses=spec.decode_masses)
+
+    def step(tok, pos, cache):
+        logits, cache, caps = forward(params, cfg, tok, pos, cache, head_mask=decode_mask,
+                                      mask_mode=spec.mask_mode, capture=capture, attn=spec.attn, targets=targets)
+        return logits, cache, caps.topk_index, caps.topk_weight, caps.mass
+
+    return decode_loop(step, first, prompt_lens, cache, spec=spec, num_layers=cfg.num_layers, num_heads=cfg.num_heads)
+
+
+def decode_loop(step, first, prompt_lens, cache, *, spec: GenerateSpec, num_layers: int, num_heads: int):
+    """THE greedy decode loop with capture over any cache (a `lax.while_loop`; the plain and
+    windowed KVCache, models.mixed's MixedCache): the cache holds every prompt token but the last,
+    `first` [B] is that token. step(tok [B, 1], pos [B, 1], cache) -> (logits [B, 1, V], cache,
+    topk_index, topk_weight [L, B, H, k] (None without spec.top_k), mass [L, B, H, M] (None
+    without spec.decode_masses)). Returns (Generation, cache)."""
     B = first.shape[0]
     N, k = spec.max_new_tokens, spec.top_k
-    L, H = cfg.num_layers, cfg.num_heads
+    L, H = num_layers, num_heads
     stops = jnp.asarray(spec.stop_tokens or (-2,), jnp.int32)
     masses = spec.decode_masses
-    capture = CaptureSpec(top_k=k, masses=masses)
 
     def cond(c):
-        step, _, _, done, *_ = c
-        return (step < N) & ~jnp.all(done)
+        step_i, _, _, done, *_ = c
+        return (step_i < N) & ~jnp.all(done)
 
     def body(c):
-        step, cache, tok, done, out, n_tok, cap_i, cap_w = c[:8]
-        pos = (prompt_lens - 1 + step)[:, None]
-        logits, cache, caps = forward(params, cfg, tok[:, None], pos, cache, head_mask=decode_mask,
-                                      mask_mode=spec.mask_mode, capture=capture, attn=spec.attn, targets=targets)
+        step_i, cache, tok, done, out, n_tok, cap_i, cap_w = c[:8]
+        pos = (prompt_lens - 1 + step_i)[:, None]
+        logits, cache, top_i, top_w, mass = step(tok[:, None], pos, cache)
         nxt = jnp.argmax(logits[:, 0], axis=-1).astype(jnp.int32)
-        out = out.at[:, step].set(jnp.where(done, -1, nxt))
+        out = out.at[:, step_i].set(jnp.where(done, -1, nxt))
         live = ~done[:, None, None, None]
         if k:
-            cap_i = cap_i.at[:, step].set(jnp.where(live, caps.topk_index.swapaxes(0, 1), -1))
-            cap_w = cap_w.at[:, step].set(jnp.where(live, caps.topk_weight.swapaxes(0, 1), 0.0))
+            cap_i = cap_i.at[:, step_i].set(jnp.where(live, top_i.swapaxes(0, 1), -1))
+            cap_w = cap_w.at[:, step_i].set(jnp.where(live, top_w.swapaxes(0, 1), 0.0))
         n_tok = n_tok + (~done).astype(jnp.int32)
         done = done | jnp.isin(nxt, stops)
-        new = (step + 1, cache, nxt, done, out, n_tok, cap_i, cap_w)
+        new = (step_i + 1, cache, nxt, done, out, n_tok, cap_i, cap_w)
         if masses:  # the steps that produce a token (those the copy score counts)
-            new += (c[8] + jnp.where(live, caps.mass.swapaxes(0, 1), 0.0),)
+            new += (c[8] + jnp.where(live, mass.swapaxes(0, 1), 0.0),)
         return new
 
     init = (jnp.int32(0), cache, first, jnp.zeros((B,), bool), jnp.full((B, N), -1, jnp.int32),

@@ -52,7 +52,7 @@ from rhead_jax.models.attention import NEG_INF, NO_WINDOW, AttentionOptions, chu
     visible
 from rhead_jax.models.config import ModelConfig
 from rhead_jax.models.decoder import attention_inputs, attention_output, embed, output_logits
-from rhead_jax.models.generate import Generation, GenerateSpec
+from rhead_jax.models.generate import Generation, GenerateSpec, decode_loop, prefill_loop
 from rhead_jax.models.rope import rope_cos_sin
 
 
@@ -270,6 +270,9 @@ def forward_mixed(params, cfg: ModelConfig, layout: MixedLayout, tables: HeadTab
     Kg, F, R = lay.kv_per_group, lay.full_slots, lay.ring_slots
     if top_k and T != 1:
         raise ValueError("forward_mixed captures attention in decode steps (T == 1) only")
+    if c.local_rope is not None or c.attn_softcap is not None or c.attn_scale != c.head_dim ** -0.5:
+        raise ValueError("the mixed KV cache does not implement Gemma 2/3's attention (per-kind rope, "
+                         "soft-cap, query_pre_attn_scalar); use the plain or windowed cache")
     scale = D ** -0.5
     slots = cache.length
     valid = positions >= 0
@@ -379,54 +382,27 @@ def prefill_mixed(params, cfg: ModelConfig, layout: MixedLayout, tables: HeadTab
     `ring_chunk` at a time when there are streaming heads: their attention over (sink + recent +
     the call's tokens) is dense, so a call of T tokens computes T x (W + T) scores of which each
     query uses sink + recent; 128 made a SmolLM2 prefill call of 1,024 tokens at 6K 1.5x faster."""
-    B, T = tokens.shape
-    chunk = min(chunk, T, ring_chunk if layout.ring_slots else T)
-    n = -(-T // chunk)
-    pad = n * chunk - T
-    tokens = jnp.pad(tokens, ((0, 0), (0, pad))).reshape(B, n, chunk).swapaxes(0, 1)
-    positions = jnp.pad(positions, ((0, 0), (0, pad)), constant_values=-1).reshape(B, n, chunk).swapaxes(0, 1)
+    chunk = min(chunk, tokens.shape[1], ring_chunk if layout.ring_slots else tokens.shape[1])
 
-    def step(cache, xs):
-        _, cache, _ = forward_mixed(params, cfg, layout, tables, xs[0], xs[1], cache, logits="none", attn=attn)
-        return cache, None
+    def call(cache, tok, pos):
+        return forward_mixed(params, cfg, layout, tables, tok, pos, cache, logits="none", attn=attn)[1]
 
-    return lax.scan(step, cache, (tokens, positions))[0]
+    return prefill_loop(call, tokens, positions, cache, chunk)
 
 
 def decode_mixed(params, tables: HeadTables, first, prompt_lens, cache: MixedCache, *, cfg: ModelConfig,
                  layout: MixedLayout, spec: GenerateSpec) -> tuple[Generation, MixedCache]:
-    """models.generate.decode_impl over a mixed cache (same protocol and outputs; no head masks):
-    the cache holds every prompt token but the last, `first` [B] is that token. Captured topk_index
-    are key positions (= prompt indices for keys of the prompt)."""
-    B = first.shape[0]
-    N, k = spec.max_new_tokens, spec.top_k
-    L, H = cfg.num_layers, cfg.num_heads
-    stops = jnp.asarray(spec.stop_tokens or (-2,), jnp.int32)
+    """models.generate's decode loop (`decode_loop`) over a mixed cache (no head masks, no masses):
+    the cache holds every prompt token but the last, `first` [B] is that token. Captured
+    topk_index are key positions (= prompt indices for keys of the prompt)."""
+    k = spec.top_k
+    spec = dataclasses.replace(spec, decode_masses=())   # a mixed cache captures no masses
 
-    def cond(c):
-        return (c[0] < N) & ~jnp.all(c[3])
+    def step(tok, pos, cache):
+        logits, cache, caps = forward_mixed(params, cfg, layout, tables, tok, pos, cache, top_k=k, attn=spec.attn)
+        return (logits, cache) + (caps if k else (None, None)) + (None,)
 
-    def body(c):
-        step, cache, tok, done, out, n_tok, cap_i, cap_w = c
-        pos = (prompt_lens - 1 + step)[:, None]
-        logits, cache, caps = forward_mixed(params, cfg, layout, tables, tok[:, None], pos, cache, top_k=k,
-                                            attn=spec.attn)
-        nxt = jnp.argmax(logits[:, 0], axis=-1).astype(jnp.int32)
-        out = out.at[:, step].set(jnp.where(done, -1, nxt))
-        if k:
-            live = ~done[:, None, None, None]
-            cap_i = cap_i.at[:, step].set(jnp.where(live, caps[0].swapaxes(0, 1), -1))
-            cap_w = cap_w.at[:, step].set(jnp.where(live, caps[1].swapaxes(0, 1), 0.0))
-        n_tok = n_tok + (~done).astype(jnp.int32)
-        done = done | jnp.isin(nxt, stops)
-        return step + 1, cache, nxt, done, out, n_tok, cap_i, cap_w
-
-    init = (jnp.int32(0), cache, first, jnp.zeros((B,), bool), jnp.full((B, N), -1, jnp.int32),
-            jnp.zeros((B,), jnp.int32), jnp.full((B, N, L, H, k), -1, jnp.int32),
-            jnp.zeros((B, N, L, H, k), jnp.float32))
-    _, cache, _, _, out, n_tok, cap_i, cap_w = lax.while_loop(cond, body, init)
-    return Generation(tokens=out, num_tokens=n_tok, topk_index=cap_i if k else None,
-                      topk_weight=cap_w if k else None), cache
+    return decode_loop(step, first, prompt_lens, cache, spec=spec, num_layers=cfg.num_layers, num_heads=cfg.num_heads)
 
 
 @partial(jax.jit, static_argnames=("cfg", "layout", "spec", "prefill_width"))
