@@ -118,3 +118,20 @@ def test_prefix_tokenization_falls_back_to_whole_copies(haystack):
     t = _EndEffectTokenizer()
     hay = TokenizedHaystack(t, haystack, 1000)
     assert hay.repeated_text == haystack and len(hay.tokens) == len(haystack)
+
+
+@pytest.mark.parametrize("clean_up", [False, True])
+def test_decode_each_and_stop_tokens_match_batch_decode(tok, clean_up):
+    from rhead_jax.needle.tokens import decode_each
+    from rhead_jax.plan import stop_tokens
+
+    old, tok.clean_up_tokenization_spaces = tok.clean_up_tokenization_spaces, clean_up
+    try:
+        ids = list(range(len(tok)))
+        slow = tok.batch_decode([[i] for i in ids])     # what stop_tokens decoded with before
+        assert decode_each(tok, ids) == tok.batch_decode([[i] for i in ids], clean_up_tokenization_spaces=False)
+        assert stop_tokens(tok, faithful=True) == tuple(i for i, t in zip(ids, slow) if t == "\n")
+        expected = {i for i, t in zip(ids, slow) if "\n" in t} | {tok.eos_token_id}
+        assert stop_tokens(tok, faithful=False) == tuple(sorted(expected)) and len(expected) >= 2
+    finally:
+        tok.clean_up_tokenization_spaces = old

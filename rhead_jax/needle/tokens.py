@@ -34,6 +34,17 @@ def encode(tokenizer: Any, text: str, *, special: bool) -> List[int]:
     return list(tokenizer(text, add_special_tokens=special, verbose=False)["input_ids"])
 
 
+def decode_each(tokenizer: Any, ids: Sequence[int]) -> List[str]:
+    """Each id decoded on its own, special tokens kept, no clean-up of spaces: the Rust tokenizer's
+    batch decode where there is one (~12x faster than ``batch_decode``'s Python loop over a 49K
+    vocabulary), else ``batch_decode``."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None and hasattr(backend, "decode_batch"):
+        return backend.decode_batch([[int(i)] for i in ids], skip_special_tokens=False)
+    return tokenizer.batch_decode([[int(i)] for i in ids], skip_special_tokens=False,
+                                  clean_up_tokenization_spaces=False)
+
+
 def readonly(ids: Sequence[int]) -> np.ndarray:
     """``ids`` as a flat, read-only int32 array."""
     a = np.asarray(ids, dtype=np.int32).reshape(-1)
@@ -64,8 +75,7 @@ def period_token_ids(tokenizer: Any) -> FrozenSet[int]:
     def check(ids: Sequence[int]) -> FrozenSet[int]:
         if not ids:
             return frozenset()
-        texts = tokenizer.batch_decode([[int(i)] for i in ids], skip_special_tokens=False,
-                                       clean_up_tokenization_spaces=False)
+        texts = decode_each(tokenizer, ids)
         return frozenset(int(i) for i, s in zip(ids, texts) if s.strip() == ".")
 
     ids = check(sorted(set(cands)))
