@@ -48,7 +48,8 @@ smoke: install
 # ours from a venv without torch (as users install it), the baseline from the test venv.
 bench: install-test
 	$(MAKE) VENV=.venv-user install
-	$(PY) -m benchmarks.sweep_vs_original --ours_python .venv-user/bin/python --runs $(or $(RUNS),1)
+	$(PY) -m benchmarks.sweep_vs_original --ours_python .venv-user/bin/python --runs $(or $(RUNS),1) \
+	    $(if $(HAYSTACK),--haystack $(HAYSTACK))
 
 test-fast: install-test
 	$(PY) -m pytest -q

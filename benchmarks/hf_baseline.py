@@ -2,18 +2,27 @@
 
 ORIGINAL.md sections 4-5, with the structure of the paper's `retrieval_head_detection.py`:
 batch 1, one instance at a time; one prefill forward over every prompt token but the last
-(`use_cache=True`); then a greedy loop of at most `max_new_tokens` steps, each feeding ONE token
-with `past_key_values` and `output_attentions=True`; per step, for every layer, the top-1 key of
+(`use_cache=True`, the last position's logits only: `logits_to_keep=1`); then a greedy loop of
+at most `max_new_tokens` steps, each feeding ONE token with `past_key_values` and
+`output_attentions=True`; per step, for every layer, the top-1 key of
 the newest query's attention row of each head (`topk(1)`, as the original; vectorized over the
 heads of a layer) and the copy test in Python loops (`+= 1 / n`, a Python float sum starting at
 int 0, as the original). It stops after a step whose token is in `stop_tokens` (the same set our
 GenerateSpec uses; that step's copy test still counts).
+
+The prefill's attention (`--prefill_attn`): the original prefills with FlashAttention-2 and runs
+only the decode steps with eager attention, which it needs for `output_attentions`. On CPU the
+stand-in for flash-attn is PyTorch's fused SDPA, so the default is the original's design as it
+runs: the prefill forward under `attn_implementation="sdpa"`, the decode steps under "eager"
+(`set_attn_implementation` switches the loaded model between them; the weights are shared).
+`--prefill_attn=eager` runs the prefill eagerly too (the slower all-eager variant).
 
 As a command it is the baseline process of benchmarks.sweep_vs_original: the same config files
 and overrides as `python -m rhead_jax.sweep`, the same instances (rhead_jax.plan: tokenizer only,
 no jax), and the sweep's head_scores.json / results.jsonl formats:
 
     python -m benchmarks.hf_baseline --config smollm2_135m.py --workdir /tmp/hf [--torch_threads N]
+    python -m benchmarks.hf_baseline --config smollm2_135m.py --workdir /tmp/hf --prefill_attn=eager
 """
 from __future__ import annotations
 
@@ -51,8 +60,13 @@ def retrieval_calculate(attentions, retrieval_score, token: int, prompt_ids: Seq
                 row[head_idx] += 1 / n
 
 
-def run_instance(model, tokenizer, inst, *, max_new_tokens: int, stop_tokens: Sequence[int]) -> dict:
-    """Prefill + greedy decode + copy test + ROUGE gate for one Instance; times each phase."""
+PREFILL_ATTN = ("sdpa", "eager")
+
+
+def run_instance(model, tokenizer, inst, *, max_new_tokens: int, stop_tokens: Sequence[int],
+                 prefill_attn: str = "sdpa") -> dict:
+    """Prefill (attention `prefill_attn`, the last position's logits only) + greedy decode (eager
+    attention, with attentions) + copy test + ROUGE gate for one Instance; times each phase."""
     import torch
 
     from rhead_jax.needle.rouge import keep_test, rouge1_recall
@@ -68,8 +82,10 @@ def run_instance(model, tokenizer, inst, *, max_new_tokens: int, stop_tokens: Se
     with torch.inference_mode():
         ids = torch.tensor([prompt_ids], dtype=torch.long)
         t0 = time.perf_counter()
-        out = model(input_ids=ids[:, :-1], use_cache=True, return_dict=True)
+        model.set_attn_implementation(prefill_attn)
+        out = model(input_ids=ids[:, :-1], use_cache=True, logits_to_keep=1, return_dict=True)
         past = out.past_key_values
+        model.set_attn_implementation("eager")   # output_attentions needs the eager path
         t_prefill = time.perf_counter() - t0
         inp = ids[:, -1]
         for _ in range(max_new_tokens):
@@ -150,15 +166,21 @@ def main(argv) -> None:
     tokenizer = transformers.AutoTokenizer.from_pretrained(str(directory), local_files_only=True)
     instances = plan_needles(config, tokenizer, model.config.max_position_embeddings)
     stops = stop_tokens(tokenizer, faithful=config.sweep.faithful)
-    results = [run_instance(model, tokenizer, inst, max_new_tokens=config.sweep.max_new_tokens, stop_tokens=stops)
-               for inst in tqdm(instances, desc="HF eager baseline", unit="test")]
+    t_plan = time.time() - t0
+    results = [run_instance(model, tokenizer, inst, max_new_tokens=config.sweep.max_new_tokens, stop_tokens=stops,
+                            prefill_attn=FLAGS.prefill_attn)
+               for inst in tqdm(instances, desc=f"HF baseline ({FLAGS.prefill_attn} prefill, eager decode)",
+                                unit="test")]
     L, H = model.config.num_hidden_layers, model.config.num_attention_heads
     kept = [r for r in results if r["kept"]]
     head_scores = {f"{l}-{h}": [r["scores"][l][h] for r in kept] for l in range(L) for h in range(H)}
     root = io.as_path(FLAGS.workdir)
     io.atomic_write_json(root / "head_scores.json", head_scores)
     io.atomic_write_text(root / "results.jsonl", "".join(json.dumps(r) + "\n" for r in results))
-    logging.info("baseline: %d tests in %.1fs (%d torch threads)", len(results), time.time() - t0,
+    logging.info("baseline (%s prefill, eager decode): %d tests in %.1fs (start-up and planning %.1fs; prefill "
+                 "%.1fs, decode %.1fs, copy test %.1fs; %d torch threads)", FLAGS.prefill_attn, len(results),
+                 time.time() - t0, t_plan, sum(r["time_prefill_s"] for r in results),
+                 sum(r["time_decode_s"] for r in results), sum(r["time_score_s"] for r in results),
                  torch.get_num_threads())
 
 
@@ -166,4 +188,6 @@ if __name__ == "__main__":
     cli.define_config_flag()
     flags.DEFINE_string("workdir", None, "Where head_scores.json and results.jsonl go.", required=True)
     flags.DEFINE_integer("torch_threads", 0, "torch threads (0: torch's default, all cores).")
+    flags.DEFINE_enum("prefill_attn", "sdpa", PREFILL_ATTN, "The prefill forward's attention: sdpa (the original's "
+                      "design, flash-attn's CPU stand-in) or eager; decode steps are always eager.")
     cli.run(main)

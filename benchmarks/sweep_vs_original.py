@@ -2,9 +2,14 @@
 whole processes, one after the other in this invocation (never a timed unit test).
 
     python -m benchmarks.sweep_vs_original                          # SmolLM2, the original's needles
+    python -m benchmarks.sweep_vs_original --haystack /tmp/kjv.txt  # the original's 4.4 MB haystack
     python -m benchmarks.sweep_vs_original --runs 3 --json /tmp/bench.json
     python -m benchmarks.sweep_vs_original --config smollm2_135m.py -- --config.sweep.lengths='(500,)'
     make bench      # ours from the user's venv without torch (.venv-user), the baseline from .venv
+
+The original's haystack (4.4 MB, the King James Bible) is Debian's `bible-kjv` text:
+`apt-get install bible-kjv && bible -f gen1:1-rev22:21 > /tmp/kjv.txt` (4,404,412 bytes). Without
+`--haystack` both sides use the bundled one (Areopagitica, 100 KB).
 
 Ours runs with `--ours_python` (default: this interpreter). Run it from a venv without torch, as a
 user or a TPU VM installs rhead_jax: with torch installed, transformers' tokenizer imports it,
@@ -12,19 +17,26 @@ which costs ours ~240 MiB of RSS for nothing.
 
 Each run is a subprocess, timed from outside (wall time, CPU time, peak RSS of that process from
 os.wait4), in this order:
-  1. baseline  `python -m benchmarks.hf_baseline` (HF transformers eager attention, batch 1,
-               the original's Python copy test; torch's default thread count)
-  2. cold      `python -m rhead_jax.sweep` with an empty JAX compilation cache
-  3. warm      `python -m rhead_jax.sweep` again, a fresh workdir, the cache the cold run filled
-Both sides get the same config, overrides and instances; the benchmark checks that the generated
-tokens and head_scores.json agree and prints the ratios baseline / ours. Where our time goes is in
-the sweep's own log (engine: shared prefix, batches; compiled programs).
+  1. baseline  `python -m benchmarks.hf_baseline`: the original's design as it runs, batch 1,
+               the prefill forward with fused attention (SDPA, flash-attn's CPU stand-in; the last
+               position's logits only), the decode steps eager with output_attentions, the
+               original's Python copy test, torch's default thread count. The ratios are against
+               this row: it is the program the original's users run.
+  2. eager     the same with an eager prefill too (`--prefill_attn=eager`, the slower all-eager
+               variant; `--baselines sdpa` skips it)
+  3. cold      `python -m rhead_jax.sweep` with an empty JAX compilation cache
+  4. warm      `python -m rhead_jax.sweep` again, a fresh workdir, the cache the cold run filled
+Every side gets the same config, overrides and instances; the benchmark checks that the two
+baselines give identical generations and head_scores.json, that ours agrees with the baseline, and
+prints the ratios baseline / ours. Where our time goes is in the sweep's own log (engine: planning,
+time to the first batch, shared prefix, batches; compiled programs), kept with `--logs DIR`.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -60,52 +72,78 @@ def agreement(hf_dir: Path, ours_dir: Path) -> dict:
         len(a[k]) == len(b[k]) for k in a), "max_score_diff": diff}
 
 
+def same_scores(a_dir: Path, b_dir: Path) -> bool:
+    """Identical generations and head_scores.json (byte for byte) of two runs."""
+    gen = [[json.loads(x)["generated"] for x in (d / "results.jsonl").read_text().splitlines()] for d in (a_dir, b_dir)]
+    return gen[0] == gen[1] and (a_dir / "head_scores.json").read_bytes() == (b_dir / "head_scores.json").read_bytes()
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", default="smollm2_135m.py")
     ap.add_argument("--needles", default=str(ORIGINAL_NEEDLES) if ORIGINAL_NEEDLES.exists() else "",
                     help="needles file (default: the original's three, ../shared/reference/needles.jsonl)")
+    ap.add_argument("--haystack", default="", help="haystack .txt file or directory for both sides (default: the "
+                    "bundled one); the original's is Debian's bible-kjv text (module docstring)")
+    ap.add_argument("--baselines", default="sdpa,eager",
+                    help="HF prefill attentions to run, the first is the ratios' baseline (sdpa: the original's design)")
+    ap.add_argument("--logs", help="copy every process's log here")
     ap.add_argument("--ours_python", default=sys.executable,
                     help="the interpreter of our sweep (a venv without torch, like a user's)")
     ap.add_argument("--runs", type=int, default=1, help="repeat baseline/cold/warm this many times; medians")
     ap.add_argument("--json", help="write the figures here")
     ap.add_argument("overrides", nargs="*", help="more --config.* overrides for both sides (after --)")
     args = ap.parse_args()
+    if args.haystack and not Path(args.haystack).exists():
+        sys.exit(f"error: --haystack {args.haystack} does not exist; give a .txt file or directory (module docstring)")
     common = [f"--config={args.config}", *([f"--config.needles={args.needles}"] if args.needles else []),
-              *args.overrides]
+              *([f"--config.haystack={Path(args.haystack).resolve()}"] if args.haystack else []), *args.overrides]
+    attns = args.baselines.split(",")
+    names = ["baseline" if a == attns[0] else f"hf {a}" for a in attns] + ["cold", "warm"]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     env.pop("JAX_COMPILATION_CACHE_DIR", None)
-    rows: dict[str, list[dict]] = {"baseline": [], "cold": [], "warm": []}
-    agree = None
+    rows: dict[str, list[dict]] = {n: [] for n in names}
+    agree = baselines_agree = None
     with tempfile.TemporaryDirectory(prefix="sweep_vs_original_") as tmp:
         tmp = Path(tmp)
         for run in range(args.runs):
             d = tmp / f"run{run}"
             d.mkdir()
             jax_env = {**env, "JAX_COMPILATION_CACHE_DIR": str(d / "jax_cache")}
+            hf = [(n, [sys.executable, "-m", "benchmarks.hf_baseline", *common, f"--prefill_attn={a}",
+                       f"--workdir={d / ('hf_' + a)}"], env) for n, a in zip(names, attns)]
             for name, cmd, e in (
-                    ("baseline", [sys.executable, "-m", "benchmarks.hf_baseline", *common, f"--workdir={d / 'hf'}"], env),
+                    *hf,
                     ("cold", [args.ours_python, "-m", "rhead_jax.sweep", *common, f"--workdir={d / 'cold'}"], jax_env),
                     ("warm", [args.ours_python, "-m", "rhead_jax.sweep", *common, f"--workdir={d / 'warm'}"], jax_env)):
-                r = timed(cmd, e, d / f"{name}.log")
+                log = d / f"{name.replace(' ', '_')}.log"
+                r = timed(cmd, e, log)
                 rows[name].append(r)
+                if args.logs:
+                    Path(args.logs).mkdir(parents=True, exist_ok=True)
+                    shutil.copy(log, Path(args.logs) / f"run{run}_{log.name}")
                 print(f"run {run + 1}/{args.runs} {name:>8}: wall {r['wall_s']:7.1f} s  cpu {r['cpu_s']:7.1f} s  "
                       f"peak RSS {r['peak_rss_gib']:.2f} GiB", flush=True)
-            agree = agreement(d / "hf", d / "cold")
+            agree = agreement(d / f"hf_{attns[0]}", d / "cold")
+            baselines_agree = all(same_scores(d / f"hf_{attns[0]}", d / f"hf_{a}") for a in attns[1:])
             assert (d / "cold" / "head_scores.json").read_bytes() == (d / "warm" / "head_scores.json").read_bytes()
     med = {n: {k: statistics.median(r[k] for r in rs) for k in rs[0]} for n, rs in rows.items()}
     b = med["baseline"]
-    print(f"\nSmolLM2 sweep vs the original method as PyTorch eager ({args.runs} run(s), medians; "
-          f"{agree['tests']} tests, load {os.getloadavg()[0]:.1f} at the end)")
+    print(f"\nSmolLM2 sweep vs the original method in PyTorch ({args.runs} run(s), medians; {agree['tests']} tests; "
+          f"haystack {args.haystack or 'bundled'}; load {os.getloadavg()[0]:.1f} at the end)\n"
+          f"baseline: HF {attns[0]} prefill + eager decode with attentions (the ratios' denominator)")
     print(f"{'':>10} {'wall s':>8} {'cpu s':>8} {'peak RSS GiB':>13} {'speed-up':>9} {'RSS ratio':>10}")
-    for n in ("baseline", "cold", "warm"):
+    for n in names:
         m = med[n]
         print(f"{n:>10} {m['wall_s']:8.1f} {m['cpu_s']:8.1f} {m['peak_rss_gib']:13.2f} "
               f"{b['wall_s'] / m['wall_s']:8.2f}x {m['peak_rss_gib'] / b['peak_rss_gib']:9.2f}x")
     print(f"agreement: {agree['identical_tokens']}/{agree['tests']} identical generations, same heads and kept "
           f"tests: {agree['same_heads_and_tests']}, max per-test score difference {agree['max_score_diff']:g}")
+    if len(attns) > 1:
+        print(f"HF baselines {' / '.join(attns)}: identical generations and head_scores.json: {baselines_agree}")
     if args.json:
-        Path(args.json).write_text(json.dumps({"medians": med, "runs": rows, "agreement": agree}, indent=1))
+        Path(args.json).write_text(json.dumps({"medians": med, "runs": rows, "agreement": agree,
+                                               "baselines_agree": baselines_agree}, indent=1))
     return 0
 
 

@@ -239,6 +239,8 @@ class Engine:
 
             model = dataclasses.replace(model, params=shard_params(model.params, model.cfg, self.mesh))
         self.model = model
+        self.loaded_at = time.time()     # start-up: planning and time to the first batch count from here
+        self._first_batch_logged = False
         self.runner = Runner(model.cfg, model.params, self.mesh)
         self.name = config.model.name or model.name
         self.is_writer = jax.process_index() == 0
@@ -262,7 +264,10 @@ class Engine:
 
     def plan_needles(self) -> list[Instance]:
         """The needle grid's instances (rhead_jax.plan); refused before any work if too long."""
-        return plan_needles(self.config, self.tokenizer, self.cfg.max_position_embeddings)
+        t = time.time()
+        instances = plan_needles(self.config, self.tokenizer, self.cfg.max_position_embeddings)
+        logging.info("plan: %d instances in %.2fs", len(instances), time.time() - t)
+        return instances
 
     def spec(self, *, capture: bool, max_new_tokens: int | None = None,
              stops: tuple[int, ...] | None = None, extra_scores: tuple[str, ...] = ()) -> GenerateSpec:
@@ -523,6 +528,9 @@ class Engine:
         with preemption_notice(store, desc):
             for b in todo:
                 t = time.time()
+                if not self._first_batch_logged:
+                    self._first_batch_logged = True
+                    logging.info("%s: first batch starts %.2fs after the model was loaded", desc, t - self.loaded_at)
                 results = run_one(b)
                 store.write(b, results)
                 computed[b] = results

@@ -7,6 +7,7 @@ from rhead_jax.errors import UserError
 from rhead_jax.needle.grid import build_grid
 from rhead_jax.needle.haystack import load_haystack, load_needles
 from rhead_jax.needle.prompts import Instance
+from rhead_jax.needle.tokens import decode_each
 
 
 def plan_needles(config, tokenizer, max_position_embeddings: int) -> list[Instance]:
@@ -28,7 +29,7 @@ def stop_tokens(tokenizer, *, faithful: bool) -> tuple[int, ...]:
     """Ids that end a test. Faithful: a token that decodes to exactly a newline (the original's
     check). Default: any token containing a newline, and the tokenizer's EOS."""
     ids = range(len(tokenizer))
-    texts = tokenizer.batch_decode([[i] for i in ids])
+    texts = decode_each(tokenizer, ids)   # a newline is never added or removed by the clean-up of spaces
     if faithful:
         return tuple(i for i, t in zip(ids, texts) if t == "\n")
     out = {i for i, t in zip(ids, texts) if "\n" in t}

@@ -75,3 +75,63 @@ def test_no_module_state_keeps_the_tokenizer(haystack, needles):
     gc.collect()
     assert ref() is None
     assert grid[0].key == "L1000_D50_N0"  # instances do not need the tokenizer
+
+
+def test_prefix_tokenization_is_the_whole_texts(tok, haystack, needles):
+    # only what the longest length needs is tokenized, and its tokens are the whole text's
+    whole = TokenizedHaystack(tok, haystack, 0, whole=True)
+    part = TokenizedHaystack(tok, haystack, 1000)
+    assert whole.repeated_text == haystack and len(part.repeated_text) < len(haystack) // 4
+    n = len(part.tokens)
+    assert 1000 < n < len(whole.tokens) and part.tokens.tolist() == whole.tokens[:n].tolist()
+    assert part.context_tokens(1000, faithful=True) == whole.context_tokens(1000, faithful=True)
+    part.ensure(3000)   # grown incrementally, still the whole text's tokens
+    assert len(part.tokens) > 3000 and part.tokens.tolist() == whole.tokens[:len(part.tokens)].tolist()
+    # past one copy of the text: a prefix of the repetition, whose tokens are the copies'
+    more = len(whole.tokens) + 100
+    part.ensure(more)
+    copies = TokenizedHaystack(tok, haystack, more, whole=True)
+    assert copies.repeated_text == haystack * 2 and len(part.repeated_text) < len(copies.repeated_text)
+    assert part.tokens.tolist() == copies.tokens[:len(part.tokens)].tolist()
+    # the grid's prompts, default and faithful, are those of the whole text
+    for faithful in (False, True):
+        kw = dict(chat=False, faithful=faithful)
+        a = build_grid(tok, haystack, needles[:2], [600, 1500], [0, 50, 100], **kw)
+        b = build_grid(tok, TokenizedHaystack(tok, haystack, 0, whole=True), needles[:2], [600, 1500], [0, 50, 100],
+                       **kw)
+        assert [x.prompt_ids.tolist() for x in a] == [x.prompt_ids.tolist() for x in b]
+        assert [x.span for x in a] == [x.span for x in b]
+
+
+class _EndEffectTokenizer:
+    """Characters as ids, but the text's last character gets another id: a prefix's tokens are
+    then not the longer text's, which the cut check must catch."""
+
+    def __call__(self, text, add_special_tokens=False, verbose=False):
+        ids = [ord(c) for c in text]
+        if ids:
+            ids[-1] += 1000
+        return {"input_ids": ids}
+
+
+def test_prefix_tokenization_falls_back_to_whole_copies(haystack):
+    t = _EndEffectTokenizer()
+    hay = TokenizedHaystack(t, haystack, 1000)
+    assert hay.repeated_text == haystack and len(hay.tokens) == len(haystack)
+
+
+@pytest.mark.parametrize("clean_up", [False, True])
+def test_decode_each_and_stop_tokens_match_batch_decode(tok, clean_up):
+    from rhead_jax.needle.tokens import decode_each
+    from rhead_jax.plan import stop_tokens
+
+    old, tok.clean_up_tokenization_spaces = tok.clean_up_tokenization_spaces, clean_up
+    try:
+        ids = list(range(len(tok)))
+        slow = tok.batch_decode([[i] for i in ids])     # what stop_tokens decoded with before
+        assert decode_each(tok, ids) == tok.batch_decode([[i] for i in ids], clean_up_tokenization_spaces=False)
+        assert stop_tokens(tok, faithful=True) == tuple(i for i, t in zip(ids, slow) if t == "\n")
+        expected = {i for i, t in zip(ids, slow) if "\n" in t} | {tok.eos_token_id}
+        assert stop_tokens(tok, faithful=False) == tuple(sorted(expected)) and len(expected) >= 2
+    finally:
+        tok.clean_up_tokenization_spaces = old

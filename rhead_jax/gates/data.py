@@ -84,7 +84,7 @@ class PasskeyData:
                          + sum(len(nd) + len(q) + 3 * len(self.sep) + 2 * longest
                                for nd, q in zip(self.needles, self.questions)))
         self.widths = prompt_widths(g.min_length, g.max_length, self.overhead, chunk)
-        self.haystack = TokenizedHaystack(tokenizer, haystack_text, 2 * max(self.widths))
+        self.haystack = TokenizedHaystack(tokenizer, haystack_text, 2 * max(self.widths), whole=True)
 
     def width_at(self, step: int) -> int:
         """The prompt width of `step`: shuffled epochs over `widths`, as DuoAttention's loader."""
