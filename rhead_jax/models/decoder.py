@@ -28,8 +28,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from rhead_jax.models.attention import (MASS_TARGETS, NO_WINDOW, AttentionOptions, MassTargets,
-                                        chunked_attention, dense_attention, mass_from_probs)
+from rhead_jax.models.attention import (MASS_TARGETS, NO_WINDOW, AttentionOptions, MassTargets, dense_attention,
+                                        mass_from_probs, prefill_attention)
 from rhead_jax.models.config import ModelConfig
 from rhead_jax.models.rope import apply_rope, rope_cos_sin
 
@@ -343,7 +343,8 @@ def forward(params: Params, cfg: ModelConfig, tokens, positions, cache: KVCache 
     new_pos = cache.pos.at[jnp.arange(B)[:, None], slots[:, None] + jnp.arange(T)[None]].set(
         jnp.where(valid, positions, -1).astype(jnp.int32), mode="drop")
     cos, sin = rope_cos_sin(c, positions)
-    windows = jnp.asarray([w or NO_WINDOW for w in (c.sliding_window or (None,) * c.num_layers)], jnp.int32)
+    windows_static = [w or NO_WINDOW for w in (c.sliding_window or (None,) * c.num_layers)]
+    windows = jnp.asarray(windows_static, jnp.int32)
     hm = (jnp.ones((c.num_layers, c.num_heads), jnp.float32) if head_mask is None
           else jnp.asarray(head_mask, jnp.float32))
     want_last_row = capture.top_k > 0 and not capture.full_probs
@@ -370,7 +371,8 @@ def forward(params: Params, cfg: ModelConfig, tokens, positions, cache: KVCache 
                 cap["mass"] = mass_from_probs(p, positions, new_pos, masses, targets).reshape(B, c.num_heads, -1)
             last_p = jnp.take_along_axis(p, last_idx[:, None, None, None, None], axis=3)[:, :, :, 0]
         else:
-            out = chunked_attention(q, kc, vc, positions, new_pos, slots, window=window, scale=scale,
+            out = prefill_attention(q, k, v, kc, vc, positions, new_pos, slots, window=window,
+                                    windows=tuple({int(w) for w in windows_static}), scale=scale,
                                     score_scale=score_scale, opts=attn, masses=masses, targets=targets)
             if masses:
                 out, mass = out
