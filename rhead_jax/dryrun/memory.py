@@ -244,7 +244,9 @@ class Plan:
             "cache_size": self.cache_size, "prefill_chunk": self.prefill_chunk, "backend": self.backend, "attention": self.attention,
             "analytic_gib": {k: v / GiB for k, v in self.analytic.items()},
             "compiled_gib": None if self.compiled is None else
-            {p: {k: v / GiB for k, v in c.items()} for p, c in self.compiled.items()},
+            {p: {k: v / GiB for k, v in c.items() if not k.startswith("cost_")} for p, c in self.compiled.items()},
+            "cost_analysis": None if self.compiled is None else
+            {p: {k[5:]: v for k, v in c.items() if k.startswith("cost_")} for p, c in self.compiled.items()},
             "temp_gib": None if self.temp_bytes is None else self.temp_bytes / GiB,
             "peak_program": self.peak_program,
             "compile_error": self.compile_error, "compile_seconds": round(self.compile_seconds, 1),

@@ -69,6 +69,39 @@ def attention_pairs(width: int, start: int, cache_size: int, *, kernel: str, q_c
     return pairs
 
 
+class CallCost:
+    """(FLOPs, HBM bytes) one chip handles in one call of each program, on a mesh of `sizes`
+    (work split evenly over "model"; one row per data shard in a prefill call)."""
+
+    def __init__(self, cfg: ModelConfig, *, sizes: Mapping[str, int], kernel: str, q_chunk: int, k_chunk: int,
+                 params_bytes: float, dtype_bytes: int = BF16):
+        model = int(sizes.get("model", 1))
+        K, D = cfg.num_kv_heads, cfg.head_dim
+        k_local = K if K < model else K / model                  # fewer KV heads than shards: replicated
+        self.kv_token_bytes = cfg.num_layers * 2 * k_local * D * dtype_bytes   # one token's K and V
+        self.pair_flops = 4.0 * cfg.num_layers * cfg.num_heads * D / model      # per (query, key) pair
+        self.tok_flops = matmul_flops_per_token(cfg, lm_head=False) / model
+        self.dec_flops = matmul_flops_per_token(cfg, lm_head=True) / model
+        self.kernel, self.q_chunk, self.k_chunk, self.params_bytes = kernel, q_chunk, k_chunk, params_bytes
+
+    def prefill(self, width: int, start: int, cache: int) -> tuple[float, float]:
+        """A row's prefill call of `width` tokens from slot `start` into a cache of `cache` slots."""
+        pairs = attention_pairs(width, start, cache, kernel=self.kernel, q_chunk=self.q_chunk, k_chunk=self.k_chunk)
+        block = 512 if self.kernel == "splash" else self.q_chunk
+        reads = -(-width // block) * min(start + width, cache)            # K/V re-read per query block
+        return (width * self.tok_flops + pairs * self.pair_flops,
+                self.params_bytes + (reads + width) * self.kv_token_bytes)
+
+    def decode_step(self, rows: int, cache: int) -> tuple[float, float]:
+        """One decode step of `rows` rows per chip over a cache of `cache` slots (every slot scored)."""
+        return (rows * (self.dec_flops + cache * self.pair_flops),
+                self.params_bytes + rows * cache * self.kv_token_bytes)
+
+    def setup(self, rows: int, cache: int) -> tuple[float, float]:
+        """A batch cache's set-up from the shared prefix: its rows read and written once."""
+        return 0.0, 2 * rows * cache * self.kv_token_bytes
+
+
 @dataclasses.dataclass
 class Phase:
     calls: int = 0
@@ -144,19 +177,16 @@ def project(cfg: ModelConfig, *, sizes: Mapping[str, int], chips: int, peak_flop
             lengths, depths, needles: int, batch_size: int, max_new_tokens: int, prefill_chunk: int,
             q_chunk: int, k_chunk: int, pad_multiple: int, share_prefix: bool, kernel: str,
             params_bytes: float, programs: int | None = None, compile_seconds_per_program: float | None = None,
-            prompt_extra: int = 0) -> Projection:
+            prompt_extra: int = 0, dtype_bytes: int = BF16) -> Projection:
     """Project a needle sweep (every length x depth x needle) on `chips` chips of a mesh of `sizes`.
 
     A prompt of context length L has L + prompt_extra tokens; its needle sits at depth % of L, and
     with share_prefix it prefills only the tokens after its needle (the rest comes from the shared
-    prefix, engine.Engine.shared_prefix). params_bytes: one chip's parameter shard."""
-    data, model = int(sizes.get("data", 1)), int(sizes.get("model", 1))
-    L, K, D = cfg.num_layers, cfg.num_kv_heads, cfg.head_dim
-    k_local = K if K < model else K / model                 # fewer KV heads than shards: replicated
-    kv_token_bytes = L * 2 * k_local * D * BF16              # one token's K and V on one chip
-    pair_flops = 4.0 * L * cfg.num_heads * D / model         # per (query, key) pair, per chip
-    tok_flops = matmul_flops_per_token(cfg, lm_head=False) / model
-    dec_flops = matmul_flops_per_token(cfg, lm_head=True) / model
+    prefix, engine.Engine.shared_prefix). params_bytes: one chip's parameter shard; dtype_bytes: of
+    a cache element (2: bf16, the paper configs)."""
+    data = int(sizes.get("data", 1))
+    cost = CallCost(cfg, sizes=sizes, kernel=kernel, q_chunk=q_chunk, k_chunk=k_chunk, params_bytes=params_bytes,
+                    dtype_bytes=dtype_bytes)
     phases = {name: Phase() for name in PHASES}
     widths = prefill_widths(prefill_chunk)
     lengths = sorted(int(x) for x in lengths)
@@ -168,11 +198,7 @@ def project(cfg: ModelConfig, *, sizes: Mapping[str, int], chips: int, peak_flop
     n_batches = 0
 
     def prefill_call(width: int, start: int, cache: int, phase: Phase, times: int = 1):
-        pairs = attention_pairs(width, start, cache, kernel=kernel, q_chunk=q_chunk, k_chunk=k_chunk)
-        block = 512 if kernel == "splash" else q_chunk
-        reads = -(-width // block) * min(start + width, cache)             # K/V re-read per query block
-        phase.add(width * tok_flops + pairs * pair_flops,
-                  params_bytes + (reads + width) * kv_token_bytes, peak_flops, hbm_bandwidth, times)
+        phase.add(*cost.prefill(width, start, cache), peak_flops, hbm_bandwidth, times)
 
     if share_prefix:
         n = int(max(lengths) * max(depths) / 100)
@@ -189,7 +215,7 @@ def project(cfg: ModelConfig, *, sizes: Mapping[str, int], chips: int, peak_flop
             rows = starts[b0:b0 + batch]
             rows += [rows[-1]] * (batch - len(rows))                    # padding rows compute too
             n_batches += 1
-            phases["cache set-up"].add(0.0, 2 * rows_per_shard * cache * kv_token_bytes, peak_flops, hbm_bandwidth)
+            phases["cache set-up"].add(*cost.setup(rows_per_shard, cache), peak_flops, hbm_bandwidth)
             for j in range(rows_per_shard):                             # row blocks: one row per data shard
                 block = rows[j::rows_per_shard]
                 start = min(block)
@@ -197,15 +223,13 @@ def project(cfg: ModelConfig, *, sizes: Mapping[str, int], chips: int, peak_flop
                 for w in prefill_pieces(max(P - 1 - start, 1), widths):
                     prefill_call(w, pos, cache, phases["prefill"])
                     pos += w
-            step_bytes = params_bytes + rows_per_shard * cache * kv_token_bytes
-            step_flops = rows_per_shard * (dec_flops + cache * pair_flops)
-            phases["decode"].add(step_flops, step_bytes, peak_flops, hbm_bandwidth, max_new_tokens)
+            phases["decode"].add(*cost.decode_step(rows_per_shard, cache), peak_flops, hbm_bandwidth, max_new_tokens)
     grid = {"lengths": len(lengths), "min_length": lengths[0], "max_length": lengths[-1], "depths": len(depths),
             "needles": needles, "instances": len(lengths) * per_length, "batches": n_batches, "batch": batch,
             "programs": programs}
     notes = [f"decode counted at {max_new_tokens} steps per batch (an upper bound: rows stop at a newline)"]
-    if model > K:
-        notes.append(f"{K} KV heads on a {model}-way model axis: the KV cache is replicated, each chip reads all of it")
+    if int(sizes.get("model", 1)) > cfg.num_kv_heads:
+        notes.append(f"{cfg.num_kv_heads} KV heads on a {sizes['model']}-way model axis: the KV cache is replicated, each chip reads all of it")
     compile_s = None if compile_seconds_per_program is None or programs is None else \
         compile_seconds_per_program * programs
     return Projection(chips=chips, peak_flops=peak_flops, hbm_bandwidth=hbm_bandwidth, kernel=kernel,
