@@ -59,6 +59,9 @@ def default_config() -> ml_collections.ConfigDict:
         stop_when_stable=False,      # run the grid in rounds that spread over lengths, depths and needles
                                      # and stop once the top 10 is settled (rhead_jax.rounds, the rule in
                                      # rhead_jax.stability); summary.json says how many tests ran and why
+        attention="auto",            # prefill attention: "auto" (splash on TPU, cuDNN on GPU, chunked on
+                                     # CPU), "chunked", "splash", "cudnn"; "splash:interpret" / "cudnn:xla"
+                                     # run the kernel's reference form anywhere (models.kernels; docs/accel.md)
     ))
     c.mesh = ml_collections.ConfigDict(dict(
         data=1,                      # devices along the instance (batch) axis; -1 = the rest
@@ -176,6 +179,9 @@ def validate(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     if any(e not in EXTRA_SCORES for e in extra) or len(set(extra)) != len(extra):
         raise UserError(f"config.sweep.extra_scores must list distinct names out of {EXTRA_SCORES}, got {extra}; "
                         "e.g. --config.sweep.extra_scores='(\"mass\",\"query\")'")
+    if s.attention.partition(":")[0] not in ("auto", "chunked", "splash", "cudnn"):
+        raise UserError(f"config.sweep.attention must be auto, chunked, splash, cudnn, splash:interpret or "
+                        f"cudnn:xla, got {s.attention!r}")
     if c.model.dtype not in DTYPES:
         raise UserError(f"config.model.dtype must be float32 or bfloat16, got {c.model.dtype!r}")
     if c.mask.mode not in MASK_MODES:

@@ -280,9 +280,17 @@ class Engine:
         return GenerateSpec(max_new_tokens=max_new_tokens or s.max_new_tokens, stop_tokens=stops,
                             top_k=1 if capture else 0, mask_mode=self.config.mask.mode,
                             prefill_chunk=s.prefill_chunk,
-                            attn=AttentionOptions.for_platform(self.runner.platform, q_chunk=s.q_chunk,
-                                                               k_chunk=s.k_chunk),
+                            attn=self.attention_options(),
                             **extra_score_masses(extra_scores))
+
+    def attention_options(self) -> AttentionOptions:
+        """The tiles of config.sweep and its attention kernel, checked against the devices' platform."""
+        s = self.config.sweep
+        try:
+            return AttentionOptions.for_platform(self.runner.platform, s.attention, q_chunk=s.q_chunk,
+                                                 k_chunk=s.k_chunk)
+        except ValueError as e:
+            raise UserError(f"config.sweep.attention: {e}") from None
 
     # -- shared prefix -------------------------------------------------------------------------
 

@@ -96,6 +96,15 @@ def _masses_of(params, tokens, positions, targets, *, cfg: ModelConfig, spec: Ge
 CPU_COMPILER_OPTIONS = {"xla_backend_optimization_level": 1}
 
 
+def _under_mesh(fn, mesh):
+    """fn traced with `mesh` as the abstract mesh (what jax.sharding.get_abstract_mesh returns)."""
+    def traced(*args):
+        with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+            return fn(*args)
+
+    return traced
+
+
 class Runner:
     def __init__(self, cfg: ModelConfig, params, mesh=None):
         self.cfg, self.params, self.mesh = cfg, params, mesh
@@ -133,9 +142,12 @@ class Runner:
         return shd.put_global(np.asarray(x), sharding_fn(np.shape(x), self.mesh))
 
     def jit(self, fn, **kw):
-        """`jax.jit(fn, **kw)` with this platform's compiler options (CPU_COMPILER_OPTIONS on CPU)."""
+        """`jax.jit(fn, **kw)` with this platform's compiler options (CPU_COMPILER_OPTIONS on CPU),
+        traced under the mesh (the attention kernels run in `shard_map` over it, models.kernels)."""
         if self.platform == "cpu":
             kw["compiler_options"] = CPU_COMPILER_OPTIONS
+        if self.mesh is not None:
+            fn = _under_mesh(fn, self.mesh)
         return jax.jit(fn, **kw)
 
     def _jit(self, key, make):

@@ -52,6 +52,11 @@ def test_dry_run_on_8_simulated_devices_reports_fit_and_compiler_temp():
         assert abs(c[name]["alias"] - a["kv_cache"]) * 2**30 < 4096
         assert f"{c[name]['temp']:16.2f}" in out.stdout
     assert abs(p["total_gib"] - (a["params"] + a["kv_cache"] + a["shared_prefix_cache"] + p["temp_gib"])) < 0.05
+    # the time projection of the config's grid: chunked attention on the CPU compiler, chip-hours = hours x chips
+    proj = p["projection"]
+    assert p["attention"] == proj["kernel"] == "chunked" and "projected wall time" in out.stdout
+    assert proj["phases"]["prefill"]["calls"] > 0 and proj["compile_seconds"] > 0
+    assert abs(proj["chip_hours"] - proj["wall_seconds"] / 3600 * 8) < 1e-9
 
 
 def test_sweep_dry_run_sets_up_devices_itself():
@@ -132,6 +137,7 @@ def test_tpu_compiler_plan():
     assert out.returncode == 0, out.stderr[-3000:]
     (p,) = _plans(out.stdout)
     assert p["backend"] == "tpu" and p["fits"] and p["temp_gib"] > 0
+    assert p["attention"] == "splash"          # the kernel path compiles with XLA:TPU
     c, a = p["compiled_gib"], p["analytic_gib"]
     for name in ("prefill", "decode"):   # the donated cache is aliased on TPU too: no returned copy
         assert abs(c[name]["alias"] - a["kv_cache"]) * 2**30 < 4096

@@ -26,8 +26,8 @@ from absl import flags
 from rhead_jax import cli, presets, sharding
 from rhead_jax.dryrun import devices as dev
 from rhead_jax.dryrun.memory import Plan
-from rhead_jax.dryrun.planner import (find_smallest_slice, grid_programs_line, model_config_for, paper_context,
-                                      plan)
+from rhead_jax.dryrun.planner import (find_smallest_slice, grid_programs, grid_programs_line, model_config_for,
+                                      paper_context, plan)
 from rhead_jax.dryrun.topology import EXAMPLES, FAMILIES, GiB, family_slices, parse_topology
 from rhead_jax.errors import UserError
 from rhead_jax.models.config import ModelConfig
@@ -45,7 +45,7 @@ def step_settings(config) -> dict[str, Any]:
     s = config.sweep
     return dict(max_new_tokens=s.max_new_tokens, prefill_chunk=s.prefill_chunk, pad_multiple=s.pad_multiple,
                 q_chunk=s.q_chunk, k_chunk=s.k_chunk, share_prefix=s.share_prefix,
-                prefix_branches=s.prefix_branches, extra_scores=tuple(s.extra_scores))
+                prefix_branches=s.prefix_branches, extra_scores=tuple(s.extra_scores), attention=s.attention)
 
 
 def resolve_context(config, cfg: ModelConfig, context_len: int | None) -> tuple[int, list[str]]:
@@ -121,7 +121,16 @@ def sweep_cli(config, *, topology: str | None, context_len: int | None = None, c
                       backend=backend)
     print(p.table(), flush=True)
     print(grid_programs_line(config), flush=True)
+    print(_projection(config, p, config_path).table(), flush=True)
     return 0
+
+
+def _projection(config, p: Plan, config_path: str | None = None, model=None):
+    """The time projection of config's grid on the plan's slice (rhead_jax.dryrun.projection)."""
+    from rhead_jax.dryrun.projection import for_plan
+
+    cfg = (model or model_config_for(config, config_path))[0]
+    return for_plan(config, cfg, p, programs=grid_programs(config)["bound"])
 
 
 # ----------------------------------------------------------------------------- python -m rhead_jax.dryrun
@@ -182,10 +191,13 @@ def model_override(config) -> tuple[ModelConfig, str, str] | None:
     return None
 
 
-def _print_plan(p: Plan, as_json: bool) -> None:
+def _print_plan(p: Plan, as_json: bool, projection=None) -> None:
     print(p.table(), flush=True)
+    if projection is not None:
+        print(projection.table(), flush=True)
     if as_json:
-        print("JSON " + json.dumps(p.as_dict()), flush=True)
+        print("JSON " + json.dumps(dict(p.as_dict(), projection=None if projection is None else
+                                        projection.as_dict())), flush=True)
 
 
 def main(argv) -> int:
@@ -214,7 +226,7 @@ def main(argv) -> int:
         for mx in mixed:
             p = sweep_dry_run(config, topology=FLAGS.topology, context_len=FLAGS.context, mesh=mesh, backend=backend,
                               model=model, mixed=mx)
-            _print_plan(p, FLAGS.json)
+            _print_plan(p, FLAGS.json, _projection(config, p, model=model))
         return 0
 
     if mesh != "auto":

@@ -191,6 +191,7 @@ class Plan:
     max_new_tokens: int
     backend: str                  # "tpu" or "cpu"
     analytic: dict[str, int]
+    attention: str = "chunked"    # the prefill calls' attention: "splash" (XLA:TPU) or "chunked"
     compiled: dict[str, dict[str, int]] | None = None
     mixed: dict[str, Any] | None = None   # a mixed KV cache's plan: full_fraction, full heads, layout, sink, recent
     compile_error: str | None = None
@@ -246,10 +247,12 @@ class Plan:
             "hosts": self.topology.hosts, "hbm_gib": self.hbm_bytes / GiB, "mesh": self.mesh,
             "mesh_source": self.mesh_source, "context_len": self.context_len, "batch_size": self.batch_size,
             "batch": self.batch, "prompt_len": self.prompt_len, "prefill_width": self.prefill_width,
-            "cache_size": self.cache_size, "prefill_chunk": self.prefill_chunk, "backend": self.backend,
+            "cache_size": self.cache_size, "prefill_chunk": self.prefill_chunk, "backend": self.backend, "attention": self.attention,
             "analytic_gib": {k: v / GiB for k, v in self.analytic.items()},
             "compiled_gib": None if self.compiled is None else
-            {p: {k: v / GiB for k, v in c.items()} for p, c in self.compiled.items()},
+            {p: {k: v / GiB for k, v in c.items() if not k.startswith("cost_")} for p, c in self.compiled.items()},
+            "cost_analysis": None if self.compiled is None else
+            {p: {k[5:]: v for k, v in c.items() if k.startswith("cost_")} for p, c in self.compiled.items()},
             "temp_gib": None if self.temp_bytes is None else self.temp_bytes / GiB,
             "peak_program": self.peak_program,
             "compile_error": self.compile_error, "compile_seconds": round(self.compile_seconds, 1),
@@ -275,6 +278,8 @@ class Plan:
             f"prefill calls of up to {self.prefill_width} tokens per row block (prefill chunk {self.prefill_chunk}), "
             f"{self.max_new_tokens} new tokens, bf16",
             f"compiler: {_BACKEND_TEXT[self.backend]}",
+            f"prefill attention: {self.attention}" + (" (Pallas splash attention kernel)" if self.attention == "splash"
+                                                      else " (models.attention.chunked_attention)"),
         ] + ([
             f"mixed KV cache: {mx['full_heads']} of {mx['kv_heads']} KV heads full, the rest streaming (sink "
             f"{mx['sink']} + recent {mx['recent']}); {mx['groups']} head group(s) on 'model', per group "

@@ -92,11 +92,14 @@ def plan(cfg: ModelConfig, topology: Topology | str, *, context_len: int, batch_
          prefix_branches: int = SWEEP_DEFAULTS.prefix_branches,
          extra_scores: tuple[str, ...] = tuple(SWEEP_DEFAULTS.extra_scores), backend: str = "auto",
          compile: bool = True, margin: float = MARGIN,
-         model_name: str | None = None, max_model: int = 8, mixed: Mapping[str, Any] | None = None) -> Plan:
+         model_name: str | None = None, max_model: int = 8, mixed: Mapping[str, Any] | None = None,
+         attention: str = SWEEP_DEFAULTS.attention) -> Plan:
     """Plan a sweep batch of `cfg` at `context_len` on `topology` (see the module docstring).
 
     mesh: None (auto_mesh), a mapping of sizes ({"data": -1, "model": 8}), or a jax Mesh whose
       devices stand for the chips. compile=False: the analytic numbers only (no devices needed).
+    attention: the prefill attention ("auto": splash with the TPU compiler, chunked with the CPU one;
+      "chunked"; "splash"), as AttentionOptions.for_platform("tpu", attention) takes it.
     mixed: {"full_fraction", "sink", "recent"}: plan the batch with a mixed KV cache
       (rhead_jax.mixedkv) instead, its full heads spread evenly over the model axis (layer-major
       order: the best case; a ranking that piles full heads onto one KV-head index needs more).
@@ -126,10 +129,20 @@ def plan(cfg: ModelConfig, topology: Topology | str, *, context_len: int, batch_
                             f"give a mesh of {topo.chips} devices")
     data = sizes["data"]
     batch = padded_batch(batch_size, data)
-    # the TPU program's cache writes, whichever compiler stands in (the engine on TPUs picks the same)
+    # the TPU program's cache writes, whichever compiler stands in (the engine on TPUs picks the same),
+    # and its prefill attention: splash on XLA:TPU (attention="auto"); the CPU compiler cannot lower
+    # the TPU kernel, so it stands in with the chunked path
+    kernel = attention.partition(":")[0]
+    kernel = kernel if kernel != "auto" else ("splash" if backend == "tpu" else "chunked")
+    if kernel not in ("splash", "chunked"):
+        raise UserError(f"a dry run plans TPU programs: config.sweep.attention must be auto, chunked or splash, "
+                        f"got {attention!r}")
+    if kernel == "splash" and backend != "tpu" and compile:
+        raise UserError("config.sweep.attention='splash' compiles only with the TPU compiler (libtpu on the path, "
+                        "--backend tpu); the cpu backend plans the chunked path (auto)")
     spec = GenerateSpec(max_new_tokens=max_new_tokens, stop_tokens=(2,), top_k=1, mask_mode="zero",
                         prefill_chunk=prefill_chunk,
-                        attn=AttentionOptions.for_platform("tpu", q_chunk=q_chunk, k_chunk=k_chunk),
+                        attn=AttentionOptions.for_platform("tpu", kernel, q_chunk=q_chunk, k_chunk=k_chunk),
                         **extra_score_masses(extra_scores))
     P = -(-context_len // pad_multiple) * pad_multiple
     # the widest prefill call: a row that shares no prefix prefills its whole prompt but the last token
@@ -157,7 +170,7 @@ def plan(cfg: ModelConfig, topology: Topology | str, *, context_len: int, batch_
             analytic["shared_prefix_cache"] = mixed_cache_bytes(cfg, layout, sizes, rows=1, cache_size=S, ring=S)
         notes.append("mixed KV cache: the shared prefix is one row whose streaming heads keep every position "
                      "(rows take their rings from it); --config.sweep.share_prefix=false drops it")
-    p = Plan(model=model_name or cfg.model_type, topology=topo, mesh=sizes, mesh_source=source,
+    p = Plan(model=model_name or cfg.model_type, topology=topo, mesh=sizes, mesh_source=source, attention=kernel,
              context_len=context_len, batch_size=batch_size, batch=batch, prompt_len=P, prefill_width=width,
              cache_size=S, prefill_chunk=prefill_chunk, max_new_tokens=max_new_tokens, backend=backend,
              analytic=analytic, margin=margin, notes=notes, mixed=None if mixed is None else mixed_info)
@@ -253,15 +266,30 @@ def _compile(p: Plan, programs: dict, backend: str) -> Plan:
                 p.compiled[name] = dict(need, resident=resident)
             break
         ma = compiled.memory_analysis()
+        cost = _cost(compiled)
         p.compiled[name] = {
             "argument": int(ma.argument_size_in_bytes), "output": int(ma.output_size_in_bytes),
             "alias": int(ma.alias_size_in_bytes), "temp": int(ma.temp_size_in_bytes),
             "generated_code": int(ma.generated_code_size_in_bytes), "resident": resident,
+            **cost,
         }
     p.compile_seconds = time.time() - t0
     if not p.compiled:
         p.compiled = None
     return p
+
+
+def _cost(compiled) -> dict[str, int]:
+    """The compiler's cost_analysis(): {"cost_flops", "cost_bytes"} (a loop body counted once;
+    nothing for a Pallas call's FLOPs), {} where it gives none."""
+    try:
+        c = compiled.cost_analysis()
+    except Exception:  # noqa: BLE001 - optional figures
+        return {}
+    c = c[0] if isinstance(c, (list, tuple)) and c else c
+    if not c:
+        return {}
+    return {"cost_flops": int(c.get("flops", 0)), "cost_bytes": int(c.get("bytes accessed", 0))}
 
 
 def find_smallest_slice(cfg: ModelConfig, family: str, context_len: int, batch_size: int, *,

@@ -29,6 +29,18 @@ FAMILIES: dict[str, dict[str, Any]] = {
     "v6e": dict(hbm_gib=32, cores_in_name=False, dims=2, prefix="v6e"),
     "tpu7x": dict(hbm_gib=192, cores_in_name=True, dims=3, prefix="tpu7x", devices_per_chip=2),
 }
+# per chip: peak dense bf16 FLOP/s and HBM bandwidth (bytes/s), as Cloud TPU's system-architecture
+# pages give them (the time projection's roofline, rhead_jax.dryrun.projection):
+#   v4:  275 TFLOP/s, 1200 GB/s  https://cloud.google.com/tpu/docs/v4
+#   v5e: 197 TFLOP/s,  819 GB/s  https://cloud.google.com/tpu/docs/v5e
+#   v5p: 459 TFLOP/s, 2765 GB/s  https://cloud.google.com/tpu/docs/v5p
+#   v6e: 918 TFLOP/s, 1640 GB/s  https://cloud.google.com/tpu/docs/v6e
+PEAKS: dict[str, dict[str, float]] = {
+    "v4": dict(bf16_flops=275e12, hbm_bandwidth=1200e9),
+    "v5e": dict(bf16_flops=197e12, hbm_bandwidth=819e9),
+    "v5p": dict(bf16_flops=459e12, hbm_bandwidth=2765e9),
+    "v6e": dict(bf16_flops=918e12, hbm_bandwidth=1640e9),
+}
 # slice sizes in CHIPS, smallest first (the sizes Cloud TPU sells as one slice)
 SLICE_CHIPS: dict[str, list[int]] = {
     "v4": [4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048],
@@ -62,6 +74,16 @@ class Topology:
     def physical_chips(self) -> int:
         """Chips in the slice (`chips` counts JAX devices: two per TPU7x chip)."""
         return self.chips // FAMILIES[self.family].get("devices_per_chip", 1)
+
+    @property
+    def peak_flops(self) -> float:
+        """Peak dense bf16 FLOP/s of one chip (PEAKS)."""
+        return PEAKS[self.family]["bf16_flops"]
+
+    @property
+    def hbm_bandwidth(self) -> float:
+        """HBM bytes/s of one chip (PEAKS)."""
+        return PEAKS[self.family]["hbm_bandwidth"]
 
     @property
     def hosts(self) -> int:

@@ -32,6 +32,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from rhead_jax.models import kernels
+
 NEG_INF = -1e30  # finite, so fully masked rows (padding queries) stay NaN-free
 NO_WINDOW = 2**30
 
@@ -48,20 +50,41 @@ class AttentionOptions:
       faster on XLA:CPU) or "query_left" (`_scores`; XLA:TPU answers the other's merged batch and
       KV-head axes with copies of the cache: decode temp 3.5 GiB instead of 0.3 for Yi-34B at 200K
       on v5p-16). The two agree up to rounding (tests/test_models.py).
-    The engine takes both from its devices' platform (`for_platform`).
+    prefill: a prefill call's attention (`prefill_attention`): "chunked" (`chunked_attention`), or
+      a kernel of JAX's (models.kernels): "splash" (Pallas splash attention, TPU), "cudnn"
+      (`jax.nn.dot_product_attention`, cuDNN flash attention, GPU). interpret: run the kernel off
+      its hardware (Pallas interpret mode / the XLA implementation of the same call; tests).
+    The engine takes them from its devices' platform (`for_platform`).
     """
 
     q_chunk: int = 512
     k_chunk: int = 512
     cache_writes: str = "scatter"
     decode_scores: str = "cache_left"
+    prefill: str = "chunked"
+    interpret: bool = False
 
     @classmethod
-    def for_platform(cls, platform: str, **tiles) -> "AttentionOptions":
-        """The forms a platform's compiler handles best ("tpu" forms on TPUs, the defaults elsewhere)."""
-        if platform == "tpu":
-            return cls(cache_writes="tpu", decode_scores="query_left", **tiles)
-        return cls(**tiles)
+    def for_platform(cls, platform: str, kernel: str = "auto", **tiles) -> "AttentionOptions":
+        """The forms a platform's compiler handles best ("tpu" forms on TPUs, the defaults elsewhere)
+        and its prefill kernel (config.sweep.attention): "auto" = splash on TPU, cuDNN on GPU, chunked
+        on CPU; a kernel named for other hardware is refused (ValueError), unless given as
+        "splash:interpret" / "cudnn:xla" (any platform: the kernel's reference form, slow)."""
+        name, _, form = kernel.partition(":")
+        auto = {"tpu": "splash", "gpu": "cudnn"}.get(platform, "chunked")
+        name = auto if name == "auto" else name
+        native = {"splash": "tpu", "cudnn": "gpu"}
+        if name not in PREFILL_KERNELS or (form and form != {"splash": "interpret", "cudnn": "xla"}.get(name)):
+            raise ValueError(f"unknown attention kernel {kernel!r}; known: auto, chunked, splash, cudnn, "
+                             "splash:interpret, cudnn:xla")
+        if name in native and not form and native[name] != platform:
+            raise ValueError(f"attention kernel {name!r} runs on {native[name]}, these devices are {platform}; "
+                             f"use auto, chunked or {name}:{'interpret' if name == 'splash' else 'xla'}")
+        tpu = dict(cache_writes="tpu", decode_scores="query_left") if platform == "tpu" else {}
+        return cls(prefill=name, interpret=bool(form), **tpu, **tiles)
+
+
+PREFILL_KERNELS = ("chunked", "splash", "cudnn")
 
 
 CACHE_WRITES = ("scatter", "tpu")
@@ -284,3 +307,23 @@ def chunked_attention(q, k, v, q_pos, k_pos, q_slot0, *, window, scale, score_sc
     out = res[0] if M else res
     out = jnp.einsum("ibkgtd->bitkgd", out).reshape(B, n_q * cq, K, G, D)[:, :T]
     return (out, res[1].sum(0)) if M else out
+
+
+def prefill_attention(q, k_new, v_new, k, v, q_pos, k_pos, q_slot0, *, window, windows: tuple[int, ...], scale,
+                      score_scale=None, opts: AttentionOptions = AttentionOptions(), sink=0,
+                      masses: tuple[str, ...] = (), targets: MassTargets | None = None, softcap=None):
+    """A prefill call's attention: `chunked_attention` of q on the cache k, v (which holds the call's
+    own keys k_new, v_new [B, T, K, D] at q_slot0), or opts.prefill's kernel (models.kernels) where
+    the call has a kernel form (else chunked, logged once). windows: the static windows `window`
+    (traced) takes, NO_WINDOW for none."""
+    if opts.prefill != "chunked":
+        why = kernels.kernel_form(opts.prefill, kv_heads=k.shape[1], cache_size=k.shape[2], windows=windows,
+                                  masses=masses, sink=sink, dtype=q.dtype)
+        if why is None:
+            return kernels.prefill_attention(q, k_new, v_new, k, v, q_pos, k_pos, q_slot0, window=window,
+                                             windows=windows, scale=scale, kernel=opts.prefill,
+                                             score_scale=score_scale, softcap=softcap, interpret=opts.interpret,
+                                             masses=masses, targets=targets)
+        kernels.log_once(f"{opts.prefill} prefill runs chunked: {why}")
+    return chunked_attention(q, k, v, q_pos, k_pos, q_slot0, window=window, scale=scale, score_scale=score_scale,
+                             opts=opts, sink=sink, masses=masses, targets=targets, softcap=softcap)

@@ -41,8 +41,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from rhead_jax.models.attention import (MASS_TARGETS, NO_WINDOW, AttentionOptions, MassTargets,
-                                        chunked_attention, dense_attention, mass_from_probs)
+from rhead_jax.models.attention import (MASS_TARGETS, NO_WINDOW, AttentionOptions, MassTargets, dense_attention,
+                                        mass_from_probs, prefill_attention)
 from rhead_jax.models.config import ModelConfig
 from rhead_jax.models.rope import apply_rope, rope_cos_sin
 
@@ -550,13 +550,15 @@ def forward(params: Params, cfg: ModelConfig, tokens, positions, cache: KVCache 
         jnp.where(valid, positions, -1).astype(jnp.int32), mode="drop")
     ropes = rope_tables(c, positions)
     windows, rope_kind = layer_kinds(c)
+    windows_static = tuple(sorted({w or NO_WINDOW for w in c.windows}))  # the kernels' static masks
     hm = (jnp.ones((c.num_layers, c.num_heads), jnp.float32) if head_mask is None
           else jnp.asarray(head_mask, jnp.float32))
     want_last_row = capture.top_k > 0 and not capture.full_probs
     last_idx = jnp.maximum(n_valid - 1, 0)
 
-    def attend(q, kc, vc, k_pos, q_slot0, window, score_scale):
-        """One layer's attention over keys kc, vc [B, K, S, D] at positions k_pos [B, S]: (out, cap)."""
+    def attend(q, kc, vc, k_pos, q_slot0, window, score_scale, kv_new=None):
+        """One layer's attention over keys kc, vc [B, K, S, D] at positions k_pos [B, S]: (out, cap).
+        kv_new: the call's own keys and values [B, T, K, D] in a plain cache (the kernels read them)."""
         cap = {}
         if T == 1 or capture.full_probs:
             out, p = dense_attention(q, kc, vc, positions, k_pos, window=window, scale=scale,
@@ -567,9 +569,14 @@ def forward(params: Params, cfg: ModelConfig, tokens, positions, cache: KVCache 
                 cap["mass"] = mass_from_probs(p, positions, k_pos, masses, targets).reshape(B, c.num_heads, -1)
             last_p = jnp.take_along_axis(p, last_idx[:, None, None, None, None], axis=3)[:, :, :, 0]
         else:
-            out = chunked_attention(q, kc, vc, positions, k_pos, q_slot0, window=window, scale=scale,
-                                    score_scale=score_scale, softcap=c.attn_softcap, opts=attn, masses=masses,
-                                    targets=targets)
+            if kv_new is None:  # a windowed cache's ring: the chunked path
+                out = chunked_attention(q, kc, vc, positions, k_pos, q_slot0, window=window, scale=scale,
+                                        score_scale=score_scale, softcap=c.attn_softcap, opts=attn, masses=masses,
+                                        targets=targets)
+            else:  # a plain cache: opts.prefill's kernel where the call has a kernel form
+                out = prefill_attention(q, *kv_new, kc, vc, positions, k_pos, q_slot0, window=window,
+                                        windows=windows_static, scale=scale, score_scale=score_scale,
+                                        softcap=c.attn_softcap, opts=attn, masses=masses, targets=targets)
             if masses:
                 out, mass = out
                 cap["mass"] = mass.reshape(B, c.num_heads, -1)
@@ -601,7 +608,7 @@ def forward(params: Params, cfg: ModelConfig, tokens, positions, cache: KVCache 
         q = q.reshape(B, T, K, G, D)
         hm_kg = hm_l.reshape(K, G)
         out, cap = attend(q, k_all[i], v_all[i], new_pos, slots, window,
-                          hm_kg if mask_mode == "uniform" else None)
+                          hm_kg if mask_mode == "uniform" else None, kv_new=(k, v))
         if mask_mode == "zero":
             out = out * hm_kg[:, :, None].astype(out.dtype)
         return (attention_output(lp, c, x, out), k_all, v_all), cap
