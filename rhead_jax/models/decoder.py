@@ -41,8 +41,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from rhead_jax.models.attention import (MASS_TARGETS, NO_WINDOW, AttentionOptions, MassTargets, dense_attention,
-                                        mass_from_probs, prefill_attention)
+from rhead_jax.models.attention import (MASS_TARGETS, NO_WINDOW, AttentionOptions, MassTargets, chunked_attention,
+                                        dense_attention, mass_from_probs, prefill_attention)
 from rhead_jax.models.config import ModelConfig
 from rhead_jax.models.rope import apply_rope, rope_cos_sin
 
