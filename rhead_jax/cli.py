@@ -73,6 +73,11 @@ def resolve_config_argv(argv: Sequence[str]) -> list[str]:
     return out
 
 
+def overridden_keys(argv: Sequence[str] | None = None) -> set[str]:
+    """The dotted config keys set on the command line (`--config.a.b=value` -> "a.b")."""
+    return {m.group(1) for a in (sys.argv if argv is None else argv) if (m := _OVERRIDE.match(a))}
+
+
 def get_config():
     """The validated config of `--config` (after its command-line overrides)."""
     config = FLAGS.config

@@ -383,7 +383,7 @@ class Engine:
         rows = [ids[c][:n] for c, n in chosen]
         rows += [rows[-1]] * (round_up(real, d) - real)
         prompts, lens = pad_prompts(rows, self.config.sweep.pad_multiple)
-        cache = r.init_cache(len(rows), round_up(int(lens.max()), spec.attn.k_chunk))
+        cache = r.branch_cache(len(rows), round_up(int(lens.max()), spec.attn.k_chunk))
         plain = dataclasses.replace(spec, prefill_masses=())   # branches end before every question
         cache, _ = self._prefill_rows(r, cache, prompts, np.zeros(len(rows), np.int32), lens, real, plain,
                                       prefill_mask)

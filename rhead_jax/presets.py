@@ -56,6 +56,27 @@ _QWEN15_14B = {
     "use_sliding_window": False, "vocab_size": 152064,
 }
 
+_GEMMA2_COMMON = {
+    "architectures": ["Gemma2ForCausalLM"], "model_type": "gemma2", "attention_bias": False,
+    "attention_dropout": 0.0, "attn_logit_softcapping": 50.0, "bos_token_id": 2, "cache_implementation": "hybrid",
+    "eos_token_id": 1, "final_logit_softcapping": 30.0, "head_dim": 256, "hidden_act": "gelu_pytorch_tanh",
+    "hidden_activation": "gelu_pytorch_tanh", "initializer_range": 0.02, "max_position_embeddings": 8192,
+    "pad_token_id": 0, "query_pre_attn_scalar": 256, "rms_norm_eps": 1e-06, "rope_theta": 10000.0,
+    "sliding_window": 4096, "torch_dtype": "float32", "use_cache": True, "vocab_size": 256000,
+}
+
+# Gemma 3 text decoders as `gemma3_text` configs (the 4B/12B/27B checkpoints wrap theirs in a
+# multimodal `gemma3` config's text_config; ModelConfig.from_hf reads both)
+_GEMMA3_COMMON = {
+    "architectures": ["Gemma3ForCausalLM"], "model_type": "gemma3_text", "attention_bias": False,
+    "attention_dropout": 0.0, "attn_logit_softcapping": None, "bos_token_id": 2, "eos_token_id": 1,
+    "final_logit_softcapping": None, "head_dim": 256, "hidden_activation": "gelu_pytorch_tanh",
+    "initializer_range": 0.02, "max_position_embeddings": 131072, "pad_token_id": 0,
+    "query_pre_attn_scalar": 256, "rms_norm_eps": 1e-06, "rope_local_base_freq": 10000.0,
+    "rope_scaling": {"factor": 8.0, "rope_type": "linear"}, "rope_theta": 1000000.0, "sliding_window": 1024,
+    "sliding_window_pattern": 6, "torch_dtype": "bfloat16", "use_cache": True, "vocab_size": 262208,
+}
+
 HF_CONFIGS: dict[str, dict[str, Any]] = {
     "llama-2-7b-80k": {
         **_LLAMA2_COMMON, "hidden_size": 4096, "intermediate_size": 11008, "num_attention_heads": 32,
@@ -94,6 +115,28 @@ HF_CONFIGS: dict[str, dict[str, Any]] = {
     },
 }
 
+for _name, _shape in {
+    "gemma-2-2b": dict(hidden_size=2304, intermediate_size=9216, num_hidden_layers=26, num_attention_heads=8,
+                       num_key_value_heads=4),
+    "gemma-2-9b": dict(hidden_size=3584, intermediate_size=14336, num_hidden_layers=42, num_attention_heads=16,
+                       num_key_value_heads=8),
+    "gemma-2-27b": dict(hidden_size=4608, intermediate_size=36864, num_hidden_layers=46, num_attention_heads=32,
+                        num_key_value_heads=16, head_dim=128, query_pre_attn_scalar=144, torch_dtype="bfloat16"),
+}.items():
+    HF_CONFIGS[_name] = {**_GEMMA2_COMMON, **_shape}
+for _name, _shape in {
+    "gemma-3-1b-pt": dict(hidden_size=1152, intermediate_size=6912, num_hidden_layers=26, num_attention_heads=4,
+                          num_key_value_heads=1, sliding_window=512, max_position_embeddings=32768,
+                          rope_scaling=None, vocab_size=262144),
+    "gemma-3-4b-pt": dict(hidden_size=2560, intermediate_size=10240, num_hidden_layers=34, num_attention_heads=8,
+                          num_key_value_heads=4),
+    "gemma-3-12b-pt": dict(hidden_size=3840, intermediate_size=15360, num_hidden_layers=48, num_attention_heads=16,
+                           num_key_value_heads=8),
+    "gemma-3-27b-pt": dict(hidden_size=5376, intermediate_size=21504, num_hidden_layers=62, num_attention_heads=32,
+                           num_key_value_heads=16, head_dim=128, query_pre_attn_scalar=168),
+}.items():
+    HF_CONFIGS[_name] = {**_GEMMA3_COMMON, **_shape}
+
 PRESET_NOTES: dict[str, str] = {
     "llama-2-7b-80k": (
         "Llama-2-7B shapes (yaofu/llama-2-7b-80k). Rope is a reconstruction, not a transcription: "
@@ -113,6 +156,15 @@ PRESET_NOTES: dict[str, str] = {
     "Qwen1.5-14B": "Qwen/Qwen1.5-14B: MHA (40 KV heads), q/k/v biases, 32K, rope_theta 1e6.",
     "Qwen1.5-14B-Chat": "Qwen/Qwen1.5-14B-Chat: same architecture as the base model.",
     "SmolLM2-135M-Instruct": "HuggingFaceTB/SmolLM2-135M-Instruct: the embedded default model (tied embeddings).",
+    "gemma-2-2b": "google/gemma-2-2b: 26 layers alternating local (window 4096) / global, soft-caps 50 / 30, 8K.",
+    "gemma-2-9b": "google/gemma-2-9b: 42 layers alternating local (window 4096) / global, 8 KV heads, 8K.",
+    "gemma-2-27b": "google/gemma-2-27b: 46 layers, 16 KV heads of dim 128, query_pre_attn_scalar 144, 8K.",
+    "gemma-3-1b-pt": "google/gemma-3-1b-pt: 26 layers, 5 local (window 512) : 1 global, one KV head, 32K, no rope scaling.",
+    "gemma-3-4b-pt": "google/gemma-3-4b-pt (text decoder): 34 layers, 5 local (window 1024) : 1 global, 128K, "
+                     "global rope 1e6 with linear scaling 8.",
+    "gemma-3-12b-pt": "google/gemma-3-12b-pt (text decoder): 48 layers, 5 local (window 1024) : 1 global, 8 KV heads, 128K.",
+    "gemma-3-27b-pt": "google/gemma-3-27b-pt (text decoder): 62 layers, 5 local (window 1024) : 1 global, 16 KV heads "
+                      "of dim 128, query_pre_attn_scalar 168, 128K.",
 }
 
 # configs/<stem>.py -> preset name
@@ -127,6 +179,13 @@ CONFIG_PRESETS: dict[str, str] = {
     "qwen15_14b": "Qwen1.5-14B",
     "qwen15_14b_chat": "Qwen1.5-14B-Chat",
     "smollm2_135m": "SmolLM2-135M-Instruct",
+    "gemma2_2b": "gemma-2-2b",
+    "gemma2_9b": "gemma-2-9b",
+    "gemma2_27b": "gemma-2-27b",
+    "gemma3_1b": "gemma-3-1b-pt",
+    "gemma3_4b": "gemma-3-4b-pt",
+    "gemma3_12b": "gemma-3-12b-pt",
+    "gemma3_27b": "gemma-3-27b-pt",
 }
 
 # other spellings people use (the -hf suffix of the community Mistral v0.2 upload, config names)

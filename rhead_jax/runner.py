@@ -21,16 +21,22 @@ import numpy as np
 from rhead_jax import sharding as shd
 from rhead_jax.models.attention import MassTargets
 from rhead_jax.models.config import ModelConfig
-from rhead_jax.models.decoder import KVCache, init_cache
+from rhead_jax.models.decoder import KVCache, init_cache, local_layers, ring_size_for
 from rhead_jax.models.generate import Generation, GenerateSpec, decode_impl, prefill, prefill_block_impl
 
 
-def _rows(cache: KVCache, starts, branches: KVCache | None = None, source=None, *, size: int) -> KVCache:
-    """[B]-row cache of `size` slots from a 1-row cache: row b keeps slots < starts[b]. With
-    `branches` (an [R]-row cache), row b takes them from branch row source[b] instead where
-    source[b] >= 0."""
+def _rows(cache: KVCache, starts, branches: KVCache | None = None, source=None, *, size: int,
+          cfg: ModelConfig | None = None, ring: int | None = None) -> KVCache:
+    """[B]-row cache of `size` slots from a 1-row (plain) cache: row b keeps slots < starts[b]. With
+    `branches` (an [R]-row plain cache), row b takes them from branch row source[b] instead where
+    source[b] >= 0. ring: a windowed cache (models.decoder.KVCache) of `ring` ring slots: a local
+    layer's ring is cut from that layer's every-position slots, row b's last `ring` positions
+    before starts[b] (cfg names the local layers)."""
     B = starts.shape[0]
-    k, v = cache.k[:, :, :, :size], cache.v[:, :, :, :size]
+    local = local_layers(cfg) if ring is not None else ()
+    full = [i for i in range(cache.k.shape[0]) if i not in local]
+    pick = (lambda x: x) if not local else (lambda x: x[jnp.asarray(full, jnp.int32)])  # noqa: E731
+    k, v = pick(cache.k)[:, :, :, :size], pick(cache.v)[:, :, :, :size]
     shape = (k.shape[0], B) + k.shape[2:]
     k, v = jnp.broadcast_to(k, shape), jnp.broadcast_to(v, shape)
     if branches is not None:
@@ -41,10 +47,28 @@ def _rows(cache: KVCache, starts, branches: KVCache | None = None, source=None, 
             x = jnp.pad(x, ((0, 0), (0, 0), (0, 0), (0, size - x.shape[3]), (0, 0)))
             return jnp.take(x, jnp.maximum(source, 0), axis=1)
 
-        k, v = jnp.where(use, rows_of(branches.k), k), jnp.where(use, rows_of(branches.v), v)
+        k, v = jnp.where(use, rows_of(pick(branches.k)), k), jnp.where(use, rows_of(pick(branches.v)), v)
     slot = jnp.arange(size)[None]
     pos = jnp.where(slot < starts[:, None], slot, -1).astype(jnp.int32)
-    return KVCache(k=k, v=v, pos=pos, length=starts.astype(jnp.int32))
+    out = KVCache(k=k, v=v, pos=pos, length=starts.astype(jnp.int32))
+    if not local:
+        return out
+    # ring slot r of row b holds the latest position p < starts[b] with p % ring == r (or none)
+    r = jnp.arange(ring)[None]
+    p = starts[:, None] - 1 - (starts[:, None] - 1 - r) % ring                       # [B, W]
+    pc = jnp.maximum(p, 0)
+    li = jnp.asarray(local, jnp.int32)
+
+    def ring_of(x, xb):     # [L, 1, K, S, D] (and branches [L, R, K, Sb, D]) -> [Ll, B, K, W, D]
+        got = jnp.transpose(x[li][:, 0][:, :, pc], (0, 2, 1, 3, 4))
+        if xb is not None:  # row b's slots of branch row source[b], gathered without a [B, Sb] copy
+            picked = xb[li][:, jnp.maximum(source, 0)[:, None], :, jnp.minimum(pc, xb.shape[3] - 1)]
+            got = jnp.where((source >= 0)[None, :, None, None, None], jnp.transpose(picked, (2, 0, 3, 1, 4)), got)
+        return got
+
+    return out.replace(ring_k=ring_of(cache.k, None if branches is None else branches.k),
+                       ring_v=ring_of(cache.v, None if branches is None else branches.v),
+                       ring_pos=jnp.where(p >= 0, p, -1).astype(jnp.int32))
 
 
 def _rep_fn(shape, mesh):
@@ -91,9 +115,16 @@ class Runner:
 
     # -- helpers -------------------------------------------------------------------------------
 
-    def cache_sharding(self, batch: int, size: int) -> KVCache:
-        """The NamedShardings of a [batch]-row cache of `size` slots on the mesh (a KVCache of them)."""
-        shape = jax.eval_shape(lambda: init_cache(self.cfg, batch, size))
+    def ring_for(self, size: int) -> int | None:
+        """Ring slots of the batch caches of `size` slots: a windowed cache (a local layer keeps its
+        window) for models with local layers smaller than the cache; None, the plain cache."""
+        return ring_size_for(self.cfg, size)
+
+    def cache_sharding(self, batch: int, size: int, plain: bool = False) -> KVCache:
+        """The NamedShardings of a [batch]-row cache of `size` slots on the mesh (a KVCache of them):
+        the batch caches' kind (`ring_for`), or a plain cache (the shared prefix and its branches,
+        which keep every position so each row can cut its own window)."""
+        shape = jax.eval_shape(lambda: init_cache(self.cfg, batch, size, ring=None if plain else self.ring_for(size)))
         return shd.cache_shardings(shape, self.mesh)
 
     def _put(self, x, sharding_fn):
@@ -117,15 +148,16 @@ class Runner:
     # below use it, and rhead_jax.dryrun lowers and compiles the same function on abstract arguments
     # (`jax.ShapeDtypeStruct`s carrying the mesh's shardings). One wiring for both.
 
-    def init_cache_jit(self, batch: int, size: int):
-        """() -> a zeroed [batch]-row cache of `size` slots (sharded on the mesh)."""
+    def init_cache_jit(self, batch: int, size: int, plain: bool = False):
+        """() -> a zeroed [batch]-row cache of `size` slots (sharded on the mesh); windowed for a
+        model with local layers (`ring_for`) unless `plain`."""
         def make():
-            step = partial(init_cache, self.cfg, batch, size)
+            step = partial(init_cache, self.cfg, batch, size, ring=None if plain else self.ring_for(size))
             if self.mesh is None:
                 return self.jit(step)
-            return self.jit(step, out_shardings=self.cache_sharding(batch, size))
+            return self.jit(step, out_shardings=self.cache_sharding(batch, size, plain))
 
-        return self._jit(("init", batch, size), make)
+        return self._jit(("init", batch, size, plain), make)
 
     def rows_jit(self, batch: int, size: int, prefix_size: int, branches: tuple[int, int] | None = None):
         """(cache1, starts [batch][, branches, source [batch]]) -> a [batch]-row cache of `size`
@@ -133,30 +165,32 @@ class Runner:
         slots < starts[b]); with `branches` = (rows, slots) of a branch cache, row b takes them from
         branch row source[b] where source[b] >= 0 (engine.choose_branches)."""
         def make():
-            step = partial(_rows, size=size)
+            step = partial(_rows, size=size, cfg=self.cfg, ring=self.ring_for(size))
             if self.mesh is None:
                 return self.jit(step)
             bsh = shd.batch_sharding((batch,), self.mesh)
-            in_sh = (self.cache_sharding(1, prefix_size), bsh)
+            in_sh = (self.cache_sharding(1, prefix_size, plain=True), bsh)
             if branches is not None:
-                in_sh += (self.cache_sharding(*branches), bsh)
+                in_sh += (self.cache_sharding(*branches, plain=True), bsh)
             return self.jit(step, in_shardings=in_sh, out_shardings=self.cache_sharding(batch, size))
 
         return self._jit(("rows", batch, size, prefix_size, branches), make)
 
-    def prefill_block_jit(self, batch: int, size: int, width: int, spec: GenerateSpec, mask: bool = False):
+    def prefill_block_jit(self, batch: int, size: int, width: int, spec: GenerateSpec, mask: bool = False,
+                          plain: bool = False):
         """(params, cache, block, tokens [d, width], positions [d, width], head_mask or None[, targets])
         -> cache: one prefill call of row block `block` (models.generate.prefill_block_impl) on a
         [batch]-row cache of `size` slots, d = the data axis. The cache is DONATED (updated in place).
         With spec.prefill_masses it takes the block's MassTargets (d rows) and returns (cache, mass
-        [L, d, H, M])."""
+        [L, d, H, M]). plain: the cache is a plain one where the batch caches are windowed (the
+        prefix branches')."""
         d = self.data_size
 
         def make():
             step = partial(prefill_block_impl, cfg=self.cfg, spec=spec, data=d)
             if self.mesh is None:
                 return self.jit(step, donate_argnums=(1,))
-            rep, csh = shd.replicated(self.mesh), self.cache_sharding(batch, size)
+            rep, csh = shd.replicated(self.mesh), self.cache_sharding(batch, size, plain)
             tsh = shd.batch_sharding((d, width), self.mesh)
             in_sh = (self.param_sh, csh, rep, tsh, tsh, rep if mask else None)
             if spec.prefill_masses:
@@ -164,7 +198,7 @@ class Runner:
                                out_shardings=(csh, rep), donate_argnums=(1,))
             return self.jit(step, in_shardings=in_sh, out_shardings=csh, donate_argnums=(1,))
 
-        return self._jit(("prefill_block", batch, size, width, spec, mask), make)
+        return self._jit(("prefill_block", batch, size, width, spec, mask, plain), make)
 
     def decode_jit(self, batch: int, size: int, spec: GenerateSpec, mask: bool = False):
         """(params, first [batch], prompt_lens [batch], cache, decode_mask or None[, targets]) ->
@@ -203,8 +237,20 @@ class Runner:
         return self.init_cache_jit(batch, size)()
 
     def prefix_cache(self, size: int) -> KVCache:
-        """The 1-row cache the engine prefills the shared prefix into (`rows` takes the batch from it)."""
-        return self.init_cache(1, size)
+        """The 1-row cache the engine prefills the shared prefix into (`rows` takes the batch from
+        it): plain, every position of every layer, so each row cuts its own local windows."""
+        return self.init_cache_jit(1, size, plain=True)()
+
+    def branch_cache(self, batch: int, size: int) -> KVCache:
+        """The cache the engine prefills the prefix branches into (plain, like `prefix_cache`)."""
+        if self.ring_for(size) is None:
+            return self.init_cache(batch, size)
+        return self.init_cache_jit(batch, size, plain=True)()
+
+    @staticmethod
+    def _plain(cache) -> bool:
+        """A plain KVCache (not windowed; any other runner's cache counts as its own kind)."""
+        return isinstance(cache, KVCache) and not cache.windowed
 
     def prefill(self, tokens: np.ndarray, positions: np.ndarray, cache: KVCache, spec: GenerateSpec,
                 head_mask=None) -> KVCache:
@@ -216,11 +262,11 @@ class Runner:
             return prefill(params, self.cfg, tok, pos, cache, chunk=spec.prefill_chunk, head_mask=mask,
                            mask_mode=spec.mask_mode, attn=spec.attn)
 
-        key = ("prefill", tokens.shape, size, spec, head_mask is None)
+        key = ("prefill", tokens.shape, size, spec, head_mask is None, self._plain(cache))
         if self.mesh is None:
             fn = self._jit(key, lambda: self.jit(run))
         else:
-            csh, rep = self.cache_sharding(B, size), shd.replicated(self.mesh)
+            csh, rep = self.cache_sharding(B, size, self._plain(cache)), shd.replicated(self.mesh)
             fn = self._jit(key, lambda: self.jit(
                 run, in_shardings=(self.param_sh, rep, rep, csh, None if head_mask is None else rep),
                 out_shardings=csh))
@@ -242,7 +288,8 @@ class Runner:
         """Append tokens [d, W] to the rows of row block `block` (one row per data shard, see
         models.generate.take_row_block). The cache is donated: it is updated in place. With
         spec.prefill_masses (targets: the block's d rows) returns (cache, mass [L, d, H, M])."""
-        fn = self.prefill_block_jit(cache.k.shape[1], cache.size, tokens.shape[1], spec, head_mask is not None)
+        plain = self._plain(cache) and self.ring_for(cache.size) is not None
+        fn = self.prefill_block_jit(cache.k.shape[1], cache.size, tokens.shape[1], spec, head_mask is not None, plain)
         mask = None if head_mask is None else self._put(head_mask, _rep_fn)
         args = (self.params, cache, self._put(np.int32(block), _rep_fn), self._put(tokens, shd.batch_sharding),
                 self._put(positions, shd.batch_sharding), mask)

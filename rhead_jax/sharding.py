@@ -31,6 +31,8 @@ PARAM_AXES: dict[str, tuple[str | None, ...]] = {
     "lm_head": ("embed", "vocab"),
     "layers/attn_norm": ("layers", "embed"),
     "layers/mlp_norm": ("layers", "embed"),
+    "layers/post_attn_norm": ("layers", "embed"),  # Gemma 2/3 sandwich norms
+    "layers/post_mlp_norm": ("layers", "embed"),
     "layers/q": ("layers", "embed", "q_heads", "head_dim"),
     "layers/k": ("layers", "embed", "kv_heads", "head_dim"),
     "layers/v": ("layers", "embed", "kv_heads", "head_dim"),
@@ -71,7 +73,10 @@ RULES: dict[str, str | None] = {
 
 CACHE_AXES = {"k": ("layers", "batch", "kv_heads", "cache_seq", "head_dim"),
               "v": ("layers", "batch", "kv_heads", "cache_seq", "head_dim"),
-              "pos": ("batch", "cache_seq"), "length": ("batch",)}
+              "pos": ("batch", "cache_seq"), "length": ("batch",),
+              # a windowed cache's local-layer rings (None in a plain cache): the ring is not split
+              "ring_k": ("layers", "batch", "kv_heads", None, "head_dim"),
+              "ring_v": ("layers", "batch", "kv_heads", None, "head_dim"), "ring_pos": ("batch", None)}
 
 _logged: set = set()
 
@@ -160,7 +165,7 @@ def param_shardings(cfg: ModelConfig, mesh: Mesh) -> Any:
 def cache_shardings(cache_shape: KVCache, mesh: Mesh) -> KVCache:
     return KVCache(**{name: NamedSharding(mesh, logical_to_spec(CACHE_AXES[name], getattr(cache_shape, name).shape,
                                                                 mesh, what=f"cache/{name}"))
-                      for name in CACHE_AXES})
+                      for name in CACHE_AXES if getattr(cache_shape, name) is not None})
 
 
 def batch_sharding(shape, mesh: Mesh) -> NamedSharding:

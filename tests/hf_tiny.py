@@ -38,8 +38,23 @@ FAMILIES = {
     "mixtral": ("MixtralConfig", "MixtralForCausalLM",
                 dict(num_local_experts=4, num_experts_per_tok=2, sliding_window=None)),
     "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", dict()),
+    # Qwen2's sliding window from max_window_layers: layer 0 global, layers 1-2 local
+    "qwen2_window": ("Qwen2Config", "Qwen2ForCausalLM", dict(use_sliding_window=True, sliding_window=5,
+                                                             max_window_layers=1)),
     "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", dict(head_dim=16)),
     "smollm2": ("LlamaConfig", "LlamaForCausalLM", dict(num_key_value_heads=1, tie_word_embeddings=True)),
+    # Gemma: head_dim != hidden / heads, tied embeddings; windows of 5 (not dividing the tests'
+    # prefill chunk of 8; 24-token contexts are ~5 windows), soft-caps small enough to bite
+    "gemma": ("GemmaConfig", "GemmaForCausalLM", dict(head_dim=16, hidden_act="gelu_pytorch_tanh",
+                                                      tie_word_embeddings=True)),
+    "gemma2": ("Gemma2Config", "Gemma2ForCausalLM",
+               dict(head_dim=16, num_hidden_layers=4, sliding_window=5, query_pre_attn_scalar=24,
+                    attn_logit_softcapping=4.0, final_logit_softcapping=6.0, tie_word_embeddings=True)),
+    "gemma3": ("Gemma3TextConfig", "Gemma3ForCausalLM",
+               dict(head_dim=16, num_hidden_layers=5, sliding_window=5, sliding_window_pattern=3,
+                    query_pre_attn_scalar=24, tie_word_embeddings=True,
+                    rope_parameters={"full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1e6},
+                                     "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}})),
 }
 
 

@@ -23,7 +23,9 @@ def test_config_validates(path):
     elif path.stem == "gemma3_270m":  # 1K..32K doubling, to the model's 32,768 positions (max_new_tokens 50)
         assert list(c.sweep.lengths) == [1000 * 2**i for i in range(5)] + [32000] and list(c.sweep.depths) == [0, 50, 100]
         assert c.model.path == "gemma3-270m" and not c.model.chat
-    elif path.stem.startswith(("mistral", "mixtral", "qwen")):  # 32K models: the paper lengths that fit
+    elif path.stem.startswith("gemma2_"):  # 8K models: the paper lengths that fit
+        assert list(c.sweep.lengths) == [n for n in paper_lengths() if n <= 8142] and list(c.sweep.depths) == paper_depths()
+    elif path.stem.startswith(("mistral", "mixtral", "qwen", "gemma3_1b")):  # 32K models: the paper lengths that fit
         assert list(c.sweep.lengths) == [n for n in paper_lengths() if n <= 32718] and len(c.sweep.lengths) == 13
         assert list(c.sweep.depths) == paper_depths()
     else:
@@ -34,3 +36,17 @@ def test_all_paper_models_have_a_config():
     names = {p.stem for p in CONFIGS}
     assert {"llama2_7b_80k", "llama2_13b_64k", "mistral_7b_v02", "mistral_7b_instruct_v02", "mixtral_8x7b",
             "yi_6b_200k", "yi34b", "qwen15_14b", "qwen15_14b_chat", "smollm2_135m"} <= names
+
+
+def test_gemma_configs_have_presets():
+    """Each Gemma config names a preset, which loads (local and global layers) without weights."""
+    from rhead_jax.presets import CONFIG_PRESETS, preset_config
+
+    gemmas = [p.stem for p in CONFIGS if p.stem in ("gemma2_2b", "gemma2_9b", "gemma2_27b", "gemma3_1b", "gemma3_4b",
+                                                     "gemma3_12b", "gemma3_27b")]
+    assert len(gemmas) == 7
+    for stem in gemmas:
+        cfg = preset_config(CONFIG_PRESETS[stem])
+        local = sum(w is not None for w in cfg.windows)
+        assert 0 < local < cfg.num_layers and cfg.sandwich_norms and cfg.norm_plus_one
+        assert (cfg.local_rope is not None) == stem.startswith("gemma3")

@@ -135,6 +135,23 @@ def test_cli_bad_input(tiny_config, tmp_path):
     assert not wd.exists()
 
 
+def test_a_sweep_grid_override_the_mixedkv_grid_replaces_is_refused(tmp_path):
+    # smollm2_135m.py sets config.mixedkv.lengths: --config.sweep.lengths alone would be ignored
+    wd = tmp_path / "wd"
+    assert_user_error(run_cli("rhead_jax.mixedkv", "--config", "smollm2_135m.py", "--workdir", wd,
+                              "--config.sweep.lengths=(500,)"), "--config.sweep.lengths has no effect",
+                      "--config.mixedkv.lengths")
+    assert not wd.exists()
+    from rhead_jax.config import default_config
+    from rhead_jax.mixedkv.run import check_grid_overrides
+
+    c = default_config()
+    check_grid_overrides(c, {"sweep.lengths"})         # no mixedkv grid: the sweep's is the grid
+    c.mixedkv.lengths = (2000,)
+    check_grid_overrides(c, {"sweep.lengths", "mixedkv.lengths"})  # both given: the mixedkv one is meant
+    check_grid_overrides(c, {"sweep.depths"})           # depths are the sweep's
+
+
 # ----------------------------------------------------------------------------------- meshes
 def test_mixed_cache_on_8_devices_equals_one_device(tmp_path):
     model = make_tiny_smol(tmp_path / "gqa")  # 8 query heads, 2 KV heads

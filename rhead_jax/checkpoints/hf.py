@@ -57,7 +57,8 @@ def _layer_getters(cfg: ModelConfig, store: TensorStore) -> tuple[dict[str, Laye
 
     g: dict[str, LayerGetter] = {
         "attn_norm": t("input_layernorm.weight"),
-        "mlp_norm": t("post_attention_layernorm.weight"),
+        "mlp_norm": t("pre_feedforward_layernorm.weight" if cfg.sandwich_norms
+                      else "post_attention_layernorm.weight"),
         "q": t("self_attn.q_proj.weight", lambda w: w.T.reshape(d, H, D)),
         "k": t("self_attn.k_proj.weight", lambda w: w.T.reshape(d, K, D)),
         "v": t("self_attn.v_proj.weight", lambda w: w.T.reshape(d, K, D)),
@@ -71,6 +72,9 @@ def _layer_getters(cfg: ModelConfig, store: TensorStore) -> tuple[dict[str, Laye
         g["o_bias"] = t("self_attn.o_proj.bias")
     if cfg.qk_norm:
         g |= {"q_norm": t("self_attn.q_norm.weight"), "k_norm": t("self_attn.k_norm.weight")}
+    if cfg.sandwich_norms:  # Gemma 2/3
+        g |= {"post_attn_norm": t("post_attention_layernorm.weight"),
+              "post_mlp_norm": t("post_feedforward_layernorm.weight")}
     if not cfg.is_moe:
         g |= {"gate": t("mlp.gate_proj.weight", np.transpose), "up": t("mlp.up_proj.weight", np.transpose),
               "down": t("mlp.down_proj.weight", np.transpose)}
@@ -94,10 +98,26 @@ def _layer_getters(cfg: ModelConfig, store: TensorStore) -> tuple[dict[str, Laye
     return g, read
 
 
-def _consumed_names(cfg: ModelConfig, layer_names: set[str]) -> set[str]:
+# Where a multimodal checkpoint (model_type gemma3) keeps its language model: transformers 4
+# saved `language_model.model.*`, transformers 5 `model.language_model.*`; text-only ones `model.*`.
+_TEXT_PREFIXES = ("model.", "language_model.model.", "model.language_model.")
+# Tensors of a multimodal checkpoint that the text decoder does not read.
+_OTHER_TOWERS = ("vision_tower.", "multi_modal_projector.", "model.vision_tower.", "model.multi_modal_projector.")
+
+
+def _text_prefix(store: TensorStore) -> str:
+    """The prefix before 'embed_tokens.weight' / 'layers.N.' in this checkpoint."""
+    for pre in _TEXT_PREFIXES:
+        if pre + "embed_tokens.weight" in store:
+            return pre
+    return "model."
+
+
+def _consumed_names(cfg: ModelConfig, layer_names: set[str], pre: str = "model.") -> set[str]:
     """Names of checkpoint tensors the getters read (for the 'unused tensor' check)."""
-    used = {"model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"}  # tied: lm_head ignored
-    used.update(f"model.layers.{i}.{n}" for i in range(cfg.num_layers) for n in layer_names)
+    used = {pre + "embed_tokens.weight", pre + "norm.weight", "lm_head.weight",
+            "language_model.lm_head.weight"}  # tied: lm_head ignored
+    used.update(f"{pre}layers.{i}.{n}" for i in range(cfg.num_layers) for n in layer_names)
     return used
 
 
@@ -124,8 +144,10 @@ def load_params(directory: str | Path, cfg: ModelConfig | None = None, *, dtype:
     template = param_shapes(cfg)
     getters, layer_names = _layer_getters(cfg, store)
 
-    consumed = _consumed_names(cfg, layer_names)
-    unknown = [n for n in store.names() if n not in consumed and not n.endswith("rotary_emb.inv_freq")]
+    pre = _text_prefix(store)
+    consumed = _consumed_names(cfg, layer_names, pre)
+    unknown = [n for n in store.names() if n not in consumed and not n.endswith("rotary_emb.inv_freq")
+               and not n.startswith(_OTHER_TOWERS)]
     if unknown:
         raise CheckpointError(
             f"checkpoint {directory} holds tensors this architecture does not use, e.g. {unknown[:5]}; "
@@ -148,11 +170,11 @@ def load_params(directory: str | Path, cfg: ModelConfig | None = None, *, dtype:
             def fetch(index):
                 idx = index if index else (slice(None),) * len(leaf.shape)
                 layers = range(*idx[0].indices(leaf.shape[0]))
-                parts = [expect(getter(store, f"model.layers.{i}."), leaf.shape[1:], f"layer {i} {path[1]}")
+                parts = [expect(getter(store, f"{pre}layers.{i}."), leaf.shape[1:], f"layer {i} {path[1]}")
                          [idx[1:]] for i in layers]
                 return np.stack(parts).astype(dt, copy=False)
         else:
-            name = {"embed": "model.embed_tokens.weight", "final_norm": "model.norm.weight",
+            name = {"embed": pre + "embed_tokens.weight", "final_norm": pre + "norm.weight",
                     "lm_head": "lm_head.weight"}[path[0]]
             getter = top_getter(name, np.transpose if path[0] == "lm_head" else (lambda w: w))
 

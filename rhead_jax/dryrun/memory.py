@@ -36,7 +36,7 @@ import numpy as np
 
 from rhead_jax import sharding as shd
 from rhead_jax.dryrun.topology import GiB, Topology
-from rhead_jax.models.decoder import init_cache, param_shapes
+from rhead_jax.models.decoder import init_cache, param_shapes, ring_size_for
 
 MARGIN = 0.05          # share of HBM left for the TPU runtime, fragmentation, and estimate error
 
@@ -95,13 +95,18 @@ def params_bytes(cfg, sizes: Mapping[str, int]) -> int:
     return out
 
 
-def cache_bytes(cfg, sizes: Mapping[str, int], *, rows: int, cache_size: int) -> int:
-    """Per-device bytes of a [rows]-row KV cache of `cache_size` slots (k, v, pos, length)."""
+def cache_bytes(cfg, sizes: Mapping[str, int], *, rows: int, cache_size: int, plain: bool = False) -> int:
+    """Per-device bytes of a [rows]-row KV cache of `cache_size` slots (k, v, pos, length): the
+    batch caches' kind (windowed for a model with local layers: their rings hold the window, not
+    the context; models.decoder.ring_size_for), or the plain cache (`plain`: the shared prefix)."""
     mesh_like = SimpleNamespace(shape=dict(sizes))
-    shape = jax.eval_shape(lambda: init_cache(cfg, rows, cache_size))
+    ring = None if plain else ring_size_for(cfg, cache_size)
+    shape = jax.eval_shape(lambda: init_cache(cfg, rows, cache_size, ring=ring))
     out = 0
     for name, axes in shd.CACHE_AXES.items():
         leaf = getattr(shape, name)
+        if leaf is None:
+            continue
         spec = shd.logical_to_spec(axes, leaf.shape, mesh_like, what=f"cache/{name}")
         out += shard_bytes(leaf.shape, leaf.dtype, spec, sizes)
     return out
@@ -139,8 +144,9 @@ def analytic_bytes(cfg, sizes: Mapping[str, int], *, batch: int, prefill_width: 
     return {
         "params": params_bytes(cfg, sizes),
         "kv_cache": kv,
-        "shared_prefix_cache": (cache_bytes(cfg, sizes, rows=1, cache_size=cache_size)
-                                + (cache_bytes(cfg, sizes, rows=-(-prefix_branches // d) * d, cache_size=cache_size)
+        "shared_prefix_cache": (cache_bytes(cfg, sizes, rows=1, cache_size=cache_size, plain=True)
+                                + (cache_bytes(cfg, sizes, rows=-(-prefix_branches // d) * d, cache_size=cache_size,
+                                               plain=True)
                                    if prefix_branches else 0)) if share_prefix else 0,
         "inputs": inputs,
         "outputs": outputs,

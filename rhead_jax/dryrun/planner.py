@@ -38,13 +38,14 @@ from rhead_jax import presets
 from rhead_jax import sharding as shd
 from rhead_jax.config import default_config
 from rhead_jax.dryrun import devices as dev
-from rhead_jax.dryrun.memory import MARGIN, Plan, analytic_bytes, auto_mesh, mixed_cache_bytes, padded_batch
-from rhead_jax.dryrun.topology import Topology, family_slices, parse_topology
+from rhead_jax.dryrun.memory import (MARGIN, Plan, analytic_bytes, auto_mesh, cache_bytes, mixed_cache_bytes,
+                                     padded_batch)
+from rhead_jax.dryrun.topology import GiB, Topology, family_slices, parse_topology
 from rhead_jax.engine import extra_score_masses
 from rhead_jax.errors import UserError
 from rhead_jax.models.attention import AttentionOptions, MassTargets
 from rhead_jax.models.config import ModelConfig
-from rhead_jax.models.decoder import init_cache, param_shapes
+from rhead_jax.models.decoder import init_cache, param_shapes, ring_size_for
 from rhead_jax.models.generate import GenerateSpec, cache_size_for, prefill_pieces, prefill_widths
 from rhead_jax.runner import Runner
 
@@ -137,6 +138,13 @@ def plan(cfg: ModelConfig, topology: Topology | str, *, context_len: int, batch_
     analytic = analytic_bytes(cfg, sizes, batch=batch, prefill_width=width, cache_size=S,
                               max_new_tokens=max_new_tokens, share_prefix=share_prefix,
                               prefix_branches=0 if mixed is not None else prefix_branches)
+    ring = ring_size_for(cfg, S)
+    if ring is not None and mixed is None:
+        n_local = sum(w is not None for w in cfg.windows)
+        plain = cache_bytes(cfg, sizes, rows=batch, cache_size=S, plain=True)
+        notes.append(f"windowed KV cache: {n_local} of {cfg.num_layers} layers are local and keep a ring of {ring} "
+                     f"slots (their window), not {S}; a plain cache would take {plain / GiB:.2f} GiB per device; "
+                     "the shared prefix stays plain (every row cuts its window from it)")
     layout = tables = None
     if mixed is not None and extra_scores:
         raise UserError("the mixed KV cache is planned without extra scores: drop --config.sweep.extra_scores "
@@ -186,10 +194,11 @@ def plan(cfg: ModelConfig, topology: Topology | str, *, context_len: int, batch_
         }
         return _compile(p, programs, backend)
     runner = Runner(cfg, None, mesh_obj)      # no params: only its jitted programs are used
-    cache = _abstract(jax.eval_shape(lambda: init_cache(cfg, batch, S)), runner.cache_sharding(batch, S))
+    cache = _abstract(jax.eval_shape(lambda: init_cache(cfg, batch, S, ring=runner.ring_for(S))),
+                      runner.cache_sharding(batch, S))
     params = _abstract(param_shapes(cfg), runner.param_sh)
     if share_prefix:
-        cache1 = _abstract(jax.eval_shape(lambda: init_cache(cfg, 1, S)), runner.cache_sharding(1, S))
+        cache1 = _abstract(jax.eval_shape(lambda: init_cache(cfg, 1, S)), runner.cache_sharding(1, S, plain=True))
         setup = (runner.rows_jit(batch, S, S), (cache1, rows), analytic["params"])
     else:
         setup = (runner.init_cache_jit(batch, S), (), analytic["params"])

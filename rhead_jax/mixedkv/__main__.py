@@ -39,10 +39,13 @@ def main(argv):
     fractions = _numbers(FLAGS.full_fraction, "full_fraction", float)
     seeds = _numbers(FLAGS.seeds, "seeds", int)
     config = cli.get_config()
+    from rhead_jax.mixedkv import run_mixedkv
+    from rhead_jax.mixedkv.run import check_grid_overrides
+
+    check_grid_overrides(config, cli.overridden_keys())
     cli.maybe_initialize_distributed()
     workdir = FLAGS.workdir or cli.default_workdir(config, "mixedkv")
     logging.info("workdir: %s", workdir)
-    from rhead_jax.mixedkv import run_mixedkv
 
     run_mixedkv(config, workdir, heads=FLAGS.heads, full_fraction=fractions, seeds=seeds)
 

@@ -37,6 +37,16 @@ from rhead_jax.report.provenance import file_record
 FIELDS = ("heads", "full_fraction", "seeds")
 
 
+def check_grid_overrides(config, overridden: set[str]) -> None:
+    """Refuse a command-line `config.sweep.lengths/depths` that config.mixedkv's own grid would
+    silently replace (the shipped smollm2_135m.py sets config.mixedkv.lengths)."""
+    for key in ("lengths", "depths"):
+        if f"sweep.{key}" in overridden and config.mixedkv[key] and f"mixedkv.{key}" not in overridden:
+            raise UserError(f"--config.sweep.{key} has no effect here: config.mixedkv.{key}="
+                            f"{tuple(config.mixedkv[key])} sets this command's grid; override "
+                            f"--config.mixedkv.{key} instead")
+
+
 def with_overrides(config, **overrides):
     """A copy of `config` with the config.mixedkv fields named by the keyword arguments that are not
     None replaced (heads, full_fraction, seeds), and config.sweep's grid replaced by

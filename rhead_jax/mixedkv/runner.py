@@ -200,7 +200,7 @@ class MeasuredRunner(Runner):
         self.last_cache = (0, 0, 0)
 
     def prefix_cache(self, size: int):
-        return self.init_cache_jit(1, size)()
+        return Runner.prefix_cache(self, size)
 
     def init_cache(self, batch: int, size: int):
         cache = super().init_cache(batch, size)

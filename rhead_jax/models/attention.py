@@ -162,25 +162,29 @@ def mass_from_probs(p, q_pos, k_pos, masses: tuple[str, ...], t: MassTargets):
     return jnp.einsum("bkgtm,btm->bkgm", per_query, _query_weights(q_pos, t))
 
 
-def _scores(q, k, scale, score_scale):
+def _scores(q, k, scale, score_scale, softcap=None):
     """Pre-mask scores [B, K, G, Tq, Sk] in fp32 from q [B, K, G, Tq, D] and k [B, K, Sk, D];
-    `score_scale` [K, G] multiplies them (uniform mask).
+    `score_scale` [K, G] multiplies them (uniform mask) after the soft-cap (Gemma 2).
 
     Both attention matmuls take and give the head-major layout [B, K, G, T, .]: the query-major
     [B, T, K, G, D] in an operand or a result costs XLA:CPU a transpose per tile, which made the
     chunked prefill 1.9x and a decode step's attention 1.6x slower (benchmarks/kernels.py)."""
-    return _scaled(jnp.einsum("bkgtd,bksd->bkgts", q, k, preferred_element_type=jnp.float32), scale, score_scale)
+    return _scaled(jnp.einsum("bkgtd,bksd->bkgts", q, k, preferred_element_type=jnp.float32), scale, score_scale,
+                   softcap)
 
 
-def _scaled(s, scale, score_scale):
-    """Scores [B, K, G, T, S] times the softmax scale and the uniform mask's [K, G] factors."""
+def _scaled(s, scale, score_scale, softcap=None):
+    """Scores [B, K, G, T, S] times the softmax scale, soft-capped (softcap * tanh(s / softcap), as
+    transformers' Gemma 2), times the uniform mask's [K, G] factors."""
     s = s * scale
+    if softcap is not None:
+        s = jnp.tanh(s / softcap) * softcap
     if score_scale is not None:
         s = s * score_scale[None, :, :, None, None]
     return s
 
 
-def _decode_scores(q, k, scale, score_scale):
+def _decode_scores(q, k, scale, score_scale, softcap=None):
     """`_scores` for one query per row (a decode step), q [B, 1, K, G, D]: the cache as the left
     operand of one [B*K]-batched matmul, [S, D] x [D, G]. XLA:CPU reads the cache 1.6x faster
     this way than with the query on the left (benchmarks/kernels.py, decode); the sums run in
@@ -189,16 +193,18 @@ def _decode_scores(q, k, scale, score_scale):
     S = k.shape[2]
     s = lax.dot_general(k.reshape(B * K, S, D), q.reshape(B * K, G, D), (((2,), (2,)), ((0,), (0,))),
                         preferred_element_type=jnp.float32)                       # [B*K, S, G]
-    return _scaled(jnp.einsum("bksg->bkgs", s.reshape(B, K, S, G))[:, :, :, None], scale, score_scale)
+    return _scaled(jnp.einsum("bksg->bkgs", s.reshape(B, K, S, G))[:, :, :, None], scale, score_scale, softcap)
 
 
-def dense_attention(q, k, v, q_pos, k_pos, *, window, scale, score_scale=None, sink=0, cache_left: bool = True):
+def dense_attention(q, k, v, q_pos, k_pos, *, window, scale, score_scale=None, sink=0, cache_left: bool = True,
+                    softcap=None):
     """Returns (out [B, T, K, G, D] in v.dtype, probs [B, K, G, T, S] fp32); masses: `mass_from_probs`.
-    cache_left: a single query's scores by `_decode_scores` (AttentionOptions.decode_scores)."""
+    cache_left: a single query's scores by `_decode_scores` (AttentionOptions.decode_scores).
+    softcap: the scores' tanh soft-cap (ModelConfig.attn_softcap; None: none)."""
     if q.shape[1] == 1 and cache_left:
-        s = _decode_scores(q, k, scale, score_scale)
+        s = _decode_scores(q, k, scale, score_scale, softcap)
     else:
-        s = _scores(jnp.einsum("btkgd->bkgtd", q), k, scale, score_scale)
+        s = _scores(jnp.einsum("btkgd->bkgtd", q), k, scale, score_scale, softcap)
     s = jnp.where(visible(q_pos, k_pos, window, sink)[:, None, None], s, NEG_INF)
     p = jax.nn.softmax(s, axis=-1)
     out = jnp.einsum("bkgts,bksd->bkgtd", p.astype(v.dtype), v)
@@ -209,7 +215,7 @@ def dense_attention(q, k, v, q_pos, k_pos, *, window, scale, score_scale=None, s
 
 def chunked_attention(q, k, v, q_pos, k_pos, q_slot0, *, window, scale, score_scale=None,
                       opts: AttentionOptions = AttentionOptions(), sink=0, masses: tuple[str, ...] = (),
-                      targets: MassTargets | None = None):
+                      targets: MassTargets | None = None, softcap=None):
     """Flash-style attention. q_slot0 [B]: cache slot of each row's first query.
 
     Slots and positions are assumed to advance together within a row (true for every cache this
@@ -247,7 +253,7 @@ def chunked_attention(q, k, v, q_pos, k_pos, q_slot0, *, window, scale, score_sc
             kc = lax.dynamic_slice_in_dim(k, j * ck, ck, axis=2)
             vc = lax.dynamic_slice_in_dim(v, j * ck, ck, axis=2)
             kpc = lax.dynamic_slice_in_dim(k_pos, j * ck, ck, axis=1)
-            s = _scores(qc, kc, scale, score_scale)
+            s = _scores(qc, kc, scale, score_scale, softcap)
             vis = visible(qpc, kpc, window, sink)
             s = jnp.where(vis[:, None, None], s, NEG_INF)
             m_new = jnp.maximum(m, s.max(-1))

@@ -13,7 +13,9 @@ from typing import Any, Mapping
 
 from rhead_jax.errors import UserError
 
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "mixtral", "qwen2", "qwen3", "yi")
+GEMMA_TYPES = ("gemma", "gemma2", "gemma3_text")
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "mixtral", "qwen2", "qwen3", "yi") + GEMMA_TYPES + ("gemma3",)
+ACTIVATIONS = ("silu", "gelu_tanh", "gelu")
 ROPE_TYPES = ("default", "linear", "dynamic", "yarn", "llama3")
 
 
@@ -60,9 +62,23 @@ class ModelConfig:
       max_position_embeddings: the model's context limit; longer inputs are refused.
       rope: rotary settings.
       qkv_bias: q/k/v projections carry biases (Qwen1.5/Qwen2). o_bias/mlp_bias: Llama's flags.
-      qk_norm: per-head RMSNorm on q and k before rope (Qwen3).
+      qk_norm: per-head RMSNorm on q and k before rope (Qwen3, Gemma 3).
       sliding_window: per-layer window (None = full attention on that layer); keys with
-        q_pos - k_pos >= window are masked, as transformers does.
+        q_pos - k_pos >= window are masked, as transformers does. A layer's KIND is local (a
+        window) or global (None).
+      local_rope: the rope of local layers when it differs from `rope` (Gemma 3: local theta
+        10,000 unscaled, global `rope` 1e6 with linear scaling); None: every layer uses `rope`.
+      norm_plus_one: Gemma's RMSNorm, x * (1 + w) computed in fp32 and then cast (every norm,
+        q/k norms included); Llama's casts x first and multiplies by w.
+      sandwich_norms: Gemma 2/3's extra norms: post-attention (on the attention output, before
+        the residual add) and post-feed-forward; the MLP's input norm is then
+        `pre_feedforward_layernorm`.
+      activation: the MLP's gated activation, one of ACTIVATIONS ("gelu_tanh": GeGLU).
+      embed_scale: embeddings times sqrt(hidden_size), the factor cast to the compute dtype
+        first (as transformers does: 55.4256 becomes 55.5 in bf16 for d = 3072).
+      query_pre_attn_scalar: attention scale is query_pre_attn_scalar ** -0.5 (None: head_dim).
+      attn_softcap, final_softcap: tanh soft-capping, cap * tanh(s / cap), of the scaled
+        attention scores (before the mask) and of the final logits (Gemma 2).
       num_experts, num_experts_per_tok: sparse MoE MLP (Mixtral) when num_experts > 0.
       tie_word_embeddings: lm_head shares the embedding matrix (SmolLM2).
       dtype: parameter/activation dtype name ("float32" or "bfloat16"); softmax is always fp32.
@@ -83,6 +99,14 @@ class ModelConfig:
     mlp_bias: bool = False
     qk_norm: bool = False
     sliding_window: tuple[int | None, ...] | None = None
+    local_rope: RopeConfig | None = None
+    norm_plus_one: bool = False
+    sandwich_norms: bool = False
+    activation: str = "silu"
+    embed_scale: bool = False
+    query_pre_attn_scalar: float | None = None
+    attn_softcap: float | None = None
+    final_softcap: float | None = None
     num_experts: int = 0
     num_experts_per_tok: int = 0
     tie_word_embeddings: bool = False
@@ -96,6 +120,30 @@ class ModelConfig:
                 f"num_key_value_heads={self.num_kv_heads}")
         if self.sliding_window is not None and len(self.sliding_window) != self.num_layers:
             raise ConfigError("sliding_window must give one entry per layer")
+        if self.activation not in ACTIVATIONS:
+            raise ConfigError(f"activation {self.activation!r} is not one of {ACTIVATIONS}")
+
+    @property
+    def attn_scale(self) -> float:
+        """The softmax scale: head_dim ** -0.5, or query_pre_attn_scalar ** -0.5 (Gemma 2/3)."""
+        return (self.query_pre_attn_scalar or self.head_dim) ** -0.5
+
+    @property
+    def windows(self) -> tuple[int | None, ...]:
+        """[L] each layer's window (None: global)."""
+        return self.sliding_window or (None,) * self.num_layers
+
+    @property
+    def ropes(self) -> tuple[RopeConfig, ...]:
+        """The distinct ropes: (rope,) or (rope, local_rope); `rope_kinds` indexes it."""
+        return (self.rope,) if self.local_rope is None else (self.rope, self.local_rope)
+
+    @property
+    def rope_kinds(self) -> tuple[int, ...]:
+        """[L] index into `ropes` of each layer's rope (1: a local layer with its own rope)."""
+        if self.local_rope is None:
+            return (0,) * self.num_layers
+        return tuple(int(w is not None) for w in self.windows)
 
     @property
     def group_size(self) -> int:
@@ -155,8 +203,11 @@ _ROPE_FIELDS = {
 }
 
 
-def _rope_from_hf(hf: dict) -> RopeConfig:
-    params = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
+def _rope_from_hf(hf: dict, params: Mapping | None = None, theta: float | None = None) -> RopeConfig:
+    """The rope of `params` (default: the config's rope_parameters / rope_scaling); `theta` is the
+    base when neither params nor the config's rope_theta names one."""
+    if params is None:
+        params = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
     if not isinstance(params, Mapping):
         raise ConfigError(f"rope_parameters must be a mapping, got {params!r}")
     if params and all(isinstance(v, Mapping) for v in params.values()):
@@ -173,7 +224,7 @@ def _rope_from_hf(hf: dict) -> RopeConfig:
         raise ConfigError(
             f"rope field(s) {sorted(unknown)} are not understood for rope_type {rope_type!r}; "
             f"known: {sorted(_ROPE_FIELDS[rope_type])}")
-    theta = params.get("rope_theta", hf.get("rope_theta", 10000.0))
+    theta = params.get("rope_theta", hf.get("rope_theta", 10000.0 if theta is None else theta))
     if hf.get("partial_rotary_factor", 1.0) != 1.0:
         raise ConfigError("partial_rotary_factor != 1 is not supported (field 'partial_rotary_factor')")
     orig = params.get("original_max_position_embeddings")
@@ -221,8 +272,106 @@ def _sliding_windows(hf: dict, num_layers: int) -> tuple[int | None, ...] | None
     return None
 
 
+# Gemma: the fields its config.json may carry beyond the Llama ones.
+_GEMMA_FIELDS = frozenset({
+    "hidden_activation", "query_pre_attn_scalar", "attn_logit_softcapping", "final_logit_softcapping",
+    "rope_local_base_freq", "use_bidirectional_attention", "sliding_window_pattern",
+    "_sliding_window_pattern",  # transformers 5 writes it beside layer_types, which win
+    "cache_implementation",  # transformers' choice of cache class ("hybrid"): no effect on values
+})
+
+# transformers' Gemma3TextConfig defaults: the text_config of a `gemma3` checkpoint lists only
+# what differs from them (google/gemma-3-4b-it names 6 fields). The rope defaults (global theta
+# 1e6, local 10,000) and the pattern (6) are applied in `_gemma`.
+_GEMMA3_TEXT_DEFAULTS = {
+    "vocab_size": 262_208, "hidden_size": 2304, "intermediate_size": 9216, "num_hidden_layers": 26,
+    "num_attention_heads": 8, "num_key_value_heads": 4, "head_dim": 256,
+    "hidden_activation": "gelu_pytorch_tanh", "max_position_embeddings": 131_072, "rms_norm_eps": 1e-6,
+    "tie_word_embeddings": True, "query_pre_attn_scalar": 256, "sliding_window": 4096,
+}
+
+
+def _text_config(hf: dict) -> dict:
+    """A `gemma3` (multimodal) config's text_config, with Gemma3TextConfig's defaults and the
+    outer config's dtype; the vision fields do not touch the text decoder."""
+    text = hf.get("text_config")
+    if not isinstance(text, Mapping):
+        raise ConfigError("model_type 'gemma3' needs a 'text_config' mapping (the language model's config)")
+    text = dict(text)
+    if text.get("model_type", "gemma3_text") != "gemma3_text":
+        raise ConfigError(f"gemma3 text_config has model_type {text['model_type']!r}; expected 'gemma3_text'")
+    text["model_type"] = "gemma3_text"
+    for key in ("dtype", "torch_dtype"):
+        if key in hf and key not in text:
+            text[key] = hf[key]
+    return text
+
+
+_ACTIVATIONS = {"silu": "silu", "swish": "silu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_tanh": "gelu_tanh",
+                "gelu_new": "gelu_tanh", "gelu": "gelu"}
+
+
+def _gemma(hf: dict, num_layers: int) -> dict:
+    """ModelConfig fields of a Gemma (1), Gemma 2 or Gemma 3 text config (transformers 4 or 5)."""
+    mt = hf["model_type"]
+    if hf.get("use_bidirectional_attention"):
+        raise ConfigError("use_bidirectional_attention is true (field 'use_bidirectional_attention'): "
+                          "only causal decoders are supported")
+    if mt == "gemma":  # transformers maps Gemma 1's legacy hidden_act "gelu" to the tanh GELU
+        act = hf.get("hidden_activation") or hf.get("hidden_act") or "gelu_pytorch_tanh"
+        act = "gelu_pytorch_tanh" if act == "gelu" else act
+        for f in ("query_pre_attn_scalar", "attn_logit_softcapping", "final_logit_softcapping",
+                  "rope_local_base_freq", "sliding_window", "sliding_window_pattern", "layer_types"):
+            if hf.get(f) is not None:
+                raise ConfigError(f"field {f!r} is not part of a model_type 'gemma' config")
+    else:
+        act = hf.get("hidden_activation") or "gelu_pytorch_tanh"
+    if act not in _ACTIVATIONS:
+        raise ConfigError(f"unsupported activation {act!r} (field 'hidden_activation'); supported: "
+                          f"{', '.join(_ACTIVATIONS)}")
+    out = dict(norm_plus_one=True, sandwich_norms=mt != "gemma", activation=_ACTIVATIONS[act],
+               embed_scale=True, qk_norm=mt == "gemma3_text")
+    if mt == "gemma":
+        return out | dict(rope=_rope_from_hf(hf))
+    window = hf.get("sliding_window")
+    layer_types = hf.get("layer_types")
+    if layer_types is None:  # transformers: layer i is local unless (i + 1) % pattern == 0
+        pattern = (hf.get("sliding_window_pattern") or hf.get("_sliding_window_pattern")
+                   or (2 if mt == "gemma2" else 6))
+        layer_types = ["sliding_attention" if (i + 1) % pattern else "full_attention" for i in range(num_layers)]
+    rp = hf.get("rope_parameters")
+    if isinstance(rp, Mapping) and rp and all(isinstance(v, Mapping) for v in rp.values()):
+        unknown = set(rp) - {"full_attention", "sliding_attention"}
+        if unknown:
+            raise ConfigError(f"field 'rope_parameters' names unknown layer types {sorted(unknown)}")
+        rope = _rope_from_hf(hf, rp.get("full_attention", {}), theta=1e6)
+        local = _rope_from_hf(hf, rp.get("sliding_attention", {}), theta=1e4)
+    else:
+        rope = _rope_from_hf(hf, theta=1e6 if mt == "gemma3_text" else 1e4)
+        local = (RopeConfig(theta=float(hf.get("rope_local_base_freq") or 10000.0))
+                 if mt == "gemma3_text" else None)
+        if mt == "gemma2" and hf.get("rope_local_base_freq") is not None:
+            raise ConfigError("field 'rope_local_base_freq' is not part of a model_type 'gemma2' config")
+    if local == rope:
+        local = None
+    if mt == "gemma3_text" and hf.get("attn_logit_softcapping") is not None:
+        raise ConfigError("field 'attn_logit_softcapping' is set for a Gemma 3 model, whose transformers "
+                          "attention ignores it; refused as ambiguous (set it to null)")
+    qpas = hf.get("query_pre_attn_scalar")
+    return out | dict(
+        rope=rope, local_rope=local, sliding_window=_sliding_windows({**hf, "layer_types": layer_types}, num_layers),
+        query_pre_attn_scalar=None if qpas is None else float(qpas),
+        attn_softcap=None if hf.get("attn_logit_softcapping") is None else float(hf["attn_logit_softcapping"]),
+        final_softcap=None if hf.get("final_logit_softcapping") is None else float(hf["final_logit_softcapping"]))
+
+
 def _from_hf(hf: dict, *, dtype: str | None) -> ModelConfig:
     mt = hf.get("model_type")
+    if mt == "gemma3":
+        hf = _text_config(hf)
+        mt = "gemma3_text"
+    if mt == "gemma3_text":  # what the config.json leaves out, transformers takes from its defaults
+        hf = {**_GEMMA3_TEXT_DEFAULTS, **{k: v for k, v in hf.items() if v is not None or k not in _GEMMA3_TEXT_DEFAULTS}}
     if mt not in SUPPORTED_MODEL_TYPES:
         raise ConfigError(
             f"unsupported architecture: model_type={mt!r} (field 'model_type'); supported: "
@@ -230,6 +379,8 @@ def _from_hf(hf: dict, *, dtype: str | None) -> ModelConfig:
     known = _IGNORED_FIELDS | _HANDLED_FIELDS
     if mt == "mixtral":
         known = known | {"num_local_experts", "num_experts_per_tok"}
+    if mt in GEMMA_TYPES:
+        known = known | _GEMMA_FIELDS
     unknown = sorted(k for k in hf if k not in known)
     # Mistral/Mixtral configs may carry 'rope_scaling': null etc.: null values never change anything.
     unknown = [k for k in unknown if hf[k] is not None]
@@ -239,7 +390,7 @@ def _from_hf(hf: dict, *, dtype: str | None) -> ModelConfig:
             "change the computation, so the model is refused. If a field is harmless, add it to "
             "rhead_jax.models.config._IGNORED_FIELDS.")
     act = hf.get("hidden_act", "silu")
-    if act not in ("silu", "swish"):
+    if mt not in GEMMA_TYPES and act not in ("silu", "swish"):
         raise ConfigError(f"unsupported activation hidden_act={act!r}; only 'silu' is implemented")
     if hf.get("quantization_config") is not None:
         raise ConfigError("quantized checkpoints (field 'quantization_config') are not supported")
@@ -255,14 +406,16 @@ def _from_hf(hf: dict, *, dtype: str | None) -> ModelConfig:
         dtype = {"float16": "bfloat16"}.get(dtype, dtype)  # no fp16 path: bf16 has the range
     if dtype not in ("float32", "bfloat16"):
         raise ConfigError(f"unsupported dtype {dtype!r}; use float32 or bfloat16")
-    return ModelConfig(
+    gemma = _gemma(hf, num_layers) if mt in GEMMA_TYPES else {}
+    kw = dict(
         vocab_size=hf["vocab_size"], hidden_size=hidden, intermediate_size=hf["intermediate_size"],
         num_layers=num_layers, num_heads=num_heads,
         num_kv_heads=hf.get("num_key_value_heads") or num_heads, head_dim=head_dim,
         rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
         max_position_embeddings=int(hf.get("max_position_embeddings", 4096)),
-        rope=_rope_from_hf(hf), qkv_bias=qkv_bias, o_bias=attention_bias and mt != "qwen2",
+        rope=None if gemma else _rope_from_hf(hf), qkv_bias=qkv_bias, o_bias=attention_bias and mt != "qwen2",
         mlp_bias=bool(hf.get("mlp_bias", False)), qk_norm=mt == "qwen3",
-        sliding_window=_sliding_windows(hf, num_layers),
+        sliding_window=None if gemma else _sliding_windows(hf, num_layers),
         num_experts=num_experts, num_experts_per_tok=int(hf.get("num_experts_per_tok", 0) or 0) if num_experts else 0,
-        tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)), dtype=dtype, model_type=mt)
+        tie_word_embeddings=bool(hf.get("tie_word_embeddings", mt in GEMMA_TYPES)), dtype=dtype, model_type=mt)
+    return ModelConfig(**{**kw, **gemma})

@@ -1,8 +1,18 @@
 """The Llama-like decoder as a pure function of (params, inputs), declared as a Flax linen module.
 
 One decoder covers Llama-2/3, Mistral (sliding window), Mixtral (sparse MoE), Yi (Llama), Qwen1.5/2
-(q/k/v biases), Qwen3 (q/k RMSNorm) and SmolLM2 (tied embeddings). Layers are stacked on a leading
-axis and run with `lax.scan`, so compile time does not grow with depth.
+(q/k/v biases), Qwen3 (q/k RMSNorm), SmolLM2 (tied embeddings) and Gemma 1/2/3 ((1 + w) norms,
+sandwich norms, GeGLU, scaled embeddings, soft-capping, local/global layers). Layers are stacked on
+a leading axis and run with `lax.scan`, so compile time does not grow with depth.
+
+Hybrid local/global models (Gemma 2: 1 local : 1 global; Gemma 3: 5 : 1). A layer's kind is DATA
+in the scan: its window ([L] int32, NO_WINDOW for a global layer) and the index of its rope in
+cfg.ropes ([L] int32; the rope tables of each kind are computed once per call, [R, B, T, D], and
+the layer picks its own). So the scan body is one layer with ONE attention op, whatever the
+pattern or depth: the op already masks by positions and takes the window as a traced scalar (the
+chunked path skips the key chunks a window hides). The alternative, scanning the repeating block
+(5 local + 1 global) with the kinds as the block's static structure, compiles 6 layers and a
+remainder scan, and would only be needed if the kinds' caches had different shapes in one scan.
 
 Parameter tree (L layers, d model, f MLP, H/K query/kv heads, D head dim, E experts, V vocab):
 
@@ -12,6 +22,8 @@ Parameter tree (L layers, d model, f MLP, H/K query/kv heads, D head dim, E expe
     layers/k, v      [L, d, K, D]  layers/k_bias, v_bias [L, K, D]
     layers/o         [L, H, D, d]  layers/o_bias [L, d]      (o_bias)
     layers/q_norm, k_norm [L, D]                             (qk_norm)
+    layers/post_attn_norm, post_mlp_norm [L, d]              (sandwich_norms; mlp_norm is then
+                                                              HF's pre_feedforward_layernorm)
     dense MLP: layers/gate, up [L, d, f], down [L, f, d]     (+ *_bias with mlp_bias)
     MoE MLP:   layers/router [L, d, E], gate, up [L, E, d, f], down [L, E, f, d]
     final_norm [d]
@@ -26,6 +38,7 @@ import flax.linen as nn
 import flax.struct
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 from rhead_jax.models.attention import (MASS_TARGETS, NO_WINDOW, AttentionOptions, MassTargets,
@@ -80,27 +93,95 @@ class Captures:
 
 @flax.struct.dataclass
 class KVCache:
-    """Static-shape KV cache.
+    """Static-shape KV cache: the plain one (every layer keeps every position) or, with rings, the
+    windowed one (a local layer keeps only its window of positions).
 
-    k, v: [L, B, K, S, D] (the layout attention reads without copies). pos: [B, S] int32 position held in each slot (-1: empty/padding).
-    length: [B] int32, the next slot each row writes to.
+    k, v: [Lf, B, K, S, D] (the layout attention reads without copies): the layers that keep every
+      position (Lf = L for a plain cache; the global layers of a windowed one). pos: [B, S] int32
+      position held in each slot (-1: empty/padding); slot = position.
+    length: [B] int32, the next slot each row writes to (= the row's next position).
+    ring_k, ring_v: [Ll, B, K, W, D] or None: a windowed cache's local layers (cfg.windows not
+      None), in layer order; position p lives in ring slot p % W. W >= every local window, so a
+      ring holds all a local query can see; its memory is W, not S. ring_pos [B, W]: position per
+      ring slot (-1: empty).
+
+    The interface the decoder reads (forward's layer body), the same for both kinds:
+      write a block: the call's keys go to slots length + t (full layers) / p % W (rings, only the
+        last W positions of the call);
+      what attention reads: full layers read their S slots with `pos`; a local layer reads its
+        ring rolled into position order followed by the call's own keys, with their positions
+        (`ring_view`), so the chunked path's "slots advance with positions" holds;
+      slots back to positions (capture): a windowed cache's captured top-k are positions (key
+        position of the attended slot); a plain cache's are slots, which equal positions.
     """
 
     k: jax.Array
     v: jax.Array
     pos: jax.Array
     length: jax.Array
+    ring_k: jax.Array | None = None
+    ring_v: jax.Array | None = None
+    ring_pos: jax.Array | None = None
 
     @property
     def size(self) -> int:
         return self.k.shape[3]
 
+    @property
+    def windowed(self) -> bool:
+        return self.ring_k is not None
 
-def init_cache(cfg: ModelConfig, batch: int, size: int, *, dtype=None) -> KVCache:
+    @property
+    def ring_size(self) -> int:
+        return self.ring_k.shape[3]
+
+
+def local_layers(cfg: ModelConfig) -> tuple[int, ...]:
+    """Indices of the layers with a window (local layers)."""
+    return tuple(i for i, w in enumerate(cfg.windows) if w is not None)
+
+
+def ring_size_for(cfg: ModelConfig, size: int) -> int | None:
+    """Ring slots of a windowed cache of `size` positions: the largest window, or None (a plain
+    cache) when the model has no local layer or its window is not smaller than `size`."""
+    wins = [w for w in cfg.windows if w is not None]
+    return max(wins) if wins and max(wins) < size else None
+
+
+def init_cache(cfg: ModelConfig, batch: int, size: int, *, dtype=None, ring: int | None = None) -> KVCache:
+    """A zeroed cache of `size` slots. ring: None, a plain cache; W, a windowed one whose local
+    layers keep rings of W slots (W >= every window; W = size keeps every position in order, as
+    the shared prefix's one row must so each row can cut its own window from it)."""
     dtype = dtype or jnp.dtype(cfg.dtype)
-    shape = (cfg.num_layers, batch, cfg.num_kv_heads, size, cfg.head_dim)
-    return KVCache(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype),
-                   pos=jnp.full((batch, size), -1, jnp.int32), length=jnp.zeros((batch,), jnp.int32))
+    local = local_layers(cfg) if ring is not None else ()
+    if ring is not None and (not local or ring < max(w for w in cfg.windows if w is not None)):
+        raise ValueError(f"a ring of {ring} slots needs local layers whose windows fit in it")
+    shape = (cfg.num_layers - len(local), batch, cfg.num_kv_heads, size, cfg.head_dim)
+    cache = KVCache(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype),
+                    pos=jnp.full((batch, size), -1, jnp.int32), length=jnp.zeros((batch,), jnp.int32))
+    if ring is None:
+        return cache
+    rshape = (len(local), batch, cfg.num_kv_heads, ring, cfg.head_dim)
+    return cache.replace(ring_k=jnp.zeros(rshape, dtype), ring_v=jnp.zeros(rshape, dtype),
+                         ring_pos=jnp.full((batch, ring), -1, jnp.int32))
+
+
+def ring_view(ring_pos, length, new_pos):
+    """What a local layer reads: its ring rolled into position order, then the call's keys.
+
+    ring_pos [B, W], length [B] (before the call), new_pos [B, T] -> (order [B, W]: the ring slot
+    at each rolled index; key positions [B, W + T])."""
+    W = ring_pos.shape[1]
+    order = (length[:, None] + jnp.arange(W)[None]) % W
+    return order, jnp.concatenate([jnp.take_along_axis(ring_pos, order, axis=1), new_pos], axis=1)
+
+
+def ring_slots(new_pos, W: int):
+    """[B, T] ring slot of each new token, W (dropped) for padding and for tokens that a later
+    token of the same call overwrites (only the call's last W positions are written)."""
+    end = jnp.max(new_pos, axis=1, keepdims=True) + 1
+    keep = (new_pos >= 0) & (new_pos >= end - W)
+    return jnp.where(keep, new_pos % W, W)
 
 
 def write_rows(buf, new, i, slots, mode: str = "tpu"):
@@ -174,6 +255,8 @@ class Decoder(nn.Module):
             layers["o_bias"] = ((L, d), zeros)
         if c.qk_norm:
             layers |= {"q_norm": ((L, D), ones), "k_norm": ((L, D), ones)}
+        if c.sandwich_norms:
+            layers |= {"post_attn_norm": ((L, d), ones), "post_mlp_norm": ((L, d), ones)}
         if c.is_moe:
             E = c.num_experts
             layers |= {"router": ((L, d, E), w), "gate": ((L, E, d, f), w), "up": ((L, E, d, f), w),
@@ -218,11 +301,105 @@ def param_shapes(cfg: ModelConfig) -> Params:
 # ----------------------------------------------------------------------------- forward
 
 
-def rms_norm(x, weight, eps):
-    """transformers' RMSNorm: normalize in fp32, cast back, then scale."""
+def _windowed_layers(c: ModelConfig, cache: KVCache, x, xs, attend, as_positions, positions, new_pos, n_valid,
+                     ropes, attn: AttentionOptions, mask_mode: str, capture: CaptureSpec):
+    """`forward`'s layer scan over a windowed cache (KVCache with rings): the same layer body, the
+    layer's kind as data. A global layer writes and reads its full slots (stack index j); a local
+    one reads its ring j rolled into position order followed by the call's keys (`ring_view`),
+    then writes the call's last W keys into the ring. With both kinds, `lax.cond` on the kind
+    picks which cache the ONE attention (`attend`) reads: the two read shapes differ (S vs W + T).
+    Returns (x, new cache, captures with top-k as positions)."""
+    if capture.full_probs:
+        raise ValueError("full_probs capture needs a plain cache (init_cache without ring)")
+    B, T = positions.shape
+    K, G, D = c.num_kv_heads, c.group_size, c.head_dim
+    S, W = cache.size, cache.ring_size
+    local = [w is not None for w in c.windows]
+    has_global = not all(local)
+    is_local = jnp.asarray(local)
+    index = jnp.asarray([sum(local[:i]) if local[i] else i - sum(local[:i]) for i in range(c.num_layers)], jnp.int32)
+    slots = cache.length
+    pos = jnp.where(positions >= 0, positions, -1).astype(jnp.int32)
+    order, ring_kpos = ring_view(cache.ring_pos, cache.length, pos)
+    n_keys = W + T
+    if T > 1:  # the chunked path tiles the keys: pad them to a multiple of the key chunk
+        ck = min(attn.k_chunk, n_keys)
+        n_keys = -(-n_keys // ck) * ck
+        ring_kpos = jnp.pad(ring_kpos, ((0, 0), (0, n_keys - W - T)), constant_values=-1)
+    ring_at = ring_slots(pos, W)
+    new_ring_pos = cache.ring_pos.at[jnp.arange(B)[:, None], ring_at].set(pos, mode="drop")
+    rows = jnp.arange(B)[:, None]
+
+    def layer(carry, xs_l):
+        x, k_all, v_all, rk, rv = carry
+        lp, window, kind, hm_l, i = xs_l
+        loc, j = is_local[i], index[i]
+        q, k, v = attention_inputs(lp, c, x, *layer_rope(ropes, kind))
+        q = q.reshape(B, T, K, G, D)
+        hm_kg = hm_l.reshape(K, G)
+        score_scale = hm_kg if mask_mode == "uniform" else None
+        if has_global:  # a local layer writes nowhere here (slots past the end are dropped)
+            at = jnp.where(loc, S, slots)
+            k_all = write_rows(k_all, k, jnp.where(loc, 0, j), at, attn.cache_writes)
+            v_all = write_rows(v_all, v, jnp.where(loc, 0, j), at, attn.cache_writes)
+
+        def local_attention(ops):
+            q, k, v, rk, rv, k_all, v_all = ops
+            jl = jnp.where(loc, j, 0)
+
+            def keys(ring, new):    # [B, K, W, D] rolled, then the call's [B, K, T, D], padded
+                rolled = jnp.take_along_axis(ring[jl], order[:, None, :, None], axis=2)
+                out = jnp.concatenate([rolled, new.swapaxes(1, 2).astype(ring.dtype)], axis=2)
+                return jnp.pad(out, ((0, 0), (0, 0), (0, n_keys - W - T), (0, 0)))
+
+            out, cap = attend(q, keys(rk, k), keys(rv, v), ring_kpos, jnp.full((B,), W, jnp.int32), window,
+                              score_scale)
+            return out, as_positions(cap, ring_kpos)
+
+        def global_attention(ops):
+            q, k, v, rk, rv, k_all, v_all = ops
+            out, cap = attend(q, k_all[j], v_all[j], new_pos, slots, window, score_scale)
+            return out, as_positions(cap, new_pos)
+
+        ops = (q, k, v, rk, rv, k_all, v_all)
+        out, cap = lax.cond(loc, local_attention, global_attention, ops) if has_global else local_attention(ops)
+        at = jnp.where(loc, ring_at, W)     # the call's last W keys into the ring, after it was read
+        rk = rk.at[jnp.where(loc, j, 0), rows, :, at].set(k.astype(rk.dtype), mode="drop")
+        rv = rv.at[jnp.where(loc, j, 0), rows, :, at].set(v.astype(rv.dtype), mode="drop")
+        if mask_mode == "zero":
+            out = out * hm_kg[:, :, None].astype(out.dtype)
+        return (attention_output(lp, c, x, out), k_all, v_all, rk, rv), cap
+
+    (x, k_all, v_all, rk, rv), caps = lax.scan(layer, (x, cache.k, cache.v, cache.ring_k, cache.ring_v), xs)
+    new = KVCache(k=k_all, v=v_all, pos=new_pos, length=cache.length + n_valid, ring_k=rk, ring_v=rv,
+                  ring_pos=new_ring_pos)
+    return x, new, caps
+
+
+def rms_norm(x, weight, eps, plus_one: bool = False):
+    """transformers' RMSNorm: normalize in fp32, cast back, then scale. plus_one (Gemma): scale by
+    (1 + weight) in fp32, then cast."""
     xf = x.astype(jnp.float32)
     xf = xf * lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
+    if plus_one:
+        return (xf * (1.0 + weight.astype(jnp.float32))).astype(x.dtype)
     return weight * xf.astype(x.dtype)
+
+
+def norm(x, weight, cfg: ModelConfig):
+    """The model's RMSNorm of x [..., n] with weight [n]."""
+    return rms_norm(x, weight, cfg.rms_norm_eps, cfg.norm_plus_one)
+
+
+def _act(cfg: ModelConfig, g):
+    if cfg.activation == "silu":
+        return jax.nn.silu(g)
+    return jax.nn.gelu(g, approximate=cfg.activation == "gelu_tanh")
+
+
+def softcap(x, cap):
+    """cap * tanh(x / cap) (no-op for cap None)."""
+    return x if cap is None else jnp.tanh(x / cap) * cap
 
 
 def _mlp(lp, h, cfg: ModelConfig):
@@ -231,7 +408,7 @@ def _mlp(lp, h, cfg: ModelConfig):
         u = jnp.einsum("btd,df->btf", h, lp["up"])
         if cfg.mlp_bias:
             g, u = g + lp["gate_bias"], u + lp["up_bias"]
-        y = jnp.einsum("btf,fd->btd", jax.nn.silu(g) * u, lp["down"])
+        y = jnp.einsum("btf,fd->btd", _act(cfg, g) * u, lp["down"])
         return y + lp["down_bias"] if cfg.mlp_bias else y
     # Sparse MoE, transformers' Mixtral routing: softmax over all experts in fp32, keep the top-k,
     # renormalize (= softmax over the selected logits). Experts are evaluated densely and combined
@@ -243,27 +420,53 @@ def _mlp(lp, h, cfg: ModelConfig):
     weights = jnp.sum(jax.nn.one_hot(top_i, cfg.num_experts, dtype=jnp.float32) * top_w[..., None], axis=-2)
     g = jnp.einsum("btd,edf->btef", h, lp["gate"])
     u = jnp.einsum("btd,edf->btef", h, lp["up"])
-    y = jnp.einsum("btef,efd->bted", jax.nn.silu(g) * u, lp["down"])
+    y = jnp.einsum("btef,efd->bted", _act(cfg, g) * u, lp["down"])
     return jnp.einsum("bted,bte->btd", y.astype(jnp.float32), weights).astype(h.dtype)
 
 
 def embed(params: Params, cfg: ModelConfig, tokens):
-    """Token embeddings [B, T, d] in the model's dtype."""
-    return params["embed"][tokens].astype(jnp.dtype(cfg.dtype))
+    """Token embeddings [B, T, d] in the model's dtype (Gemma: times sqrt(d), the factor first cast
+    to the compute dtype as transformers does)."""
+    dt = jnp.dtype(cfg.dtype)
+    x = params["embed"][tokens].astype(dt)
+    if cfg.embed_scale:
+        x = x * jnp.asarray(np.float32(cfg.hidden_size ** 0.5)).astype(dt)
+    return x
+
+
+def layer_kinds(cfg: ModelConfig):
+    """Per-layer data of the scan: (windows [L] int32, NO_WINDOW for global layers; rope index
+    [L] int32 into cfg.ropes)."""
+    return (jnp.asarray([w or NO_WINDOW for w in cfg.windows], jnp.int32),
+            jnp.asarray(cfg.rope_kinds, jnp.int32))
+
+
+def rope_tables(cfg: ModelConfig, positions):
+    """cos, sin [R, B, T, D] for each of cfg.ropes (R = 1 or 2) at positions [B, T]."""
+    tabs = [rope_cos_sin(cfg, positions, rope=r) for r in cfg.ropes]
+    return jnp.stack([t[0] for t in tabs]), jnp.stack([t[1] for t in tabs])
+
+
+def layer_rope(tables, kind):
+    """One layer's cos, sin [B, T, D] from rope_tables' [R, B, T, D] and its rope index."""
+    cos, sin = tables
+    if cos.shape[0] == 1:   # one rope: no select in the program (the dense models' graph unchanged)
+        return cos[0], sin[0]
+    return lax.dynamic_index_in_dim(cos, kind, 0, False), lax.dynamic_index_in_dim(sin, kind, 0, False)
 
 
 def attention_inputs(lp, cfg: ModelConfig, x, cos, sin):
     """One layer's (q [B, T, H, D], k [B, T, K, D], v [B, T, K, D]) from its input x [B, T, d], with
     RoPE applied (lp: that layer's slice of params["layers"])."""
     c = cfg
-    h = rms_norm(x, lp["attn_norm"], c.rms_norm_eps)
+    h = norm(x, lp["attn_norm"], c)
     q = jnp.einsum("btd,dhk->bthk", h, lp["q"])
     k = jnp.einsum("btd,dnk->btnk", h, lp["k"])
     v = jnp.einsum("btd,dnk->btnk", h, lp["v"])
     if c.qkv_bias:
         q, k, v = q + lp["q_bias"], k + lp["k_bias"], v + lp["v_bias"]
     if c.qk_norm:
-        q, k = rms_norm(q, lp["q_norm"], c.rms_norm_eps), rms_norm(k, lp["k_norm"], c.rms_norm_eps)
+        q, k = norm(q, lp["q_norm"], c), norm(k, lp["k_norm"], c)
     return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
 
 
@@ -279,20 +482,23 @@ def attention_output(lp, cfg: ModelConfig, x, out):
                    lp["o"].reshape(K * G * D, -1))
     if c.o_bias:
         o = o + lp["o_bias"]
+    if c.sandwich_norms:
+        x = x + norm(o, lp["post_attn_norm"], c)
+        return x + norm(_mlp(lp, norm(x, lp["mlp_norm"], c), c), lp["post_mlp_norm"], c)
     x = x + o
-    return x + _mlp(lp, rms_norm(x, lp["mlp_norm"], c.rms_norm_eps), c)
+    return x + _mlp(lp, norm(x, lp["mlp_norm"], c), c)
 
 
 def final_hidden(params: Params, cfg: ModelConfig, x):
     """The final RMSNorm of the last layer's output (what the LM head reads)."""
-    return rms_norm(x, params["final_norm"], cfg.rms_norm_eps)
+    return norm(x, params["final_norm"], cfg)
 
 
 def output_logits(params: Params, cfg: ModelConfig, x):
     """fp32 logits [..., V] from the last layer's output x [..., d]."""
     x = final_hidden(params, cfg, x)
     head = params["embed"].T if cfg.tie_word_embeddings else params["lm_head"]
-    return jnp.einsum("...d,dv->...v", x, head, preferred_element_type=jnp.float32)
+    return softcap(jnp.einsum("...d,dv->...v", x, head, preferred_element_type=jnp.float32), cfg.final_softcap)
 
 
 def check_head_mask(cfg: ModelConfig, head_mask) -> None:
@@ -336,42 +542,34 @@ def forward(params: Params, cfg: ModelConfig, tokens, positions, cache: KVCache 
         size = -(-T // min(attn.k_chunk, T)) * min(attn.k_chunk, T)
         cache = init_cache(c, B, size)
     K, G, D = c.num_kv_heads, c.group_size, c.head_dim
-    scale = D ** -0.5
+    scale = c.attn_scale
     slots = cache.length
     valid = positions >= 0
     n_valid = valid.sum(-1).astype(jnp.int32)
     new_pos = cache.pos.at[jnp.arange(B)[:, None], slots[:, None] + jnp.arange(T)[None]].set(
         jnp.where(valid, positions, -1).astype(jnp.int32), mode="drop")
-    cos, sin = rope_cos_sin(c, positions)
-    windows = jnp.asarray([w or NO_WINDOW for w in (c.sliding_window or (None,) * c.num_layers)], jnp.int32)
+    ropes = rope_tables(c, positions)
+    windows, rope_kind = layer_kinds(c)
     hm = (jnp.ones((c.num_layers, c.num_heads), jnp.float32) if head_mask is None
           else jnp.asarray(head_mask, jnp.float32))
     want_last_row = capture.top_k > 0 and not capture.full_probs
     last_idx = jnp.maximum(n_valid - 1, 0)
 
-    def layer(carry, xs):
-        x, k_all, v_all = carry
-        lp, window, hm_l, i = xs
-        q, k, v = attention_inputs(lp, c, x, cos, sin)
-        # write just the new rows into the carried cache (in place inside loops)
-        k_all = write_rows(k_all, k, i, slots, attn.cache_writes)
-        v_all = write_rows(v_all, v, i, slots, attn.cache_writes)
-        kc, vc = k_all[i], v_all[i]
-        q = q.reshape(B, T, K, G, D)
-        hm_kg = hm_l.reshape(K, G)
-        score_scale = hm_kg if mask_mode == "uniform" else None
+    def attend(q, kc, vc, k_pos, q_slot0, window, score_scale):
+        """One layer's attention over keys kc, vc [B, K, S, D] at positions k_pos [B, S]: (out, cap)."""
         cap = {}
         if T == 1 or capture.full_probs:
-            out, p = dense_attention(q, kc, vc, positions, new_pos, window=window, scale=scale,
-                                     score_scale=score_scale, cache_left=attn.decode_scores == "cache_left")
+            out, p = dense_attention(q, kc, vc, positions, k_pos, window=window, scale=scale,
+                                     score_scale=score_scale, softcap=c.attn_softcap, cache_left=attn.decode_scores == "cache_left")
             if capture.full_probs:
                 cap["probs"] = p.reshape(B, c.num_heads, T, -1)
             if masses:
-                cap["mass"] = mass_from_probs(p, positions, new_pos, masses, targets).reshape(B, c.num_heads, -1)
+                cap["mass"] = mass_from_probs(p, positions, k_pos, masses, targets).reshape(B, c.num_heads, -1)
             last_p = jnp.take_along_axis(p, last_idx[:, None, None, None, None], axis=3)[:, :, :, 0]
         else:
-            out = chunked_attention(q, kc, vc, positions, new_pos, slots, window=window, scale=scale,
-                                    score_scale=score_scale, opts=attn, masses=masses, targets=targets)
+            out = chunked_attention(q, kc, vc, positions, k_pos, q_slot0, window=window, scale=scale,
+                                    score_scale=score_scale, softcap=c.attn_softcap, opts=attn, masses=masses,
+                                    targets=targets)
             if masses:
                 out, mass = out
                 cap["mass"] = mass.reshape(B, c.num_heads, -1)
@@ -379,20 +577,43 @@ def forward(params: Params, cfg: ModelConfig, tokens, positions, cache: KVCache 
             if want_last_row:  # the newest query's row over all keys: O(S), never T x S
                 q_last = jnp.take_along_axis(q, last_idx[:, None, None, None, None], axis=1)
                 pos_last = jnp.take_along_axis(positions, last_idx[:, None], axis=1)
-                _, p1 = dense_attention(q_last, kc, vc, pos_last, new_pos, window=window, scale=scale,
-                                        score_scale=score_scale)
+                _, p1 = dense_attention(q_last, kc, vc, pos_last, k_pos, window=window, scale=scale,
+                                        score_scale=score_scale, softcap=c.attn_softcap)
                 last_p = p1[:, :, :, 0]
         if capture.top_k > 0:
             w_top, i_top = lax.top_k(last_p.reshape(B, c.num_heads, -1), capture.top_k)
             cap["topk_index"], cap["topk_weight"] = i_top.astype(jnp.int32), w_top
+        return out, cap
+
+    def as_positions(cap, k_pos):
+        """A windowed cache's capture: attended slots -> their key positions."""
+        if capture.top_k > 0:
+            cap = dict(cap, topk_index=jnp.take_along_axis(k_pos[:, None], cap["topk_index"], axis=2))
+        return cap
+
+    def layer(carry, xs):
+        x, k_all, v_all = carry
+        lp, window, kind, hm_l, i = xs
+        q, k, v = attention_inputs(lp, c, x, *layer_rope(ropes, kind))
+        # write just the new rows into the carried cache (in place inside loops)
+        k_all = write_rows(k_all, k, i, slots, attn.cache_writes)
+        v_all = write_rows(v_all, v, i, slots, attn.cache_writes)
+        q = q.reshape(B, T, K, G, D)
+        hm_kg = hm_l.reshape(K, G)
+        out, cap = attend(q, k_all[i], v_all[i], new_pos, slots, window,
+                          hm_kg if mask_mode == "uniform" else None)
         if mask_mode == "zero":
             out = out * hm_kg[:, :, None].astype(out.dtype)
         return (attention_output(lp, c, x, out), k_all, v_all), cap
 
     x = embed(params, c, tokens)
-    xs = (params["layers"], windows, hm, jnp.arange(c.num_layers))
-    (x, k_all, v_all), caps = lax.scan(layer, (x, cache.k, cache.v), xs)
-    new_cache = KVCache(k=k_all, v=v_all, pos=new_pos, length=cache.length + n_valid)
+    xs = (params["layers"], windows, rope_kind, hm, jnp.arange(c.num_layers))
+    if not cache.windowed:
+        (x, k_all, v_all), caps = lax.scan(layer, (x, cache.k, cache.v), xs)
+        new_cache = KVCache(k=k_all, v=v_all, pos=new_pos, length=cache.length + n_valid)
+    else:
+        x, new_cache, caps = _windowed_layers(c, cache, x, xs, attend, as_positions, positions, new_pos, n_valid,
+                                              ropes, attn, mask_mode, capture)
     captures = Captures(topk_index=caps.get("topk_index"), topk_weight=caps.get("topk_weight"),
                         probs=caps.get("probs"), mass=caps.get("mass"))
 

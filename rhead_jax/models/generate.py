@@ -203,10 +203,15 @@ def _block_axis(x, axis: int, d: int):
     return x.reshape(x.shape[:axis] + (d, x.shape[axis] // d) + x.shape[axis + 1:])
 
 
+# the batch axis of each KVCache field (rings: None in a plain cache)
+_BATCH_AXIS = {"k": 1, "v": 1, "pos": 0, "length": 0, "ring_k": 1, "ring_v": 1, "ring_pos": 0}
+
+
 def take_row_block(cache: KVCache, j, d: int) -> KVCache:
     """The d-row cache of block j: rows j, B/d + j, 2B/d + j, ... of a [B]-row cache."""
     take = lambda x, axis: lax.dynamic_index_in_dim(_block_axis(x, axis, d), j, axis + 1, keepdims=False)  # noqa: E731
-    return KVCache(k=take(cache.k, 1), v=take(cache.v, 1), pos=take(cache.pos, 0), length=take(cache.length, 0))
+    return cache.replace(**{n: take(getattr(cache, n), a) for n, a in _BATCH_AXIS.items()
+                            if getattr(cache, n) is not None})
 
 
 def put_row_block(cache: KVCache, block: KVCache, j, d: int) -> KVCache:
@@ -215,8 +220,8 @@ def put_row_block(cache: KVCache, block: KVCache, j, d: int) -> KVCache:
         xb = lax.dynamic_update_index_in_dim(_block_axis(x, axis, d), y, j, axis + 1)
         return xb.reshape(x.shape)
 
-    return KVCache(k=put(cache.k, block.k, 1), v=put(cache.v, block.v, 1), pos=put(cache.pos, block.pos, 0),
-                   length=put(cache.length, block.length, 0))
+    return cache.replace(**{n: put(getattr(cache, n), getattr(block, n), a) for n, a in _BATCH_AXIS.items()
+                            if getattr(cache, n) is not None})
 
 
 def prefill_block_impl(params, cache: KVCache, j, tokens, positions, head_mask, targets: MassTargets | None = None,

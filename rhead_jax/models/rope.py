@@ -71,20 +71,23 @@ def _yarn(rope: RopeConfig, dim: int) -> tuple[np.ndarray, float]:
     return inv.astype(np.float32), float(attn)
 
 
-def rope_cos_sin(cfg: ModelConfig, positions: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray]:
-    """cos/sin tables [B, T, D] (fp32) for integer positions [B, T] (negative = padding).
+def rope_cos_sin(cfg: ModelConfig, positions: jnp.ndarray, rope: RopeConfig | None = None
+                 ) -> tuple[jnp.ndarray, jnp.ndarray]:
+    """cos/sin tables [B, T, D] (fp32) for integer positions [B, T] (negative = padding), of
+    `rope` (default cfg.rope; a local layer's may differ, cfg.ropes).
 
     Dynamic NTK: like transformers, the base grows with the largest position in the call,
     seq_len = max(positions) + 1, once that exceeds `max_position_embeddings`.
     """
     dim = cfg.head_dim
-    inv, attn_factor = static_inv_freq(cfg.rope, dim)
+    rope = cfg.rope if rope is None else rope
+    inv, attn_factor = static_inv_freq(rope, dim)
     inv = jnp.asarray(inv)
-    if cfg.rope.rope_type == "dynamic":
+    if rope.rope_type == "dynamic":
         max_pos = cfg.max_position_embeddings
         seq_len = jnp.maximum(jnp.max(positions) + 1, max_pos).astype(jnp.float32)
-        factor = cfg.rope.factor
-        base = cfg.rope.theta * ((factor * seq_len / max_pos) - (factor - 1)) ** (dim / (dim - 2))
+        factor = rope.factor
+        base = rope.theta * ((factor * seq_len / max_pos) - (factor - 1)) ** (dim / (dim - 2))
         inv = 1.0 / (base ** (jnp.arange(0, dim, 2, dtype=jnp.float32) / dim))
     freqs = positions.astype(jnp.float32)[..., None] * inv
     emb = jnp.concatenate([freqs, freqs], axis=-1)

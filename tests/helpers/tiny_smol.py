@@ -13,9 +13,10 @@ GQA = dict(vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_l
            num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=1024)
 
 
-def make_tiny_smol(directory: Path, *, moe: bool = False, seed: int = 0, sharpen: bool = True,
+def make_tiny_smol(directory: Path, *, moe: bool = False, gemma3: bool = False, seed: int = 0, sharpen: bool = True,
                    **config) -> Path:
-    """Save a random llama (or Mixtral with `moe`) with SmolLM2's tokenizer files into `directory`.
+    """Save a random llama (or Mixtral with `moe`, or a Gemma 3 text model with `gemma3`: local and
+    global layers) with SmolLM2's tokenizer files into `directory`.
 
     `config` overrides the GQA shape above; `sharpen` redraws the matrices with std 0.1 so that
     attention actually picks keys.
@@ -30,6 +31,10 @@ def make_tiny_smol(directory: Path, *, moe: bool = False, seed: int = 0, sharpen
     if moe:
         cfg = transformers.MixtralConfig(**common, num_local_experts=4, num_experts_per_tok=2, sliding_window=None)
         model = transformers.MixtralForCausalLM(cfg)
+    elif gemma3:
+        cfg = transformers.Gemma3TextConfig(**{"head_dim": 16, "sliding_window": 48, "sliding_window_pattern": 2,
+                                               "query_pre_attn_scalar": 16, **common})
+        model = transformers.Gemma3ForCausalLM(cfg)
     else:
         cfg = transformers.LlamaConfig(**{"tie_word_embeddings": True, **common})
         model = transformers.LlamaForCausalLM(cfg)
