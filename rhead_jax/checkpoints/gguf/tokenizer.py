@@ -1,6 +1,16 @@
-"""The tokenizer of a GGUF file as Hugging Face files: ``tokenizer.json`` (a byte-level BPE
-``tokenizers.Tokenizer`` rebuilt from the vocabulary/merges, with llama.cpp's pre-tokenizer) and
-``tokenizer_config.json`` (special tokens, BOS/EOS flags, chat template)."""
+"""The tokenizer of a GGUF file as Hugging Face files: ``tokenizer.json`` (a ``tokenizers.Tokenizer``
+rebuilt from the GGUF vocabulary) and ``tokenizer_config.json`` (special tokens, BOS/EOS flags, chat
+template).
+
+Two kinds of vocabulary are rebuilt:
+
+* ``tokenizer.ggml.model == "gpt2"``: byte-level BPE from the vocabulary and merges, with llama.cpp's
+  pre-tokenizer (SmolLM2, Llama 3, ...);
+* ``"llama"`` (SentencePiece) in a ``gemma3`` file: Gemma's BPE with byte fallback, spaces as ``▁``.
+  The file lists no merges: they are rebuilt from the vocabulary the way transformers' GGUF loader
+  does (every split of a token into two tokens, the token's rank in the file ordering them), so the
+  result tokenizes exactly as ``AutoTokenizer.from_pretrained(..., gguf_file=...)`` does.
+"""
 
 from __future__ import annotations
 
@@ -9,7 +19,7 @@ from typing import Any, Final
 
 from rhead_jax.checkpoints.gguf.convert import _field
 
-__all__ = ["build_tokenizer", "tokenizer_config"]
+__all__ = ["build_tokenizer", "gemma_merges", "tokenizer_config"]
 
 # GGUF token types (``gguf.TokenType``).
 _TOKEN_TYPE_CONTROL: Final[int] = 3
@@ -65,8 +75,16 @@ def _pre_tokenizer(pre: str) -> Any:
     )
 
 
+# ``general.architecture`` values whose SentencePiece ("llama") vocabulary is rebuilt as Gemma's.
+_GEMMA_ARCHITECTURES: Final[tuple[str, ...]] = ("gemma3",)
+_SPACE: Final[str] = "\u2581"  # SentencePiece's visible space, "▁"
+
+
 def build_tokenizer(reader: Any, gguf_path: Path | str = "<gguf>") -> Any:
-    """Rebuilds a byte-level BPE ``tokenizers.Tokenizer`` from GGUF tokenizer metadata.
+    """Rebuilds the ``tokenizers.Tokenizer`` a GGUF file's tokenizer metadata describes.
+
+    ``gpt2`` vocabularies become byte-level BPE (below); a ``gemma3`` file's SentencePiece vocabulary
+    becomes Gemma's BPE (:func:`_gemma_tokenizer`).
 
     Token ids equal their index in ``tokenizer.ggml.tokens``. Control tokens (type 3, e.g.
     ``<|im_start|>``) become special added tokens and user-defined tokens (type 4) plain added
@@ -84,10 +102,14 @@ def build_tokenizer(reader: Any, gguf_path: Path | str = "<gguf>") -> Any:
 
     path = Path(gguf_path)
     model = _field(reader, "tokenizer.ggml.model", path=path)
+    arch = _field(reader, "general.architecture", None)
+    if model == "llama" and arch in _GEMMA_ARCHITECTURES:
+        return _gemma_tokenizer(reader, path)
     if model != "gpt2":
         raise ValueError(
             f"{path}: GGUF field 'tokenizer.ggml.model' is {model!r}; only 'gpt2' (byte-level BPE) "
-            "tokenizers are supported. Use the model's original Hugging Face tokenizer instead."
+            f"tokenizers are supported, and 'llama' (SentencePiece) in {' / '.join(_GEMMA_ARCHITECTURES)} "
+            "files. Use the model's original Hugging Face tokenizer instead."
         )
     pre = _field(reader, "tokenizer.ggml.pre", "gpt2", path=path)
     tokens: list[str] = list(_field(reader, "tokenizer.ggml.tokens", path=path))
@@ -129,32 +151,104 @@ def build_tokenizer(reader: Any, gguf_path: Path | str = "<gguf>") -> Any:
         raise ValueError(f"{path}: rebuilt tokenizer has a different vocabulary size than the GGUF.")
 
     byte_level = processors.ByteLevel(trim_offsets=False)
+    template = _bos_eos_template(reader, tokens, path)
+    tokenizer.post_processor = byte_level if template is None else processors.Sequence([byte_level, template])
+    return tokenizer
+
+
+def _bos_eos_template(reader: Any, tokens: list[str], path: Path) -> Any:
+    """The post-processor adding BOS / EOS as ``tokenizer.ggml.add_bos_token`` / ``add_eos_token`` say
+    (default: neither), or None when neither is added."""
+    from tokenizers import processors
+
     add_bos = bool(_field(reader, "tokenizer.ggml.add_bos_token", False))
     add_eos = bool(_field(reader, "tokenizer.ggml.add_eos_token", False))
     bos_id = _field(reader, "tokenizer.ggml.bos_token_id", None)
     eos_id = _field(reader, "tokenizer.ggml.eos_token_id", None)
     if (add_bos and bos_id is None) or (add_eos and eos_id is None):
         raise ValueError(f"{path}: add_bos/add_eos is set but the bos/eos token id is missing.")
-    if add_bos or add_eos:
-        specials: list[tuple[str, int]] = []
-        prefix = suffix = ""
-        if add_bos:
-            bos = tokens[int(bos_id)]
-            specials.append((bos, int(bos_id)))
-            prefix = f"{bos}:0 "
-        if add_eos:
-            eos = tokens[int(eos_id)]
-            if (eos, int(eos_id)) not in specials:
-                specials.append((eos, int(eos_id)))
-            suffix = f" {eos}:0"
-        template = processors.TemplateProcessing(
-            single=f"{prefix}$A:0{suffix}",
-            pair=f"{prefix}$A:0{suffix} {prefix.replace(':0', ':1')}$B:1{suffix.replace(':0', ':1')}",
-            special_tokens=specials,
-        )
-        tokenizer.post_processor = processors.Sequence([byte_level, template])
-    else:
-        tokenizer.post_processor = byte_level
+    if not (add_bos or add_eos):
+        return None
+    specials: list[tuple[str, int]] = []
+    prefix = suffix = ""
+    if add_bos:
+        bos = tokens[int(bos_id)]
+        specials.append((bos, int(bos_id)))
+        prefix = f"{bos}:0 "
+    if add_eos:
+        eos = tokens[int(eos_id)]
+        if (eos, int(eos_id)) not in specials:
+            specials.append((eos, int(eos_id)))
+        suffix = f" {eos}:0"
+    return processors.TemplateProcessing(
+        single=f"{prefix}$A:0{suffix}",
+        pair=f"{prefix}$A:0{suffix} {prefix.replace(':0', ':1')}$B:1{suffix.replace(':0', ':1')}",
+        special_tokens=specials,
+    )
+
+
+def gemma_merges(tokens: list[str]) -> list[tuple[str, str]]:
+    """The BPE merges a Gemma vocabulary implies (the GGUF stores none).
+
+    Every split of a token into two tokens of the vocabulary is a merge. Merges rank by the token
+    they make, in file order (Gemma's scores do not follow its merge order; the order of the tokens
+    does), and among one token's splits the longer left piece first. This is transformers'
+    ``generate_merges(vocab, {token: -index})``, whose sort by (score, len(left), len(right)),
+    descending and stable, reduces to that order because each token has one score and its splits
+    differ in len(left).
+    """
+    vocab = {token: index for index, token in enumerate(tokens)}
+    merges: list[tuple[str, str]] = []
+    for token in tokens:
+        for cut in range(len(token) - 1, 0, -1):
+            left, right = token[:cut], token[cut:]
+            if left in vocab and right in vocab:
+                merges.append((left, right))
+    return merges
+
+
+def _gemma_tokenizer(reader: Any, path: Path) -> Any:
+    """Gemma's tokenizer (transformers' ``GemmaTokenizer``) from a SentencePiece GGUF vocabulary.
+
+    BPE with byte fallback (``<0x00>``..``<0xFF>``), ``unk`` fused, spaces normalized to ``▁`` and no
+    prefix space. A token of two or more spaces is stored with real spaces but looked up as ``▁▁``,
+    so it is respelled first. Control tokens (type 3) become special added tokens; user-defined
+    ones (type 4, e.g. newline runs) plain added tokens, matched whole, when their spelling is in
+    the vocabulary.
+    """
+    from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, pre_tokenizers
+
+    tokens: list[str] = list(_field(reader, "tokenizer.ggml.tokens", path=path))
+    token_types: list[int] = [int(t) for t in _field(reader, "tokenizer.ggml.token_type", [], path=path)]
+    if token_types and len(token_types) != len(tokens):
+        raise ValueError(f"{path}: 'tokenizer.ggml.token_type' and 'tokenizer.ggml.tokens' differ in length.")
+    spelled = [_SPACE * len(token) if " " in token and not token.strip() else token for token in tokens]
+    vocab = {token: index for index, token in enumerate(spelled)}
+    if len(vocab) != len(spelled):
+        raise ValueError(f"{path}: 'tokenizer.ggml.tokens' contains duplicate tokens.")
+    unk_id = _field(reader, "tokenizer.ggml.unknown_token_id", None)
+    if unk_id is None:
+        raise ValueError(f"{path}: GGUF field 'tokenizer.ggml.unknown_token_id' is missing; Gemma's "
+                         "tokenizer needs its unknown token.")
+
+    tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=gemma_merges(spelled), fuse_unk=True,
+                                     unk_token=spelled[int(unk_id)], dropout=None, byte_fallback=True))
+    tokenizer.normalizer = normalizers.Replace(" ", _SPACE)
+    tokenizer.pre_tokenizer = pre_tokenizers.Split(pattern=" ", behavior="merged_with_previous", invert=False)
+    tokenizer.decoder = decoders.Sequence([decoders.Replace(_SPACE, " "), decoders.ByteFallback(), decoders.Fuse()])
+    special = [AddedToken(token, special=True, normalized=False)
+               for token, kind in zip(tokens, token_types) if kind == _TOKEN_TYPE_CONTROL]
+    user = [AddedToken(token, special=False, normalized=False)
+            for token, kind in zip(tokens, token_types) if kind == _TOKEN_TYPE_USER_DEFINED and token in vocab]
+    if special:
+        tokenizer.add_special_tokens(special)
+    if user:
+        tokenizer.add_tokens(user)
+    if tokenizer.get_vocab_size(with_added_tokens=True) != len(tokens):
+        raise ValueError(f"{path}: rebuilt tokenizer has a different vocabulary size than the GGUF.")
+    template = _bos_eos_template(reader, tokens, path)
+    if template is not None:
+        tokenizer.post_processor = template
     return tokenizer
 
 
