@@ -35,8 +35,10 @@ with open(os.environ["FAKE_GCLOUD_LOG"], "a") as f:
     f.write(json.dumps(args) + "\n")
 home, gcs = Path(os.environ["FAKE_HOME"]), Path(os.environ["FAKE_GCS"])
 
-def save():
-    state_path.write_text(json.dumps(st))
+def save():  # atomic: the worker's python reads it concurrently
+    tmp = state_path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(st))
+    os.replace(tmp, state_path)
 
 def flag(name):
     return next((a.split("=", 1)[1] for a in args if a.startswith(name + "=")), None)
@@ -76,8 +78,8 @@ if cmd[:3] == ["compute", "tpus", "queued-resources"]:
         s = states[min(st["pos"], len(states) - 1)]
         if s == "SUSPENDING" and st.get("hold_after"):
             # preempt once the run has made progress, so that the resume has something to skip
-            for _ in range(600):
-                if len(list((gcs / "bucket" / "run").glob("batch_*"))) >= st["hold_after"]:
+            for _ in range(int(st.get("hold_wait_s", 30) / 0.05)):
+                if len(list((gcs / "bucket" / "run").rglob("batch_*"))) >= st["hold_after"]:
                     break
                 time.sleep(0.05)
         if s == "SUSPENDING":
@@ -192,7 +194,7 @@ def _verbs(calls):
         elif c[:3] == ["compute", "tpus", "tpu-vm"]:
             cmd = next((a for a in c if a.startswith("--command=")), "")
             out.append("scp" if c[3] == "scp" else "install" if "pip install" in cmd else
-                       "weights" if "weights.bin" in cmd else "start" if "nohup" in cmd else
+                       "start" if "nohup" in cmd else "weights" if "~/ckpt" in cmd else
                        "status" if "not running" in cmd else "stop" if "stopped pid" in cmd else "ssh")
     return out
 
@@ -238,3 +240,76 @@ def test_refuses_a_local_workdir(tmp_path):
     cloud = Cloud(tmp_path, [["ACTIVE"]])
     p = cloud.keep_running(workdir="workdir/run")
     assert p.returncode == 2 and "give a gs:// workdir" in p.stderr and not cloud.log.exists()
+
+
+# ------------------------------------------------------------------ the real sweep, preempted and resumed
+REAL_PYTHON = r"""#!PYTHON
+# The worker's venv python: pip and the device check succeed; `-m rhead_jax.sweep` is the real sweep
+# (on CPU, one process: --distributed dropped; gs:// mapped to the fake bucket). On the first slice
+# the run is cut off after its first finished batch, and waits for the preemption to kill it.
+import json, os, subprocess, sys, time
+from pathlib import Path
+
+argv = sys.argv[1:]
+if argv[:2] != ["-m", "rhead_jax.sweep"]:
+    sys.exit(0)
+gcs = os.environ["FAKE_GCS"]
+args = [a.replace("gs://", gcs + "/") for a in argv if a != "--distributed"]
+args = ["--config.model.path=" + os.path.expanduser(a.split("=", 1)[1]) if a.startswith("--config.model.path=") else a
+        for a in args]
+cmd = [os.environ["REAL_PYTHON"], *args]
+env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+state = json.loads(Path(os.environ["FAKE_STATE"]).read_text())
+if state["created"] != 1:
+    os.execve(cmd[0], cmd, env)
+child = subprocess.Popen(cmd, env=env)
+wd = Path(gcs) / "bucket" / "run" / "batches"
+while child.poll() is None and not list(wd.glob("batch_*.json")):
+    time.sleep(0.02)
+child.kill()
+print("cut off after", sorted(p.name for p in wd.glob("batch_*.json")), flush=True)
+time.sleep(600)
+"""
+
+TINY_CONFIG = """
+from rhead_jax.config import default_config
+def get_config():
+    c = default_config()
+    c.model.path, c.model.name = "unused", "tiny"
+    c.sweep.lengths, c.sweep.depths = [300, 600], [0, 50, 100]
+    c.sweep.batch_size, c.sweep.max_new_tokens = 3, 5
+    c.sweep.prefill_chunk, c.sweep.q_chunk, c.sweep.k_chunk, c.sweep.pad_multiple = 128, 64, 64, 32
+    return c
+"""
+
+
+@pytest.mark.slow  # three real sweeps of a tiny model (JAX start-up and compiles): minutes on a loaded machine
+def test_real_sweep_preempted_resumes_to_the_same_results(tmp_path):
+    from tests.helpers.tiny_smol import make_tiny_smol
+
+    model = make_tiny_smol(tmp_path / "tiny-model")
+    cfg = tmp_path / "tiny_sweep.py"
+    cfg.write_text(TINY_CONFIG)
+    cloud = Cloud(tmp_path / "cloud", [["ACTIVE", "ACTIVE", "SUSPENDING", "SUSPENDED"], ["PROVISIONING", "ACTIVE"]])
+    cloud.state.write_text(json.dumps({**json.loads(cloud.state.read_text()), "hold_after": 1, "hold_wait_s": 600}))
+    real = cloud.tmp / "fake_python"
+    real.write_text(REAL_PYTHON.replace("#!PYTHON", "#!" + sys.executable, 1))
+    cloud.env["REAL_PYTHON"] = sys.executable
+    cmd = ["bash", str(SCRIPT), "--name", "rhead", "--zone", "z", "--config", str(cfg), "--workdir", "gs://bucket/run",
+           "--poll", "0.5", "--weights_cmd", f"rm -rf ~/ckpt && cp -r {model} ~/ckpt", "--", "--config.model.path=~/ckpt"]
+    p = subprocess.run(cmd, env=cloud.env, cwd=cloud.tmp, capture_output=True, text=True, timeout=1800)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    assert "retry 1 of 10" in p.stdout and "summary.json exists: done" in p.stdout
+    verbs = [v for v in _verbs(cloud.calls()) if v not in ("qr-describe", "status")]
+    assert verbs.count("qr-create") == 2 and verbs.count("weights") == 2 and verbs.count("start") == 2
+    run = cloud.gcs / "bucket" / "run"
+    assert (run / "summary.json").exists()
+
+    ref = tmp_path / "uninterrupted"
+    r = subprocess.run([sys.executable, "-m", "rhead_jax.sweep", f"--config={cfg}", f"--workdir={ref}",
+                        f"--config.model.path={model}"], cwd=ROOT, env={**cloud.env, "HOME": os.environ["HOME"],
+                                                                       "JAX_PLATFORMS": "cpu"},
+                       capture_output=True, text=True, timeout=1800)
+    assert r.returncode == 0, r.stderr[-3000:]
+    for name in ("head_scores.json", "results.jsonl"):
+        assert (run / name).read_bytes() == (ref / name).read_bytes(), name
