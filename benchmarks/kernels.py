@@ -3,7 +3,11 @@
   prefill   one chunked prefill call on real SmolLM2 weights (fp32), achieved FLOP/s as a share of
             the jax fp32 matmul peak measured here (a square matmul, best of N);
   decode    one decode step (T = 1, top-1 capture of every head, as the sweep runs it) against
-            (weight bytes + KV bytes read) / the memory bandwidth measured here (a large copy).
+            (weight bytes + KV bytes read) / the memory bandwidth measured here (a large copy),
+            and against the batch-1 step (`x M=1`: what a row more per step costs);
+  layout    small-M matmuls with the model's weight shapes in both layouts, `x @ W` (W as
+            [K, N], the decoder's) and `einsum('mk,nk->mn')` (W as [N, K]): which one XLA:CPU
+            runs faster at the sweep's batch sizes (`--layouts`).
 
     python -m benchmarks.kernels                       # batch 1, 3, 8; prefill 2048 tokens
     python -m benchmarks.kernels --batches 3 --tokens 2048 --context 2048
@@ -62,6 +66,7 @@ def main() -> int:
     ap.add_argument("--context", type=int, default=2048, help="cache length of the decode step")
     ap.add_argument("--chunk", type=int, default=1024, help="prefill chunk (config.sweep.prefill_chunk)")
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--layouts", action="store_true", help="also time small-M matmuls in both weight layouts")
     args = ap.parse_args()
 
     import jax
@@ -90,9 +95,12 @@ def main() -> int:
 
     T, S = args.tokens, args.context
     L, H, D = cfg.num_layers, cfg.num_heads, cfg.head_dim
+    batches = [int(b) for b in args.batches.split(",")]
+    batches = batches if 1 in batches else [1, *batches]   # the M=1 step is every row's yardstick
+    one_row = None
     print(f"\n{'batch':>5} {'prefill s':>10} {'GFLOP/s':>8} {'of peak':>8} {'decode ms':>10} {'floor ms':>9} "
-          f"{'x floor':>8} {'ms/row':>7}")
-    for B in [int(b) for b in args.batches.split(",")]:
+          f"{'x floor':>8} {'x M=1':>6} {'ms/row':>7}")
+    for B in batches:
         size = -(-(T + 64) // c.k_chunk) * c.k_chunk
         toks = jnp.asarray(np.random.default_rng(0).integers(0, cfg.vocab_size, (B, T)), jnp.int32)
         pos = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
@@ -117,11 +125,35 @@ def main() -> int:
             return logits
 
         t_dec = best_of(one_step, args.repeats * 3)
+        one_row = one_row or t_dec
         kv_bytes = 2 * L * B * cfg.num_kv_heads * ds * D * 4
         floor = (weight_bytes + kv_bytes) / bw
         print(f"{B:>5} {t_pre:10.2f} {flops / t_pre / 1e9:8.1f} {flops / t_pre / peak:7.0%} {1e3 * t_dec:10.1f} "
-              f"{1e3 * floor:9.1f} {t_dec / floor:7.2f}x {1e3 * t_dec / B:7.1f}")
+              f"{1e3 * floor:9.1f} {t_dec / floor:7.2f}x {t_dec / one_row:5.2f}x {1e3 * t_dec / B:7.1f}")
+    if args.layouts:
+        layouts(cfg, batches, args.repeats, bw)
     return 0
+
+
+def layouts(cfg, batches, repeats: int, bw: float) -> None:
+    """Small-M matmuls [M, K] x W for the decoder's weight shapes, W as [K, N] (`x @ W`) and as
+    [N, K] (`einsum('mk,nk->mn')`), against the time to read W once at the measured bandwidth."""
+    import jax
+    import jax.numpy as jnp
+
+    d, f, v = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size
+    shapes = {"mlp up [d, f]": (d, f), "mlp down [f, d]": (f, d), "vocab [d, V]": (d, v)}
+    kn = jax.jit(lambda x, w: x @ w)
+    nk = jax.jit(lambda x, w: jnp.einsum("mk,nk->mn", x, w))
+    print(f"\n{'weight':>16} {'M':>3} {'x @ W ms':>9} {'einsum nk ms':>13} {'read W ms':>10}")
+    for name, (K, N) in shapes.items():
+        w = jax.random.normal(jax.random.PRNGKey(0), (K, N), jnp.float32)
+        wt = jnp.asarray(w.T)
+        for M in batches:
+            x = jax.random.normal(jax.random.PRNGKey(1), (M, K), jnp.float32)
+            a = best_of(lambda: kn(x, w), repeats * 5)
+            b = best_of(lambda: nk(x, wt), repeats * 5)
+            print(f"{name:>16} {M:>3} {1e3 * a:9.3f} {1e3 * b:13.3f} {1e3 * w.nbytes / bw:10.3f}")
 
 
 if __name__ == "__main__":

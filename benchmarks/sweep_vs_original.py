@@ -95,10 +95,16 @@ def main() -> int:
     ap.add_argument("overrides", nargs="*", help="more --config.* overrides for both sides (after --)")
     args = ap.parse_args()
     if args.haystack and not Path(args.haystack).exists():
-        sys.exit(f"error: --haystack {args.haystack} does not exist; give a .txt file or directory (module docstring)")
+        print(f"error: --haystack {args.haystack} does not exist; give a .txt file or directory (module docstring)",
+              file=sys.stderr)
+        return 2
     common = [f"--config={args.config}", *([f"--config.needles={args.needles}"] if args.needles else []),
               *([f"--config.haystack={Path(args.haystack).resolve()}"] if args.haystack else []), *args.overrides]
     attns = args.baselines.split(",")
+    if not attns or any(a not in ("sdpa", "eager") for a in attns) or len(set(attns)) < len(attns):
+        print(f"error: --baselines {args.baselines!r}: give sdpa and/or eager, comma-separated, the ratios' baseline "
+              "first", file=sys.stderr)
+        return 2
     names = ["baseline" if a == attns[0] else f"hf {a}" for a in attns] + ["cold", "warm"]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     env.pop("JAX_COMPILATION_CACHE_DIR", None)

@@ -1,0 +1,106 @@
+"""Where the sweep's peak RSS goes, measured in one process (the README's sweep, in stages):
+
+    python -m benchmarks.memory_breakdown --config smollm2_135m.py [--config.haystack=/tmp/kjv.txt]
+
+  runtime    RSS after `import jax` and the CPU client (python, jaxlib, XLA:CPU);
+  weights    RSS added by loading the model (params' bytes printed next to it; the tokenizer);
+  plan       RSS added by planning the grid (the haystack's tokens, the instances);
+  sweep      the peak RSS of the whole sweep (`rhead_jax.detection.run_sweep` on the loaded model),
+             read from the kernel (VmHWM), and what it holds at the peak by construction: the
+             shared prefix's cache (one row), the prefix branches' (one row each), one batch's KV
+             cache (batch size x the longest length's slots); the rest of the peak is XLA's
+             executables, its temporary buffers and the allocator's slack.
+
+Prints a table (MiB and share of the peak) for docs/performance.md. Use the venv without torch
+(.venv-user) to measure what a user's process holds: with torch installed, transformers' tokenizer
+imports it (~240 MiB).
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+
+from absl import flags, logging
+
+from rhead_jax import cli
+
+FLAGS = flags.FLAGS
+
+
+def status_kib(field: str) -> int:
+    """A field of /proc/self/status in KiB (VmRSS: now, VmHWM: the peak so far)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise KeyError(field)
+
+
+def mib(kib: float) -> float:
+    return kib / 1024
+
+
+def main(argv) -> None:
+    del argv
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    config = cli.get_config()
+    rows: list[tuple[str, float, str]] = []
+    rss = status_kib("VmRSS")
+    import jax
+
+    jax.devices()
+    runtime = status_kib("VmRSS")
+    rows.append(("python + JAX runtime (measured)", mib(runtime), f"{jax.__version__}, {jax.devices()[0].platform}"))
+
+    from rhead_jax.checkpoints import load_model
+
+    t = time.time()
+    model = load_model(config.model.path, dtype=config.model.dtype)
+    loaded = status_kib("VmRSS")
+    weight_bytes = sum(x.nbytes for x in jax.tree.leaves(model.params))
+    rows.append(("weights + tokenizer (measured)", mib(loaded - runtime),
+                 f"params {weight_bytes / 2 ** 20:.0f} MiB, loaded in {time.time() - t:.1f}s"))
+
+    from rhead_jax.engine import Engine, round_up
+    from rhead_jax.models.generate import cache_size_for
+
+    engine = Engine(config, model)
+    t = time.time()
+    instances = engine.plan_needles()
+    planned = status_kib("VmRSS")
+    rows.append(("plan: haystack tokens, instances (measured)", mib(planned - loaded),
+                 f"{len(instances)} instances in {time.time() - t:.2f}s"))
+
+    from rhead_jax.detection import run_sweep
+
+    t = time.time()
+    with tempfile.TemporaryDirectory(prefix="memory_breakdown_") as tmp:
+        run_sweep(config, tmp, model=model)
+    peak = status_kib("VmHWM")
+    cfg, s = model.cfg, config.sweep
+    slot = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * jax.numpy.dtype(model.params["embed"].dtype).itemsize
+    spec = engine.spec(capture=True)
+    longest = max(round_up(i.num_prompt_tokens, s.pad_multiple) for i in instances)
+    size = cache_size_for(longest, spec)
+    batch = min(s.batch_size, max(sum(i.length == L for i in instances) for L in {i.length for i in instances}))
+    prefix = slot * size
+    kv = slot * batch * size
+    rows.append((f"KV cache of a batch ({batch} rows x {size} slots, computed)", kv / 2 ** 20, ""))
+    rows.append((f"shared prefix cache (1 row x {size} slots, computed)", prefix / 2 ** 20, ""))
+    if s.prefix_branches:
+        rows.append((f"prefix branches (<= {s.prefix_branches} rows, <= {size} slots each, computed bound)",
+                     slot * s.prefix_branches * size / 2 ** 20, "freed after their last instance"))
+    known = mib(planned) + (kv + prefix) / 2 ** 20
+    rows.append(("rest: XLA executables, temporaries, allocator (peak - the above)", mib(peak) - known,
+                 "prefix branches included"))
+    logging.info("sweep in %.1fs", time.time() - t)
+    print(f"\npeak RSS {mib(peak):.0f} MiB ({mib(peak) / 1024:.2f} GiB); start {mib(rss):.0f} MiB")
+    print(f"{'part':<72} {'MiB':>7} {'of peak':>8}  note")
+    for name, m, note in rows:
+        print(f"{name:<72} {m:7.0f} {m / mib(peak):7.0%}  {note}")
+
+
+if __name__ == "__main__":
+    cli.define_config_flag()
+    cli.run(main)
