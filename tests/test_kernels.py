@@ -206,3 +206,15 @@ def test_splash_in_shard_map_on_a_mesh_equals_one_device(tmp_path):
             assert [r[:3] for r in rows] == [r[:3] for r in ref], (mesh, attention)
             np.testing.assert_allclose([r[3] for r in rows], [r[3] for r in ref], rtol=1e-4, atol=1e-6,
                                        err_msg=f"{mesh} {attention}")
+
+
+def test_config_refuses_unknown_attention_kernels():
+    from rhead_jax.config import default_config, validate
+    from rhead_jax.errors import UserError
+
+    c = default_config()
+    c.sweep.attention = "flash"
+    with pytest.raises(UserError, match="config.sweep.attention must be auto, chunked, splash"):
+        validate(c)
+    c.sweep.attention = "splash:interpret"
+    assert validate(c).sweep.attention == "splash:interpret"
