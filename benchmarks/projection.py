@@ -136,7 +136,8 @@ def main() -> int:
     run_p = sum(proj.phases[ph].seconds for ph in PHASES)
     run_m = sum(measured[ph] for ph in PHASES)
     print(f"{'all phases':16s}{'':18s}{run_p:13.2f}{run_m:12.2f}{run_p / run_m:20.3f}")
-    print(f"{'compile':16s}{'':18s}{'':13s}{measured['compile']:12.2f}   (XLA backend compiles, {proj.grid['programs']} "
+    print(f"{'compile':16s}{'':18s}{'':13s}{measured['compile']:12.2f}   (XLA backend compiles, "
+          f"{proj.grid['programs']} "
           "programs at most)")
     return 0
 

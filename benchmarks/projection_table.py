@@ -34,7 +34,8 @@ def main() -> int:
     from rhead_jax.dryrun.planner import grid_programs, model_config_for, paper_context, plan
     from rhead_jax.dryrun.projection import for_plan
 
-    print("| model | slice (chips) | mesh | grid (instances, batches) | prefill TFLOP/chip | splash: prefill / decode h | "
+    print("| model | slice (chips) | mesh | grid (instances, batches) | prefill TFLOP/chip | "
+          "splash: prefill / decode h | "
           "chunked: prefill h | compile h | wall h (splash) | chip-hours |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for name, slices in SLICES.items():

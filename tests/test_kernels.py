@@ -175,3 +175,46 @@ def test_sweep_through_splash_equals_the_chunked_sweep(tmp_path, monkeypatch):
         assert (a["generated"], a["copy_counts"], a["scores"]) == (b["generated"], b["copy_counts"], b["scores"])
         np.testing.assert_allclose(a["extra_scores"]["query"], b["extra_scores"]["query"], rtol=1e-4, atol=1e-6)
     assert (wd / "head_scores.json").read_bytes() == (ref_wd / "head_scores.json").read_bytes()
+
+
+@pytest.mark.slow
+def test_splash_in_shard_map_on_a_mesh_equals_one_device(tmp_path):
+    """The runner traces under its mesh and splash runs in shard_map (rows on "data", KV heads on
+    "model"): on a 2 x 2 mesh of simulated devices a tiny sweep's tokens and copy counts equal the
+    one-device chunked sweep's, and so do the chunked sweep's on the mesh; query scores to 1e-4."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from tests.helpers.tiny_smol import make_tiny_smol
+
+    d = make_tiny_smol(tmp_path / "gqa")       # 8 query heads, 2 KV heads: one per model shard
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
+    out = subprocess.run([sys.executable, "-m", "tests.helpers.sharded_kernels", "--model_dir", str(d), "--workroot",
+                          str(tmp_path / "wd"), "--meshes", "1,1,1", "2,2,1"], cwd=Path(__file__).resolve().parents[1],
+                         env=env, capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, out.stderr[-3000:]
+    results = json.loads(next(l for l in out.stdout.splitlines() if l.startswith("RESULT "))[len("RESULT "):])
+    ref = results["1,1,1"]["chunked"]
+    assert len(ref) == 3
+    for mesh, runs in results.items():
+        assert runs["chunked kernel traces"] == 0 and runs["splash:interpret kernel traces"] > 0, mesh
+        for attention in ("chunked", "splash:interpret"):
+            rows = runs[attention]
+            assert [r[:3] for r in rows] == [r[:3] for r in ref], (mesh, attention)
+            np.testing.assert_allclose([r[3] for r in rows], [r[3] for r in ref], rtol=1e-4, atol=1e-6,
+                                       err_msg=f"{mesh} {attention}")
+
+
+def test_config_refuses_unknown_attention_kernels():
+    from rhead_jax.config import default_config, validate
+    from rhead_jax.errors import UserError
+
+    c = default_config()
+    c.sweep.attention = "flash"
+    with pytest.raises(UserError, match="config.sweep.attention must be auto, chunked, splash"):
+        validate(c)
+    c.sweep.attention = "splash:interpret"
+    assert validate(c).sweep.attention == "splash:interpret"

@@ -247,7 +247,8 @@ class Plan:
             "hosts": self.topology.hosts, "hbm_gib": self.hbm_bytes / GiB, "mesh": self.mesh,
             "mesh_source": self.mesh_source, "context_len": self.context_len, "batch_size": self.batch_size,
             "batch": self.batch, "prompt_len": self.prompt_len, "prefill_width": self.prefill_width,
-            "cache_size": self.cache_size, "prefill_chunk": self.prefill_chunk, "backend": self.backend, "attention": self.attention,
+            "cache_size": self.cache_size, "prefill_chunk": self.prefill_chunk, "backend": self.backend,
+            "attention": self.attention,
             "analytic_gib": {k: v / GiB for k, v in self.analytic.items()},
             "compiled_gib": None if self.compiled is None else
             {p: {k: v / GiB for k, v in c.items() if not k.startswith("cost_")} for p, c in self.compiled.items()},

@@ -229,7 +229,8 @@ def project(cfg: ModelConfig, *, sizes: Mapping[str, int], chips: int, peak_flop
             "programs": programs}
     notes = [f"decode counted at {max_new_tokens} steps per batch (an upper bound: rows stop at a newline)"]
     if int(sizes.get("model", 1)) > cfg.num_kv_heads:
-        notes.append(f"{cfg.num_kv_heads} KV heads on a {sizes['model']}-way model axis: the KV cache is replicated, each chip reads all of it")
+        notes.append(f"{cfg.num_kv_heads} KV heads on a {sizes['model']}-way model axis: the KV cache is replicated, "
+                     "each chip reads all of it")
     compile_s = None if compile_seconds_per_program is None or programs is None else \
         compile_seconds_per_program * programs
     return Projection(chips=chips, peak_flops=peak_flops, hbm_bandwidth=hbm_bandwidth, kernel=kernel,

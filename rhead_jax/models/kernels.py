@@ -182,7 +182,7 @@ def _part_b(qh, kc, vc, q_pos, k_pos, q_slot0, *, window, kernel, softcap, inter
     if window < NO_WINDOW:
         # the Wr slots before q_slot0, rolled so that index j holds slot q_slot0 - Wr + j (those
         # before slot 0 wrap around and are masked): query i sees j iff j >= i + Wr - window + 1
-        Wr = round_up(window - 1, LANES)
+        Wr = round_up(max(window - 1, 1), LANES)
         start = jnp.maximum(q_slot0 - Wr, 0)
         shift = start - (q_slot0 - Wr)
 
