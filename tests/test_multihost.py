@@ -43,13 +43,11 @@ def test_two_process_sweep_equals_single_process(tmp_path):
                               cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
              for i in range(2)]
     outs = [p.communicate(timeout=600)[0] for p in procs]
-    # the random model keeps no test: every process ends with the no-kept error (rhead_jax.diagnosis), exit 2,
-    # after process 0 has written every file
     for p, out in zip(procs, outs):
-        assert p.returncode == 2 and "passed the ROUGE gate" in out, out[-3000:]
+        assert p.returncode == 0, out[-3000:]
     assert "mesh {'data': 2, 'model': 4, 'expert': 1} over 8 devices (2 processes)" in outs[0]
     single = subprocess.run(base + [f"--workdir={tmp_path / 'single'}", "--config.mesh.data=1", "--config.mesh.model=1"],
                             cwd=REPO, env={**env, "XLA_FLAGS": ""}, capture_output=True, text=True, timeout=600)
-    assert single.returncode == 2 and "passed the ROUGE gate" in single.stderr, single.stderr[-3000:]
+    assert single.returncode == 0, single.stderr[-3000:]
     for name in ("head_scores.json", "results.jsonl"):
         assert (tmp_path / "multi" / name).read_bytes() == (tmp_path / "single" / name).read_bytes(), name
