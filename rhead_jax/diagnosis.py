@@ -55,11 +55,11 @@ def likely_causes(gate: dict, *, chat: bool | None = None, faithful: bool | None
     fmt = ("prompt format: the chat template is " + ("ON (config.model.chat=True)" if chat else "OFF" if chat is False
                                                       else "on or off (config.model.chat)")
            + "; a base model needs --config.model.chat=False, an instruct/chat model --config.model.chat=True")
-    newline = ("the base-model newline rule: a test ends at the first generated newline ("
-               + ("faithful=True: a token that is exactly a newline" if faithful else
-                  "a token containing a newline, or EOS")
-               + "), so a model that starts its answer with a newline answers nothing; use the chat template, "
-               "or put the answer's opening words in the question")
+    newline = ("the base-model newline rule: a test ends at a generated newline ("
+               + ("faithful=True: the first one, as in the original" if faithful else "or EOS; see rhead_jax.plan")
+               + "), so a base model that starts its answer with a newline may answer nothing; use the chat "
+               "template" + (", or --config.sweep.faithful=False" if faithful else "") + ", or put the answer's "
+               "opening words in the question")
     smaller = max(min(lengths) // 2, 1) if lengths else 500
     context = (f"context beyond what the model handles" + (f" (lengths {list(lengths)}" + (
         f", model positions {max_positions})" if max_positions else ")") if lengths else "")

@@ -76,19 +76,31 @@ def round_batches(instances: Sequence[Instance], batch_size: int) -> tuple[list[
 
 
 class _RoundStore:
-    """The batches of one round as a store of their own (local index b -> global ids[b])."""
+    """The batches of one round as a store of their own (local index b -> global ids[b]) for
+    Engine.run_batches; any other attribute (root, the preemption flags) is the store's own."""
 
     def __init__(self, store, ids: Sequence[int]):
-        self.store, self.ids = store, list(ids)
+        object.__setattr__(self, "_store", store)
+        object.__setattr__(self, "_ids", list(ids))
+
+    def __getattr__(self, name):
+        return getattr(self._store, name)
+
+    def __setattr__(self, name, value):
+        setattr(self._store, name, value)
 
     def done(self, b: int) -> bool:
-        return self.store.done(self.ids[b])
+        return self._store.done(self._ids[b])
 
     def write(self, b: int, results: list[dict]) -> None:
-        self.store.write(self.ids[b], results)
+        self._store.write(self._ids[b], results)
 
     def read(self, b: int) -> list[dict]:
-        return self.store.read(self.ids[b])
+        return self._store.read(self._ids[b])
+
+    def scan(self, n: int) -> dict[int, list[dict]]:
+        """{b: results} of the round's first n batches that are done (a torn file is not: rerun)."""
+        return {b: self.read(b) for b in range(n) if self.done(b)}
 
 
 def kept_matrix(results: Sequence[dict]) -> np.ndarray:

@@ -151,3 +151,16 @@ def test_smollm2_stops_before_the_end_with_the_full_grids_top_10(smollm_gguf, tm
     assert stop["stop"]["stopped_early"] and stop["tests"] == stop["stop"]["tests_run"] < 60
     top = {h for h, _ in full["top_heads"][:10]}
     assert len(top & {h for h, _ in stop["top_heads"][:10]}) >= 9
+
+
+def test_round_store_maps_batches_and_forwards_the_rest(tmp_path):
+    store = ResultStore(str(tmp_path), "pinned")
+    store.write(7, [{"key": "a"}])
+    view = rounds._RoundStore(store, [3, 7])
+    assert (view.done(0), view.done(1)) == (False, True)
+    assert view.read(1) == [{"key": "a"}] and view.scan(2) == {1: [{"key": "a"}]}
+    view.write(0, [{"key": "b"}])
+    assert store.read(3) == [{"key": "b"}]
+    assert view.root == store.root                       # what a preemption handler reads ...
+    view._pending = "x"                                  # ... and sets, on the real store
+    assert store._pending == "x"
