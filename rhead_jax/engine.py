@@ -49,7 +49,6 @@ import numpy as np
 from absl import logging
 from tqdm.auto import tqdm
 
-from rhead_jax import io
 from rhead_jax.checkpoints import LoadedModel
 from rhead_jax.compilation import COMPILES, count_compiles, enable_compile_cache
 from rhead_jax.errors import UserError
