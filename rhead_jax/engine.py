@@ -56,7 +56,7 @@ from rhead_jax.models.attention import AttentionOptions, MassTargets
 from rhead_jax.models.decoder import KVCache
 from rhead_jax.models.generate import GenerateSpec, cache_size_for, pad_prompts, prefill_pieces, prefill_widths
 from rhead_jax.needle.prompts import Instance
-from rhead_jax.plan import plan_needles, stop_tokens
+from rhead_jax.plan import leading_stop_tokens, plan_needles, stop_tokens
 from rhead_jax.results_store import ResultStore, input_fingerprints, preemption_notice
 from rhead_jax.runner import Runner
 
@@ -274,9 +274,12 @@ class Engine:
         slot of every head at every decode step (what the copy score needs); off otherwise.
         extra_scores: names of EXTRA_SCORES whose attention masses to reduce as well."""
         s = self.config.sweep
-        if stops is None:
+        leading = ()
+        if stops is None:  # the needle tests' rule (rhead_jax.plan): newlines before the answer pass in default mode
             stops = stop_tokens(self.tokenizer, faithful=s.faithful)
+            leading = leading_stop_tokens(self.tokenizer, faithful=s.faithful)
         return GenerateSpec(max_new_tokens=max_new_tokens or s.max_new_tokens, stop_tokens=stops,
+                            leading_stop_tokens=leading,
                             top_k=1 if capture else 0, mask_mode=self.config.mask.mode,
                             prefill_chunk=s.prefill_chunk,
                             attn=self.attention_options(),

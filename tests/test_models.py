@@ -214,6 +214,24 @@ def test_stop_tokens_end_rows(tiny_model_dir):
     assert np.all(np.asarray(stopped.topk_index[0, first + 1:]) == -1)
 
 
+def test_leading_stop_tokens_pass_before_the_first_other_token(tiny_model_dir):
+    """rhead_jax.plan's rule in the decode loop: a leading stop token ends a row only after a token
+    outside the leading set; the row's length equals plan.answer_length over the free tokens."""
+    from rhead_jax.plan import answer_length
+
+    cfg, params = load_params(tiny_model_dir("llama2"))
+    prompt = [list(_tokens(1, 16)[0])]
+    free = np.asarray(greedy_generate(params, cfg, prompt, spec=GenerateSpec(max_new_tokens=8, top_k=1)).tokens[0])
+    lead, later = int(free[0]), int(free[3])  # the first token, and one after visible ones
+    for stops, leading in [((lead,), (lead,)), ((lead, later), (lead,)), ((lead,), ()), ((later,), (later,))]:
+        spec = GenerateSpec(max_new_tokens=8, top_k=1, stop_tokens=stops, leading_stop_tokens=leading)
+        got = greedy_generate(params, cfg, prompt, spec=spec)
+        n = answer_length(list(free), stops, leading)
+        assert int(got.num_tokens[0]) == n, (stops, leading)
+        np.testing.assert_array_equal(np.asarray(got.tokens[0, :n]), free[:n])
+        assert np.all(np.asarray(got.tokens[0, n:]) == -1)
+
+
 def test_bf16_forward_close_to_fp32(tiny_model_dir):
     d = tiny_model_dir("llama2")
     cfg, params = load_params(d)

@@ -32,6 +32,8 @@ class GenerateSpec:
 
     max_new_tokens: decode-step cap (the original: 50).
     stop_tokens: ids that end a row after the step that produced them (newline, EOS).
+    leading_stop_tokens: those of stop_tokens that do not end a row before it produced a token
+      outside them (rhead_jax.plan.ends_test: default mode's newlines before the answer).
     top_k: attended slots captured per head and step (0: no capture; scoring needs 1).
     mask_mode: "zero" or "uniform", for both head masks (see decoder.forward).
     prefill_chunk: tokens per prefill call; bounds activation memory at long contexts.
@@ -42,6 +44,7 @@ class GenerateSpec:
 
     max_new_tokens: int = 50
     stop_tokens: tuple[int, ...] = ()
+    leading_stop_tokens: tuple[int, ...] = ()
     top_k: int = 1
     mask_mode: str = "zero"
     prefill_chunk: int = 2048
@@ -173,6 +176,7 @@ def decode_loop(step, first, prompt_lens, cache, *, spec: GenerateSpec, num_laye
     N, k = spec.max_new_tokens, spec.top_k
     L, H = num_layers, num_heads
     stops = jnp.asarray(spec.stop_tokens or (-2,), jnp.int32)
+    lead = jnp.asarray(spec.leading_stop_tokens or (-2,), jnp.int32)
     masses = spec.decode_masses
 
     def cond(c):
@@ -190,7 +194,8 @@ def decode_loop(step, first, prompt_lens, cache, *, spec: GenerateSpec, num_laye
             cap_i = cap_i.at[:, step_i].set(jnp.where(live, top_i.swapaxes(0, 1), -1))
             cap_w = cap_w.at[:, step_i].set(jnp.where(live, top_w.swapaxes(0, 1), 0.0))
         n_tok = n_tok + (~done).astype(jnp.int32)
-        done = done | jnp.isin(nxt, stops)
+        seen = jnp.any((out >= 0) & ~jnp.isin(out, lead), axis=1)  # a token outside `lead` so far
+        done = done | (jnp.isin(nxt, stops) & seen)
         new = (step_i + 1, cache, nxt, done, out, n_tok, cap_i, cap_w)
         if masses:  # the steps that produce a token (those the copy score counts)
             new += (c[8] + jnp.where(live, mass.swapaxes(0, 1), 0.0),)
