@@ -21,6 +21,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers.sweep_exit import sweep_finished
+
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "launch" / "keep_running.sh"
 
@@ -310,6 +312,6 @@ def test_real_sweep_preempted_resumes_to_the_same_results(tmp_path):
                         f"--config.model.path={model}"], cwd=ROOT, env={**cloud.env, "HOME": os.environ["HOME"],
                                                                        "JAX_PLATFORMS": "cpu"},
                        capture_output=True, text=True, timeout=1800)
-    assert r.returncode == 0, r.stderr[-3000:]
+    assert sweep_finished(r.returncode, r.stderr), r.stderr[-3000:]
     for name in ("head_scores.json", "results.jsonl"):
         assert (run / name).read_bytes() == (ref / name).read_bytes(), name
