@@ -12,7 +12,7 @@ def get_config():
     # a 8K-context model: the paper lengths it can hold (+ 50 generated tokens)
     c.sweep.lengths = tuple(n for n in c.sweep.lengths if n <= 8192 - 50)
     c.model.path = "checkpoints/gemma-2-9b"   # a local HF directory (config.json + *.safetensors)
-    c.model.name = "Gemma-2-9B"
+    c.model.name = "gemma-2-9b"
     c.model.dtype = "bfloat16"
     c.model.chat = False   # a base model
     c.sweep.batch_size = 8

@@ -10,7 +10,7 @@ from rhead_jax.config import default_config, paper_grid
 def get_config():
     c = paper_grid(default_config())
     c.model.path = "checkpoints/gemma-3-12b-pt"   # a local HF directory (config.json + *.safetensors)
-    c.model.name = "Gemma-3-12B"
+    c.model.name = "gemma-3-12b-pt"
     c.model.dtype = "bfloat16"
     c.model.chat = False   # a base model
     c.sweep.batch_size = 8

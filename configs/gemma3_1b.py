@@ -12,7 +12,7 @@ def get_config():
     # a 32K-context model: the paper lengths it can hold (+ 50 generated tokens)
     c.sweep.lengths = tuple(n for n in c.sweep.lengths if n <= 32768 - 50)
     c.model.path = "checkpoints/gemma-3-1b-pt"   # a local HF directory (config.json + *.safetensors)
-    c.model.name = "Gemma-3-1B"
+    c.model.name = "gemma-3-1b-pt"
     c.model.dtype = "bfloat16"
     c.model.chat = False   # a base model
     c.sweep.batch_size = 8

@@ -169,7 +169,7 @@ class Runner:
                 return self.jit(step)
             return self.jit(step, out_shardings=self.cache_sharding(batch, size, plain))
 
-        return self._jit(("init", batch, size, plain), make)
+        return self._jit(("init", batch, size) + (("plain",) if plain else ()), make)
 
     def rows_jit(self, batch: int, size: int, prefix_size: int, branches: tuple[int, int] | None = None):
         """(cache1, starts [batch][, branches, source [batch]]) -> a [batch]-row cache of `size`
@@ -210,7 +210,7 @@ class Runner:
                                out_shardings=(csh, rep), donate_argnums=(1,))
             return self.jit(step, in_shardings=in_sh, out_shardings=csh, donate_argnums=(1,))
 
-        return self._jit(("prefill_block", batch, size, width, spec, mask, plain), make)
+        return self._jit(("prefill_block", batch, size, width, spec, mask) + (("plain",) if plain else ()), make)
 
     def decode_jit(self, batch: int, size: int, spec: GenerateSpec, mask: bool = False):
         """(params, first [batch], prompt_lens [batch], cache, decode_mask or None[, targets]) ->

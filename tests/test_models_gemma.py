@@ -289,3 +289,12 @@ def test_uniform_mask_equals_zeroed_scores(family, tiny_model_dir):
                          mask_mode="uniform", attn=SMALL)
     np.testing.assert_allclose(np.asarray(ours), ref, atol=_tol(ref), rtol=0)
     assert np.abs(plain - ref).max() > 1e-3  # the mask really changes the output
+
+
+def test_orbax_config_round_trip_keeps_the_local_rope():
+    import json
+
+    from rhead_jax.checkpoints.orbax_io import _cfg_from_json, _cfg_to_json
+
+    cfg = ModelConfig.from_hf(GEMMA3_4B)
+    assert _cfg_from_json(json.loads(json.dumps(_cfg_to_json(cfg)))) == cfg

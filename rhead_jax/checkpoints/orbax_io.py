@@ -50,6 +50,8 @@ def _cfg_from_json(d: dict) -> ModelConfig:
 
     d = dict(d)
     d["rope"] = RopeConfig(**d["rope"])
+    if d.get("local_rope") is not None:   # Gemma 3's local layers
+        d["local_rope"] = RopeConfig(**d["local_rope"])
     if d.get("sliding_window") is not None:
         d["sliding_window"] = tuple(d["sliding_window"])
     return ModelConfig(**d)

@@ -517,8 +517,10 @@ def forward(params: Params, cfg: ModelConfig, tokens, positions, cache: KVCache 
 
     Args:
       tokens, positions: [B, T] int. Padding goes at the END of a row, with position -1.
-      cache: KVCache; row b writes its tokens at slots cache.length[b] + t. None: a fresh cache
-        just large enough for `tokens` (a plain forward pass).
+      cache: KVCache; row b writes its tokens at slots cache.length[b] + t (a windowed cache's
+        local layers: ring slots p % W). None: a fresh plain cache just large enough for `tokens`
+        (a plain forward pass). A windowed cache's captured top-k are key positions; it does not
+        capture full_probs.
       head_mask: [L, H] float or None. mask_mode "zero": head h's attention output is multiplied
         by the value (0 removes it); "uniform": its pre-softmax scores are multiplied by the value
         (0 = attends uniformly over visible keys, the original paper's ablation).
