@@ -22,7 +22,7 @@ RETRIEVAL_THRESHOLD = 0.1   # a head whose mean score exceeds this is a retrieva
 MASK_MODES = ("zero", "uniform")
 MASK_PHASES = ("all", "decode")
 DTYPES = ("float32", "bfloat16")
-EXTRA_SCORES = ("mass", "query")   # config.sweep.extra_scores (rhead_jax.detection)
+EXTRA_SCORES = ("mass", "query", "logit", "dla", "spatial")   # config.sweep.extra_scores (rhead_jax.detection)
 # the sections a detection sweep's results depend on: pinned in its workdir (sweep_config.json)
 SWEEP_SECTIONS = ("haystack", "mesh", "model", "needles", "sweep")
 

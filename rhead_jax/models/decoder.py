@@ -29,7 +29,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from rhead_jax.models.attention import (MASS_TARGETS, NO_WINDOW, AttentionOptions, MassTargets,
-                                        chunked_attention, dense_attention, mass_from_probs)
+                                        chunked_attention, dense_attention, mass_from_probs, visible)
 from rhead_jax.models.config import ModelConfig
 from rhead_jax.models.rope import apply_rope, rope_cos_sin
 
@@ -51,11 +51,17 @@ class CaptureSpec:
       "induction"): per layer, row and query head, the attention each target's keys receive,
       summed over the call's queries in the target's range (`forward(targets=...)`), [L, B, H, M].
       Reduced inside the attention: memory O(T), never a T x S map.
+    span_outputs: for ONE new token per row (decode steps), per layer, row and query head, what
+      the logit-contribution scores need (rhead_jax.detection): the head's attention output
+      o = sum_j alpha_j v_j (before o_proj) and its part from the keys in `forward(output_span=)`,
+      both [L, B, H, D] fp32, the attention mass on those keys [L, B, H], and the numbers of
+      visible keys and of visible keys in the span [L, B, 2]. O(S) per head, no second pass.
     """
 
     top_k: int = 0
     full_probs: bool = False
     masses: tuple[str, ...] = ()
+    span_outputs: bool = False
 
     def __post_init__(self):
         unknown = [m for m in self.masses if m not in MASS_TARGETS]
@@ -64,18 +70,24 @@ class CaptureSpec:
 
     @property
     def enabled(self) -> bool:
-        return self.top_k > 0 or self.full_probs or bool(self.masses)
+        return self.top_k > 0 or self.full_probs or bool(self.masses) or self.span_outputs
 
 
 @flax.struct.dataclass
 class Captures:
     """Captured attention. topk_*: [L, B, H, k] (slot indices / fp32 weights); probs: [L, B, H, T, S];
-    mass: [L, B, H, M] fp32 (CaptureSpec.masses, in its order)."""
+    mass: [L, B, H, M] fp32 (CaptureSpec.masses, in its order); head_out / span_out [L, B, H, D],
+    span_mass [L, B, H] fp32 and key_counts [L, B, 2] int32 (visible keys, visible keys in the
+    span) of CaptureSpec.span_outputs."""
 
     topk_index: jax.Array | None = None
     topk_weight: jax.Array | None = None
     probs: jax.Array | None = None
     mass: jax.Array | None = None
+    head_out: jax.Array | None = None
+    span_out: jax.Array | None = None
+    span_mass: jax.Array | None = None
+    key_counts: jax.Array | None = None
 
 
 @flax.struct.dataclass
@@ -295,6 +307,40 @@ def output_logits(params: Params, cfg: ModelConfig, x):
     return jnp.einsum("...d,dv->...v", x, head, preferred_element_type=jnp.float32)
 
 
+def unembedding_rows(params: Params, cfg: ModelConfig, tokens):
+    """u [..., d] fp32: the unembedding row of each token id (the LM head's column; the embedding
+    row with tied embeddings). The final norm (and Gemma's final logit soft-cap) is NOT applied."""
+    rows = params["embed"][tokens] if cfg.tie_word_embeddings else jnp.take(params["lm_head"], tokens, axis=1).T
+    return rows.astype(jnp.float32)
+
+
+def head_logit_contributions(params: Params, cfg: ModelConfig, caps: Captures, tokens):
+    """Per layer, row and query head, LOCOS's logit-contribution terms of one decode step whose
+    generated token is tokens [B] (CaptureSpec.span_outputs captured): [L, B, H, 3] fp32 =
+
+      logit    phi_span - phi_other * n_span / n_other   (LOCOS's score of the step)
+      dla      phi_span + phi_other                       (no spatial contrast: direct logit attribution)
+      spatial  a_span - a_other * n_span / n_other        (no OV term: alpha in place of phi)
+
+    with phi_j = alpha_j * u[y] . (W_O[l, h] v_j) summed over the span's visible keys (phi_span) or
+    the other visible keys (phi_other), a the same sums of alpha, n the key counts, u = the raw
+    unembedding row of y (`unembedding_rows`) and W_O[l, h] = params["layers"]["o"][l, h] [D, d]. So
+    with g = W_O[l, h] u: phi_span + phi_other = o . g and phi_span = o_span . g."""
+    u = unembedding_rows(params, cfg, tokens)                                       # [B, d]
+    g = jnp.einsum("lhdm,bm->lbhd", params["layers"]["o"].astype(jnp.float32), u,
+                   precision=lax.Precision.HIGHEST)
+    phi_all = jnp.sum(caps.head_out * g, -1)
+    phi_span = jnp.sum(caps.span_out * g, -1)
+    n_all, n_span = caps.key_counts[..., 0], caps.key_counts[..., 1]
+    ratio = (n_span / jnp.maximum(n_all - n_span, 1)).astype(jnp.float32)[..., None]   # [L, B, 1]
+    logit = phi_span - (phi_all - phi_span) * ratio
+    spatial = caps.span_mass - (1.0 - caps.span_mass) * ratio
+    return jnp.stack([logit, phi_all, spatial], axis=-1)
+
+
+LOGIT_TERMS = ("logit", "dla", "spatial")   # the last axis of head_logit_contributions
+
+
 def check_head_mask(cfg: ModelConfig, head_mask) -> None:
     expected = (cfg.num_layers, cfg.num_heads)
     if head_mask is not None and tuple(head_mask.shape) != expected:
@@ -303,10 +349,26 @@ def check_head_mask(cfg: ModelConfig, head_mask) -> None:
             f"{list(expected)} (one value per QUERY head, also under GQA)")
 
 
+def _span_outputs(p, v, k_pos, q_pos, window, span, H):
+    """CaptureSpec.span_outputs of one query per row: p [B, K, G, 1, S] fp32, v [B, K, S, D]."""
+    B = p.shape[0]
+    vis = visible(q_pos, k_pos, window)[:, 0]                                         # [B, S]
+    in_span = vis & (k_pos >= span[:, :1]) & (k_pos < span[:, 1:])
+    p = p[:, :, :, 0]
+    vf = v.astype(jnp.float32)
+    hi = lax.Precision.HIGHEST
+    head_out = jnp.einsum("bkgs,bksd->bkgd", p, vf, precision=hi)
+    span_out = jnp.einsum("bkgs,bs,bksd->bkgd", p, in_span.astype(jnp.float32), vf, precision=hi)
+    span_mass = jnp.einsum("bkgs,bs->bkg", p, in_span.astype(jnp.float32), precision=hi)
+    counts = jnp.stack([vis.sum(-1), in_span.sum(-1)], -1).astype(jnp.int32)
+    return {"head_out": head_out.reshape(B, H, -1), "span_out": span_out.reshape(B, H, -1),
+            "span_mass": span_mass.reshape(B, H), "key_counts": counts}
+
+
 def forward(params: Params, cfg: ModelConfig, tokens, positions, cache: KVCache | None = None, *,
             head_mask=None, mask_mode: str = "zero", capture: CaptureSpec = CaptureSpec(),
             logits: str = "all", attn: AttentionOptions = AttentionOptions(),
-            targets: MassTargets | None = None):
+            targets: MassTargets | None = None, output_span=None):
     """Run the decoder on new tokens, appending them to the cache.
 
     Args:
@@ -319,6 +381,7 @@ def forward(params: Params, cfg: ModelConfig, tokens, positions, cache: KVCache 
       capture: what attention to return (see CaptureSpec).
       targets: the per-row arguments of capture.masses (models.attention.MassTargets; queries
         [B, M, 2] in the order of capture.masses); required with masses.
+      output_span: [B, 2] int positions [start, end) of capture.span_outputs' keys (T must be 1).
       logits: "all" -> [B, T, V]; "last" -> [B, V] at each row's last real token; "none".
 
     Returns:
@@ -332,6 +395,8 @@ def forward(params: Params, cfg: ModelConfig, tokens, positions, cache: KVCache 
     masses = capture.masses
     if masses and (targets is None or targets.queries.shape[1] != len(masses)):
         raise ValueError(f"capture.masses={masses} needs targets with queries [B, {len(masses)}, 2]")
+    if capture.span_outputs and (T != 1 or output_span is None):
+        raise ValueError("capture.span_outputs needs one new token per row (a decode step) and output_span [B, 2]")
     if cache is None:
         size = -(-T // min(attn.k_chunk, T)) * min(attn.k_chunk, T)
         cache = init_cache(c, B, size)
@@ -368,6 +433,8 @@ def forward(params: Params, cfg: ModelConfig, tokens, positions, cache: KVCache 
                 cap["probs"] = p.reshape(B, c.num_heads, T, -1)
             if masses:
                 cap["mass"] = mass_from_probs(p, positions, new_pos, masses, targets).reshape(B, c.num_heads, -1)
+            if capture.span_outputs:
+                cap.update(_span_outputs(p, vc, new_pos, positions, window, output_span, c.num_heads))
             last_p = jnp.take_along_axis(p, last_idx[:, None, None, None, None], axis=3)[:, :, :, 0]
         else:
             out = chunked_attention(q, kc, vc, positions, new_pos, slots, window=window, scale=scale,
@@ -387,6 +454,9 @@ def forward(params: Params, cfg: ModelConfig, tokens, positions, cache: KVCache 
             cap["topk_index"], cap["topk_weight"] = i_top.astype(jnp.int32), w_top
         if mask_mode == "zero":
             out = out * hm_kg[:, :, None].astype(out.dtype)
+            if capture.span_outputs:   # what the masked head writes
+                hm_h = hm_l[None, :, None]
+                cap["head_out"], cap["span_out"] = cap["head_out"] * hm_h, cap["span_out"] * hm_h
         return (attention_output(lp, c, x, out), k_all, v_all), cap
 
     x = embed(params, c, tokens)
@@ -394,7 +464,9 @@ def forward(params: Params, cfg: ModelConfig, tokens, positions, cache: KVCache 
     (x, k_all, v_all), caps = lax.scan(layer, (x, cache.k, cache.v), xs)
     new_cache = KVCache(k=k_all, v=v_all, pos=new_pos, length=cache.length + n_valid)
     captures = Captures(topk_index=caps.get("topk_index"), topk_weight=caps.get("topk_weight"),
-                        probs=caps.get("probs"), mass=caps.get("mass"))
+                        probs=caps.get("probs"), mass=caps.get("mass"), head_out=caps.get("head_out"),
+                        span_out=caps.get("span_out"), span_mass=caps.get("span_mass"),
+                        key_counts=caps.get("key_counts"))
 
     if logits == "none":
         return None, new_cache, captures
