@@ -117,7 +117,7 @@ def load_scores(path: str | os.PathLike) -> dict[str, list[float]]:
         raise UserError(f"head-score file {path} does not exist; run `python -m rhead_jax.sweep "
                                 "--config <model>.py --workdir DIR` first, it writes DIR/head_scores.json")
     try:
-        data = json.loads(p.read_text())
+        data = rankings.unwrap_released(json.loads(p.read_text()))   # LOCOS's released files too
     except json.JSONDecodeError as e:
         raise UserError(f"head-score file {path} is not valid JSON ({e.msg}, line {e.lineno})") from None
     if not isinstance(data, dict) or not data:
