@@ -34,7 +34,8 @@ from rhead_jax.models.config import ModelConfig
 from rhead_jax.models.rope import apply_rope, rope_cos_sin
 
 Params = Any
-MASK_MODES = ("zero", "uniform")
+MASK_MODES = ("zero", "uniform", "mean_query", "mean_output")
+MEAN_MODES = ("mean_query", "mean_output")   # head_mask [L, H, 1 + D]: the value, then the head's mean
 
 
 # ----------------------------------------------------------------------------- capture & cache
@@ -56,12 +57,16 @@ class CaptureSpec:
       o = sum_j alpha_j v_j (before o_proj) and its part from the keys in `forward(output_span=)`,
       both [L, B, H, D] fp32, the attention mass on those keys [L, B, H], and the numbers of
       visible keys and of visible keys in the span [L, B, 2]. O(S) per head, no second pass.
+    head_sums: per layer, row and query head, the sums over the call's real tokens of the head's
+      query as q_proj gives it (bias included; before q-norm and RoPE) and of its attention output
+      (before o_proj), [L, B, H, D] fp32 each: the calibration of the mean ablations.
     """
 
     top_k: int = 0
     full_probs: bool = False
     masses: tuple[str, ...] = ()
     span_outputs: bool = False
+    head_sums: bool = False
 
     def __post_init__(self):
         unknown = [m for m in self.masses if m not in MASS_TARGETS]
@@ -70,7 +75,7 @@ class CaptureSpec:
 
     @property
     def enabled(self) -> bool:
-        return self.top_k > 0 or self.full_probs or bool(self.masses) or self.span_outputs
+        return self.top_k > 0 or self.full_probs or bool(self.masses) or self.span_outputs or self.head_sums
 
 
 @flax.struct.dataclass
@@ -78,7 +83,7 @@ class Captures:
     """Captured attention. topk_*: [L, B, H, k] (slot indices / fp32 weights); probs: [L, B, H, T, S];
     mass: [L, B, H, M] fp32 (CaptureSpec.masses, in its order); head_out / span_out [L, B, H, D],
     span_mass [L, B, H] fp32 and key_counts [L, B, 2] int32 (visible keys, visible keys in the
-    span) of CaptureSpec.span_outputs."""
+    span) of CaptureSpec.span_outputs; q_sum / out_sum [L, B, H, D] fp32 of CaptureSpec.head_sums."""
 
     topk_index: jax.Array | None = None
     topk_weight: jax.Array | None = None
@@ -88,6 +93,8 @@ class Captures:
     span_out: jax.Array | None = None
     span_mass: jax.Array | None = None
     key_counts: jax.Array | None = None
+    q_sum: jax.Array | None = None
+    out_sum: jax.Array | None = None
 
 
 @flax.struct.dataclass
@@ -264,9 +271,10 @@ def embed(params: Params, cfg: ModelConfig, tokens):
     return params["embed"][tokens].astype(jnp.dtype(cfg.dtype))
 
 
-def attention_inputs(lp, cfg: ModelConfig, x, cos, sin):
+def attention_inputs(lp, cfg: ModelConfig, x, cos, sin, q_mean=None):
     """One layer's (q [B, T, H, D], k [B, T, K, D], v [B, T, K, D]) from its input x [B, T, d], with
-    RoPE applied (lp: that layer's slice of params["layers"])."""
+    RoPE applied (lp: that layer's slice of params["layers"]). q_mean: (m [H], mean [H, D]) or None:
+    the "mean_query" mask, q_proj's output q <- m q + (1 - m) mean before q-norm and RoPE."""
     c = cfg
     h = rms_norm(x, lp["attn_norm"], c.rms_norm_eps)
     q = jnp.einsum("btd,dhk->bthk", h, lp["q"])
@@ -274,6 +282,9 @@ def attention_inputs(lp, cfg: ModelConfig, x, cos, sin):
     v = jnp.einsum("btd,dnk->btnk", h, lp["v"])
     if c.qkv_bias:
         q, k, v = q + lp["q_bias"], k + lp["k_bias"], v + lp["v_bias"]
+    if q_mean is not None:
+        m, mean = q_mean
+        q = (q * m[:, None] + (1 - m[:, None]) * mean).astype(q.dtype)
     if c.qk_norm:
         q, k = rms_norm(q, lp["q_norm"], c.rms_norm_eps), rms_norm(k, lp["k_norm"], c.rms_norm_eps)
     return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
@@ -341,12 +352,15 @@ def head_logit_contributions(params: Params, cfg: ModelConfig, caps: Captures, t
 LOGIT_TERMS = ("logit", "dla", "spatial")   # the last axis of head_logit_contributions
 
 
-def check_head_mask(cfg: ModelConfig, head_mask) -> None:
+def check_head_mask(cfg: ModelConfig, head_mask, mask_mode: str | None = None) -> None:
     expected = (cfg.num_layers, cfg.num_heads)
-    if head_mask is not None and tuple(head_mask.shape) != expected:
+    mean = (cfg.num_layers, cfg.num_heads, 1 + cfg.head_dim)
+    shapes = {"zero": [expected], "uniform": [expected]}.get(mask_mode, [mean] if mask_mode else [expected, mean])
+    if head_mask is not None and tuple(head_mask.shape) not in shapes:
         raise ValueError(
             f"head_mask has shape {tuple(head_mask.shape)}, expected [num_layers, num_query_heads] = "
-            f"{list(expected)} (one value per QUERY head, also under GQA)")
+            f"{list(expected)} (one value per QUERY head, also under GQA), or for the mean modes "
+            f"{MEAN_MODES} [num_layers, num_query_heads, 1 + head_dim] = {list(mean)} (the value, then the mean)")
 
 
 def _span_outputs(p, v, k_pos, q_pos, window, span, H):
@@ -365,6 +379,21 @@ def _span_outputs(p, v, k_pos, q_pos, window, span, H):
             "span_mass": span_mass.reshape(B, H), "key_counts": counts}
 
 
+def _head_sums(lp, cfg: ModelConfig, x, out, valid, q_mean):
+    """CaptureSpec.head_sums: q_proj's query (before q-norm and RoPE) and the attention output
+    out [B, T, K, G, D] (before o_proj), summed over the real tokens (valid [B, T])."""
+    B, T = valid.shape
+    h = rms_norm(x, lp["attn_norm"], cfg.rms_norm_eps)
+    q = jnp.einsum("btd,dhk->bthk", h, lp["q"], preferred_element_type=jnp.float32)
+    if cfg.qkv_bias:
+        q = q + lp["q_bias"]
+    if q_mean is not None:
+        q = q * q_mean[0][:, None] + (1 - q_mean[0][:, None]) * q_mean[1]
+    w = valid.astype(jnp.float32)
+    return {"q_sum": jnp.einsum("bthk,bt->bhk", q, w),
+            "out_sum": jnp.einsum("bthk,bt->bhk", out.reshape(B, T, cfg.num_heads, -1).astype(jnp.float32), w)}
+
+
 def forward(params: Params, cfg: ModelConfig, tokens, positions, cache: KVCache | None = None, *,
             head_mask=None, mask_mode: str = "zero", capture: CaptureSpec = CaptureSpec(),
             logits: str = "all", attn: AttentionOptions = AttentionOptions(),
@@ -377,7 +406,11 @@ def forward(params: Params, cfg: ModelConfig, tokens, positions, cache: KVCache 
         just large enough for `tokens` (a plain forward pass).
       head_mask: [L, H] float or None. mask_mode "zero": head h's attention output is multiplied
         by the value (0 removes it); "uniform": its pre-softmax scores are multiplied by the value
-        (0 = attends uniformly over visible keys, the original paper's ablation).
+        (0 = attends uniformly over visible keys, the original paper's ablation). The mean modes
+        take [L, H, 1 + D], the value m then the head's mean over calibration tokens:
+        "mean_query": its query as q_proj gives it <- m q + (1 - m) mean, before q-norm and RoPE
+        (LOCOS's mean ablation); "mean_output": its attention output (before o_proj)
+        <- m out + (1 - m) mean. See CaptureSpec.head_sums for the means.
       capture: what attention to return (see CaptureSpec).
       targets: the per-row arguments of capture.masses (models.attention.MassTargets; queries
         [B, M, 2] in the order of capture.masses); required with masses.
@@ -391,7 +424,7 @@ def forward(params: Params, cfg: ModelConfig, tokens, positions, cache: KVCache 
     c = cfg
     if mask_mode not in MASK_MODES:
         raise ValueError(f"mask_mode must be one of {MASK_MODES}, got {mask_mode!r}")
-    check_head_mask(c, head_mask)
+    check_head_mask(c, head_mask, mask_mode)
     masses = capture.masses
     if masses and (targets is None or targets.queries.shape[1] != len(masses)):
         raise ValueError(f"capture.masses={masses} needs targets with queries [B, {len(masses)}, 2]")
@@ -409,6 +442,7 @@ def forward(params: Params, cfg: ModelConfig, tokens, positions, cache: KVCache 
         jnp.where(valid, positions, -1).astype(jnp.int32), mode="drop")
     cos, sin = rope_cos_sin(c, positions)
     windows = jnp.asarray([w or NO_WINDOW for w in (c.sliding_window or (None,) * c.num_layers)], jnp.int32)
+    mean_mode = mask_mode in MEAN_MODES and head_mask is not None
     hm = (jnp.ones((c.num_layers, c.num_heads), jnp.float32) if head_mask is None
           else jnp.asarray(head_mask, jnp.float32))
     want_last_row = capture.top_k > 0 and not capture.full_probs
@@ -417,7 +451,10 @@ def forward(params: Params, cfg: ModelConfig, tokens, positions, cache: KVCache 
     def layer(carry, xs):
         x, k_all, v_all = carry
         lp, window, hm_l, i = xs
-        q, k, v = attention_inputs(lp, c, x, cos, sin)
+        if mean_mode:
+            hm_l, head_mean = hm_l[:, 0], hm_l[:, 1:]                      # [H], [H, D]
+        q_mean = (hm_l, head_mean) if mean_mode and mask_mode == "mean_query" else None
+        q, k, v = attention_inputs(lp, c, x, cos, sin, q_mean)
         # write just the new rows into the carried cache (in place inside loops)
         k_all = write_rows(k_all, k, i, slots, attn.cache_writes)
         v_all = write_rows(v_all, v, i, slots, attn.cache_writes)
@@ -452,6 +489,11 @@ def forward(params: Params, cfg: ModelConfig, tokens, positions, cache: KVCache 
         if capture.top_k > 0:
             w_top, i_top = lax.top_k(last_p.reshape(B, c.num_heads, -1), capture.top_k)
             cap["topk_index"], cap["topk_weight"] = i_top.astype(jnp.int32), w_top
+        if capture.head_sums:
+            cap.update(_head_sums(lp, c, x, out, valid, q_mean))
+        if mean_mode and mask_mode == "mean_output":
+            m = hm_kg[:, :, None]
+            out = (out * m + (1 - m) * head_mean.reshape(K, G, D)).astype(out.dtype)
         if mask_mode == "zero":
             out = out * hm_kg[:, :, None].astype(out.dtype)
             if capture.span_outputs:   # what the masked head writes
@@ -466,7 +508,7 @@ def forward(params: Params, cfg: ModelConfig, tokens, positions, cache: KVCache 
     captures = Captures(topk_index=caps.get("topk_index"), topk_weight=caps.get("topk_weight"),
                         probs=caps.get("probs"), mass=caps.get("mass"), head_out=caps.get("head_out"),
                         span_out=caps.get("span_out"), span_mass=caps.get("span_mass"),
-                        key_counts=caps.get("key_counts"))
+                        key_counts=caps.get("key_counts"), q_sum=caps.get("q_sum"), out_sum=caps.get("out_sum"))
 
     if logits == "none":
         return None, new_cache, captures

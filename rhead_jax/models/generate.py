@@ -38,7 +38,7 @@ class GenerateSpec:
     max_new_tokens: decode-step cap (the original: 50).
     stop_tokens: ids that end a row after the step that produced them (newline, EOS).
     top_k: attended slots captured per head and step (0: no capture; scoring needs 1).
-    mask_mode: "zero" or "uniform", for both head masks (see decoder.forward).
+    mask_mode: decoder.MASK_MODES, for both head masks (see decoder.forward).
     prefill_chunk: tokens per prefill call; bounds activation memory at long contexts.
     attn: attention tile sizes.
     prefill_masses / decode_masses: attention-mass targets (decoder.CaptureSpec.masses) reduced
@@ -285,8 +285,8 @@ def greedy_generate(params, cfg: ModelConfig, prompts: Sequence[Sequence[int]], 
                     spec: GenerateSpec = GenerateSpec(), prefill_mask=None, decode_mask=None,
                     output_span=None) -> Generation:
     """Convenience wrapper: pad a list of prompts, allocate a cache, generate."""
-    check_head_mask(cfg, prefill_mask)
-    check_head_mask(cfg, decode_mask)
+    check_head_mask(cfg, prefill_mask, spec.mask_mode)
+    check_head_mask(cfg, decode_mask, spec.mask_mode)
     arr, lens = pad_prompts(prompts)
     longest = int(lens.max())
     if longest + spec.max_new_tokens > cfg.max_position_embeddings:
