@@ -75,8 +75,14 @@ def _read_json(path: str | os.PathLike, what: str):
 
 
 def load_head_scores(path: str | os.PathLike) -> dict[str, list[float]]:
-    """Read one `{"L-H": [scores]}` file and check its keys and that its lists have one common length."""
-    data = _read_json(path, "head-score file")
+    """Read one `{"L-H": [scores]}` file and check its keys and that its lists have one common length.
+    LOCOS's released files (its envelope) and QRHead's head sets (.yaml) are read too
+    (rhead_jax.rankings.unwrap_released / read_qrhead_head_set)."""
+    from rhead_jax import rankings as rk
+
+    if Path(path).suffix in rk.QRHEAD_SUFFIXES:
+        return rk.read_qrhead_head_set(path)
+    data = rk.unwrap_released(_read_json(path, "head-score file"))
     if not isinstance(data, dict) or not data:
         raise UserError(f"{path}: expected a non-empty JSON object; {FORMAT_HINT}")
     for key, v in data.items():
@@ -497,6 +503,20 @@ def _stem(label: str) -> str:
     return "".join(c if c.isalnum() or c in "._-" else "_" for c in stem) or "input"
 
 
+def _pad_head_sets(data: dict, paths: dict) -> dict:
+    """QRHead head sets (.yaml: ranked lists, no shape) padded with 0 to the shape of the complete
+    head-score files when those agree on it and cover the listed heads."""
+    from rhead_jax import rankings as rk
+
+    lists = [n for n in data if Path(paths[n]).suffix in rk.QRHEAD_SUFFIXES]
+    shapes = {shape_of(v) for n, v in data.items() if n not in lists}
+    if not lists or len(shapes) != 1:
+        return data
+    L, H = shapes.pop()
+    return {n: rk.pad_head_scores(v, L, H) if n in lists and all(a <= b for a, b in zip(shape_of(v), (L, H))) else v
+            for n, v in data.items()}
+
+
 def analyze(files: Sequence[str | os.PathLike], out_dir: str | os.PathLike, results: str | None = None,
             pairs: Iterable | None = None, top_k: int = 20, always_on: float = ALWAYS_ON_THRESHOLD,
             report: bool = True, shared_scale: bool = True, group_size: int | None = None,
@@ -517,6 +537,7 @@ def analyze(files: Sequence[str | os.PathLike], out_dir: str | os.PathLike, resu
     paths = _inputs(files)
     gates = {name: p for name, p in paths.items() if Path(p).suffix == ".tsv"}
     data = {name: load_head_scores(p) for name, p in paths.items() if name not in gates}
+    data = _pad_head_sets(data, paths)
     ranks = [rk.Ranking(name, rk.read_gates_tsv(p), "kv", p) if name in gates
              else rk.Ranking(name, rk.head_score_array(data[name]), "query", p) for name, p in paths.items()]
     # every input is read and checked before anything is written: a bad file or pair fails fast

@@ -19,10 +19,10 @@ from rhead_jax.errors import UserError
 from rhead_jax.needle.grid import paper_depths, paper_lengths
 
 RETRIEVAL_THRESHOLD = 0.1   # a head whose mean score exceeds this is a retrieval head (the paper)
-MASK_MODES = ("zero", "uniform")
+MASK_MODES = ("zero", "uniform", "mean_query", "mean_output")
 MASK_PHASES = ("all", "decode")
 DTYPES = ("float32", "bfloat16")
-EXTRA_SCORES = ("mass", "query")   # config.sweep.extra_scores (rhead_jax.detection)
+EXTRA_SCORES = ("mass", "query", "logit", "dla", "spatial")   # config.sweep.extra_scores (rhead_jax.detection)
 # the sections a detection sweep's results depend on: pinned in its workdir (sweep_config.json)
 SWEEP_SECTIONS = ("haystack", "mesh", "model", "needles", "sweep")
 
@@ -69,8 +69,10 @@ def default_config() -> ml_collections.ConfigDict:
         expert=1,                    # devices along MoE experts
     ))
     c.mask = ml_collections.ConfigDict(dict(   # head masking (rhead_jax.ablate)
-        mode="zero",         # "zero": masked head's output x 0; "uniform": its attention becomes uniform
+        mode="zero",         # "zero": masked head's output x 0; "uniform": its attention becomes uniform;
+                             # "mean_query" / "mean_output": its query (LOCOS's) / output <- its calibration mean
         phase="all",         # "all": prefill and decode; "decode": decode steps only (the original)
+        calibration=4,       # mean modes: the means are over every token of this many of the task's prompts
     ))
     c.ablation = ml_collections.ConfigDict(dict(  # rhead_jax.ablate; its flags override these
         scores="",           # head-score file {"L-H": [scores]} (a sweep's head_scores.json); top:/random: need it;
@@ -186,6 +188,8 @@ def validate(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
         raise UserError(f"config.model.dtype must be float32 or bfloat16, got {c.model.dtype!r}")
     if c.mask.mode not in MASK_MODES:
         raise UserError(f"config.mask.mode must be one of {MASK_MODES}, got {c.mask.mode!r}")
+    if not isinstance(c.mask.calibration, int) or c.mask.calibration < 1:
+        raise UserError(f"config.mask.calibration must be an integer >= 1 (prompts), got {c.mask.calibration!r}")
     if c.mask.phase not in MASK_PHASES:
         raise UserError(f"config.mask.phase must be one of {MASK_PHASES}, got {c.mask.phase!r}")
     a = c.ablation

@@ -20,8 +20,30 @@ Extra scores from the same pass (config.sweep.extra_scores), per test and head, 
          tokens of the GOLD document; we AVERAGE over the question's tokens (so the score is a
          probability mass in [0, 1]) and take the needle sentence as the gold document.
 
-Both are reduced inside the attention kernels (rhead_jax.models.attention, "span" target): memory
-stays O(T); the copy score and head_scores.json are unchanged by them.
+  logit  LOCOS's contrastive logit contribution (Gema, Alex, Minervini 2026, github.com/aryopg/locos,
+         detectors/logit_contrib.py): per answer step t with generated token y_t and head (l, h),
+         phi[t, j] = alpha[t, j] * u[y_t] . (W_O[l, h] v[j]); the step's score is the sum of phi over
+         the needle's tokens (Instance.needle_span) minus the sum over the other visible keys times
+         (needle tokens / other keys); the test's score is the mean over its answer steps.
+  dla    the same without the spatial contrast: the sum of phi over all keys (the head's direct
+         logit attribution to y_t, LOCOS's detectors/dla.py).
+  spatial the same without the OV term: alpha in place of phi (attention on the needle minus the
+         rescaled attention elsewhere).
+
+  Answer steps: the decode steps whose generated token is not a stop token (the steps the copy
+  score counts, less the one that produced the newline / EOS). LOCOS keeps, of those, the steps
+  whose tokens spell the gold answer; ours keeps the whole response, and the ROUGE gate decides
+  which tests count, as for every score here. A test without an answer step scores 0.
+  Unembedding: u[y] is the raw unembedding row of y (the LM head's column, or the embedding row
+  with tied embeddings, as SmolLM2 and Gemma have). The final RMSNorm (its 1/rms and its weight)
+  and Gemma's final logit soft-cap are outside the linear path and are NOT applied, as in LOCOS
+  (which reads lm_head.weight rows); o_proj's bias is no head's and is left out.
+
+The mass scores are reduced inside the attention kernels (rhead_jax.models.attention, "span"
+target); the logit scores from each decode step's head outputs and their parts from the needle's
+keys (models.decoder.CaptureSpec.span_outputs), then the generated token's unembedding row
+(models.decoder.head_logit_contributions): memory stays O(T), one pass, no T x T map. The copy
+score and head_scores.json are unchanged by any of them.
 """
 from __future__ import annotations
 
@@ -36,6 +58,7 @@ from rhead_jax import config as config_lib
 from rhead_jax import diagnosis, io, rounds, scoring, stability
 from rhead_jax.checkpoints import LoadedModel
 from rhead_jax.engine import EXTRA_SCORES, Engine, SharedPrefix, make_batches, question_start
+from rhead_jax.models.decoder import LOGIT_TERMS
 from rhead_jax.errors import UserError
 from rhead_jax.models.attention import mass_targets
 from rhead_jax.models.generate import GenerateSpec
@@ -60,6 +83,13 @@ def extra_targets(instances: Sequence[Instance], extra_scores: Sequence[str]) ->
                                 "decoded, not prefilled; drop \"query\" from config.sweep.extra_scores")
         out["prefill_targets"] = mass_targets(B, 1, span=[i.needle_span for i in instances],
                                               queries=[i.question_span for i in instances])
+    logit = [n for n in extra_scores if n in LOGIT_TERMS]
+    if logit:
+        for inst in instances:
+            if inst.needle_span is None:
+                raise UserError(f"the needle's tokens of instance {inst.key} were not found in its prompt; drop "
+                                f"{logit} from config.sweep.extra_scores")
+        out["output_span"] = np.array([i.needle_span for i in instances], np.int32)
     return out
 
 
@@ -94,7 +124,7 @@ def score_batch(engine: Engine, instances: Sequence[Instance], spec: GenerateSpe
             "scores": [[scoring.original_float(int(c), span_len) for c in row] for row in counts[b]],
         })
         if extra_scores:
-            out[-1]["extra_scores"] = {name: per_test_extra_score(name, out_b, b, inst).tolist()
+            out[-1]["extra_scores"] = {name: per_test_extra_score(name, out_b, b, inst, spec.stop_tokens).tolist()
                                        for name in extra_scores}
         if keep_attention:
             n = out_b.num_tokens[b]
@@ -103,8 +133,19 @@ def score_batch(engine: Engine, instances: Sequence[Instance], spec: GenerateSpe
     return out
 
 
-def per_test_extra_score(name: str, out_b, b: int, inst: Instance) -> np.ndarray:
-    """[L, H] float64 extra score `name` of row b of a BatchOutput (module docstring)."""
+def answer_steps(tokens: np.ndarray, num_tokens: int, stops: Sequence[int]) -> np.ndarray:
+    """The answer steps of a row (module docstring): indices t < num_tokens with tokens[t] not a stop."""
+    t = np.arange(int(num_tokens))
+    return t[~np.isin(tokens[:num_tokens], list(stops))]
+
+
+def per_test_extra_score(name: str, out_b, b: int, inst: Instance, stops: Sequence[int] = ()) -> np.ndarray:
+    """[L, H] float64 extra score `name` of row b of a BatchOutput (module docstring); stops: the
+    stop tokens (the logit scores' answer steps leave them out)."""
+    if name in LOGIT_TERMS:
+        steps = answer_steps(out_b.tokens[b], out_b.num_tokens[b], stops)
+        terms = out_b.logit_terms[b, steps, :, :, LOGIT_TERMS.index(name)].astype(np.float64)
+        return terms.mean(0) if len(steps) else np.zeros(terms.shape[1:])
     if name == "mass":
         return out_b.decode_mass[b, :, :, 0] / int(out_b.num_tokens[b])
     if name == "query":

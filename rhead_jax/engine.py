@@ -63,19 +63,21 @@ from rhead_jax.runner import Runner
 __all__ = ["BatchOutput", "EXTRA_SCORES", "Engine", "ResultStore", "SharedPrefix", "barrier", "common_prefix",
            "extra_score_masses", "grid_batches", "make_batches", "mesh_from_config", "round_up", "stop_tokens"]
 
-# the extra scores of a needle sweep (config.sweep.extra_scores) -> the attention masses they need:
-# "mass": decode steps, keys of the answer span; "query": prefill, question queries on the needle's keys
-EXTRA_SCORES = {"mass": "decode", "query": "prefill"}
+# the extra scores of a needle sweep (config.sweep.extra_scores) -> what they need reduced:
+# "mass": decode steps, keys of the answer span; "query": prefill, question queries on the needle's keys;
+# "logit", "dla", "spatial": decode steps, the heads' outputs and their parts from the needle's keys
+EXTRA_SCORES = {"mass": "decode", "query": "prefill", "logit": "outputs", "dla": "outputs", "spatial": "outputs"}
 
 
 def extra_score_masses(extra_scores) -> dict[str, tuple[str, ...]]:
-    """GenerateSpec fields (prefill_masses, decode_masses) of the extra scores: one "span" target each."""
+    """GenerateSpec fields (prefill_masses, decode_masses: one "span" target each; decode_outputs) of
+    the extra scores."""
     unknown = [n for n in extra_scores if n not in EXTRA_SCORES]
     if unknown:
         raise UserError(f"unknown extra score(s) {unknown}; known: {sorted(EXTRA_SCORES)}")
     phases = {EXTRA_SCORES[n] for n in extra_scores}
     return {"prefill_masses": ("span",) if "prefill" in phases else (),
-            "decode_masses": ("span",) if "decode" in phases else ()}
+            "decode_masses": ("span",) if "decode" in phases else (), "decode_outputs": "outputs" in phases}
 
 
 def round_up(n: int, m: int) -> int:
@@ -204,7 +206,8 @@ class BatchOutput:
     tokens [B, N] (-1 after a row stopped), num_tokens [B], topk_index / topk_weight
     [B, N, L, H, k] or None (no capture); prefill_mass / decode_mass [B, L, H, M] float64 or None:
     spec.prefill_masses summed over the row's prefill calls, spec.decode_masses summed over its
-    live decode steps."""
+    live decode steps; logit_terms [B, N, L, H, 3] float32 or None: spec.decode_outputs' terms of
+    each decode step (models.generate.Generation)."""
 
     prompts: np.ndarray
     starts: np.ndarray
@@ -214,6 +217,7 @@ class BatchOutput:
     topk_weight: np.ndarray | None
     prefill_mass: np.ndarray | None = None
     decode_mass: np.ndarray | None = None
+    logit_terms: np.ndarray | None = None
 
     def generated(self, b: int) -> list[int]:
         return self.tokens[b, :self.num_tokens[b]].tolist()
@@ -421,11 +425,12 @@ class Engine:
     def generate(self, rows: Sequence[Sequence[int]], spec: GenerateSpec, *, batch_size: int | None = None,
                  shared: SharedPrefix | None = None, keys: Sequence[str] | None = None,
                  prefill_mask=None, decode_mask=None, prefill_targets: MassTargets | None = None,
-                 decode_targets: MassTargets | None = None, runner=None) -> BatchOutput:
+                 decode_targets: MassTargets | None = None, output_span=None, runner=None) -> BatchOutput:
         """Greedy generation for one batch of prompts (token id lists) with optional shared prefix
         (`keys` name each row's instance in it) and head masks; only the real rows come back.
         prefill_targets / decode_targets: host MassTargets (one row per prompt) of spec.prefill_masses /
-        spec.decode_masses (models.attention.mass_targets builds them).
+        spec.decode_masses (models.attention.mass_targets builds them); output_span [rows, 2]: the
+        key positions of spec.decode_outputs' span per prompt.
         `runner`: whose programs and cache run it (None: the engine's Runner; a mixed KV cache's
         MixedRunner, rhead_jax.mixedkv, takes no head masks and no mass targets).
 
@@ -471,13 +476,19 @@ class Engine:
             if decode_targets is None:
                 raise ValueError(f"spec.decode_masses={spec.decode_masses} needs decode_targets")
             decode_targets = pad_rows(decode_targets)
+        if spec.decode_outputs:
+            if output_span is None:
+                raise ValueError("spec.decode_outputs needs output_span")
+            output_span = np.asarray(output_span, np.int32)
+            output_span = np.concatenate([output_span, np.repeat(output_span[-1:], n_rows - real, 0)])
         t0 = time.time()
         cache, calls = self._prefill_rows(r, cache, prompts, starts, lens - 1, real, spec, prefill_mask,
                                           prefill_targets)
         jax.block_until_ready(cache)
         t1 = time.time()
         first = prompts[np.arange(n_rows), lens - 1]
-        gen = r.decode(first, lens, cache, spec, decode_mask=decode_mask, targets=decode_targets)
+        gen = r.decode(first, lens, cache, spec, decode_mask=decode_mask, targets=decode_targets,
+                       **({"output_span": output_span} if spec.decode_outputs else {}))
         cap = spec.top_k > 0
         n_tok = np.asarray(gen.num_tokens)  # outputs are replicated (readable on every host)
         prefill_mass = None
@@ -492,7 +503,8 @@ class Engine:
                           topk_index=np.asarray(gen.topk_index)[:real] if cap else None,
                           topk_weight=np.asarray(gen.topk_weight)[:real] if cap else None,
                           prefill_mass=prefill_mass,
-                          decode_mass=np.asarray(gen.mass, np.float64)[:real] if spec.decode_masses else None)
+                          decode_mass=np.asarray(gen.mass, np.float64)[:real] if spec.decode_masses else None,
+                          logit_terms=np.asarray(gen.logit_terms)[:real] if spec.decode_outputs else None)
         self.timings["prefill_s"] += t1 - t0
         self.timings["decode_s"] += time.time() - t1
         self.timings["decode_steps"] += int(n_tok.max())

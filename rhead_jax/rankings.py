@@ -5,7 +5,9 @@ A ranking scores heads. Files:
     head_scores_<name>.json, rhead_jax.detectors' files, the published ones): one mean score per
     QUERY head;
   - a gate TSV (DuoAttention's full_attention_heads.tsv; rhead_jax.gates writes the same format):
-    one row per layer, one tab-separated float per KV head, clipped to [0, 1] when read.
+    one row per layer, one tab-separated float per KV head, clipped to [0, 1] when read;
+  - LOCOS's released head JSON (its envelope around the head-score JSON, `unwrap_released`) and
+    QRHead's head-set YAML (a ranked list of heads, `read_qrhead_head_set`).
 
 `Ranking.per_query` and `Ranking.per_kv` give [L, H] / [L, K] arrays. A query-head ranking becomes a
 KV-head one by the max over the KV head's query heads: a KV head's cache can only be dropped if
@@ -116,6 +118,52 @@ def head_score_array(head_scores: dict) -> np.ndarray:
     return out
 
 
+# ------------------------------------------------------------------------ other toolkits' head files
+QRHEAD_SUFFIXES = (".yaml", ".yml")
+
+
+def unwrap_released(data):
+    """LOCOS's released head files (github.com/aryopg/locos, locos/detectors/*.py: logit_contrib, dla,
+    attention_spatial, ...) wrap the original's `{"L-H": [score per trial]}` in an envelope
+    `{"meta": {...}, "scores": {"L-H": [...]}, "trial_ids": [...], "confidence_intervals": {...}}`:
+    its "scores". Anything else is returned as it is."""
+    if isinstance(data, dict) and isinstance(data.get("scores"), dict) and "meta" in data:
+        return data["scores"]
+    return data
+
+
+def read_qrhead_head_set(path) -> dict[str, list[float]]:
+    """QRHead's head sets (github.com/princeton-pli/QRHead, src/qrretriever/configs/*.yaml): a YAML
+    config whose `attn_head_set` is "L-H,L-H,..." (its top heads, best first, no scores) ->
+    {"L-H": [(n - rank) / n]} for the n listed heads (1 for the best, 1/n for the last); the heads
+    it does not list score 0 once padded to the model's shape (`pad_head_scores`)."""
+    import yaml
+
+    text = _read_text(path, "QRHead head set")
+    try:
+        cfg = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise UserError(f"QRHead head set {path} is not valid YAML ({e})") from None
+    heads = cfg.get("attn_head_set") if isinstance(cfg, dict) else None
+    if not isinstance(heads, str) or not heads.strip():
+        raise UserError(f"QRHead head set {path}: expected `attn_head_set: \"L-H,L-H,...\"` (QRHead's configs/*.yaml)")
+    keys = [k.strip() for k in heads.split(",") if k.strip()]
+    try:
+        parsed = [scoring.parse_head(k) for k in keys]
+    except ValueError:
+        raise UserError(f"QRHead head set {path}: attn_head_set holds a key that is not '<layer>-<head>'") from None
+    if len(set(parsed)) != len(parsed):
+        raise UserError(f"QRHead head set {path}: attn_head_set lists a head twice")
+    n = len(keys)
+    return {f"{l}-{h}": [(n - r) / n] for r, (l, h) in enumerate(parsed)}
+
+
+def pad_head_scores(data: dict[str, list[float]], layers: int, heads: int) -> dict[str, list[float]]:
+    """`data` with every head of a layers x heads model, a missing head scoring [0.0] per test."""
+    n = len(next(iter(data.values())))
+    return {f"{l}-{h}": data.get(f"{l}-{h}", [0.0] * n) for l in range(layers) for h in range(heads)}
+
+
 def _read_text(path, what: str) -> str:
     p = io.as_path(path)
     if not p.exists():
@@ -156,9 +204,11 @@ def read_ranking(path, name: str | None = None) -> Ranking:
     label = name or p.stem
     if p.suffix == ".tsv":
         return Ranking(label, read_gates_tsv(path), "kv", str(path))
+    if p.suffix in QRHEAD_SUFFIXES:
+        return Ranking(label, head_score_array(read_qrhead_head_set(path)), "query", str(path))
     text = _read_text(path, "ranking file")
     try:
-        data = json.loads(text)
+        data = unwrap_released(json.loads(text))
         return Ranking(label, head_score_array(data), "query", str(path))
     except (ValueError, AttributeError, TypeError) as e:
         raise UserError(f"ranking file {path}: expected a head-score JSON {{\"L-H\": [scores]}} or a gate "

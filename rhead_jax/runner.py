@@ -213,9 +213,10 @@ class Runner:
         return self._jit(("prefill_block", batch, size, width, spec, mask) + (("plain",) if plain else ()), make)
 
     def decode_jit(self, batch: int, size: int, spec: GenerateSpec, mask: bool = False):
-        """(params, first [batch], prompt_lens [batch], cache, decode_mask or None[, targets]) ->
-        (Generation, cache): the greedy decode loop with capture (models.generate.decode_impl), with
-        the rows' MassTargets when spec.decode_masses. The cache is DONATED; the Generation comes back
+        """(params, first [batch], prompt_lens [batch], cache, decode_mask or None[, targets[, output_span]])
+        -> (Generation, cache): the greedy decode loop with capture (models.generate.decode_impl), with
+        the rows' MassTargets when spec.decode_masses (None in their place without, when
+        spec.decode_outputs) and their output spans [batch, 2] when spec.decode_outputs. The cache is DONATED; the Generation comes back
         replicated (host-readable on every process)."""
         def make():
             step = partial(decode_impl, cfg=self.cfg, spec=spec)
@@ -224,8 +225,10 @@ class Runner:
             rep, csh = shd.replicated(self.mesh), self.cache_sharding(batch, size)
             lsh = shd.batch_sharding((batch,), self.mesh)
             in_sh = (self.param_sh, lsh, lsh, csh, rep if mask else None)
-            if spec.decode_masses:
-                in_sh += (_targets_sharding(self.mesh, batch),)
+            if spec.decode_masses or spec.decode_outputs:
+                in_sh += (_targets_sharding(self.mesh, batch) if spec.decode_masses else None,)
+            if spec.decode_outputs:
+                in_sh += (shd.batch_sharding((batch, 2), self.mesh),)
             return self.jit(step, in_shardings=in_sh,
                            out_shardings=(shd.generation_shardings(self.mesh), csh), donate_argnums=(3,))
 
@@ -310,14 +313,17 @@ class Runner:
         return fn(*args)
 
     def decode(self, first: np.ndarray, lens: np.ndarray, cache: KVCache, spec: GenerateSpec,
-               decode_mask=None, targets: MassTargets | None = None) -> Generation:
+               decode_mask=None, targets: MassTargets | None = None, output_span=None) -> Generation:
         """The greedy decode loop with capture over a prefilled [B]-row cache (donated); returns
-        host-readable (replicated) outputs. targets: the rows' MassTargets of spec.decode_masses."""
+        host-readable (replicated) outputs. targets: the rows' MassTargets of spec.decode_masses;
+        output_span: their spans [B, 2] of spec.decode_outputs."""
         fn = self.decode_jit(cache.k.shape[1], cache.size, spec, decode_mask is not None)
         dm = None if decode_mask is None else self._put(decode_mask, _rep_fn)
         args = (self.params, self._put(first, shd.batch_sharding), self._put(lens, shd.batch_sharding), cache, dm)
-        if spec.decode_masses:
-            args += (self._put_targets(targets),)
+        if spec.decode_masses or spec.decode_outputs:
+            args += (self._put_targets(targets) if spec.decode_masses else None,)
+        if spec.decode_outputs:
+            args += (self._put(np.asarray(output_span, np.int32), shd.batch_sharding),)
         gen, _ = fn(*args)
         return gen
 

@@ -198,7 +198,7 @@ def describe(cfg: ModelConfig, mesh: Mesh) -> str:
 def generation_shardings(mesh: Mesh) -> Generation:
     """Generation outputs are small: replicate them so every process can read them."""
     r = replicated(mesh)
-    return Generation(tokens=r, num_tokens=r, topk_index=r, topk_weight=r, mass=r)
+    return Generation(tokens=r, num_tokens=r, topk_index=r, topk_weight=r, mass=r, logit_terms=r)
 
 
 __all__ = ["mesh_shape", "make_mesh", "param_shardings", "cache_shardings", "batch_sharding", "replicated",

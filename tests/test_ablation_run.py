@@ -154,6 +154,32 @@ def test_uniform_decode_and_zero_all_both_run(tiny_dir, model, scores_file, swee
             != [r["generated"] for r in zero["runs"]["top2"]["instances"]])
 
 
+@pytest.mark.parametrize("mode", ["mean_query", "mean_output"])
+def test_mean_modes_run_with_calibrated_means(tiny_dir, model, sweep_k_run, tmp_path, mode):
+    """config.mask.mode mean_*: the means from config.mask.calibration of the grid's prompts
+    (ablation.heads.calibration_means), pinned in the run's store; masking every head changes answers."""
+    from rhead_jax.ablation.heads import calibration_means
+    from rhead_jax.ablation.tasks import NiahTask
+    from rhead_jax.engine import Engine
+
+    _, res = sweep_k_run
+    every = "list:" + ",".join(f"{l}-{h}" for l in range(L) for h in range(H))
+    config = _config(tiny_dir, mode=mode, mask=every, baseline=False)
+    config.mask.calibration = 2
+    out = ablation.run_ablation(config, str(tmp_path), model=model)
+    assert out["mask"] == {"spec": every, "mode": mode, "phase": "all"}
+    run_dir = next((tmp_path / "runs" / "niah" / f"{mode}-all").iterdir())
+    assert json.loads((run_dir / "sweep_config.json").read_text())["mask"]["calibration"] == 2
+    masked = {r["key"]: r["generated"] for r in out["runs"][next(iter(out["runs"]))]["instances"]}
+    plain = {r["key"]: r["generated"] for r in res["runs"]["none"]["instances"]}
+    assert masked != plain
+    engine = Engine(config, model)
+    means = calibration_means(engine, NiahTask(engine).prompts(), mode, 2)
+    assert means.shape == (L, H, model.cfg.head_dim) and np.abs(means).max() > 0
+    # two prompts of the grid: the first and the last, so one alone gives other means
+    assert not np.allclose(means, calibration_means(engine, NiahTask(engine).prompts()[:1], mode, 2))
+
+
 def test_resume_after_completion_is_a_no_op(tiny_dir, model, scores_file, sweep_k_run, monkeypatch):
     wd, _ = sweep_k_run
     before = {p.name: p.read_bytes() for p in wd.glob("runs/niah/zero-all/*/batches/*.json")}

@@ -272,3 +272,38 @@ def test_stop_when_stable_runs_the_same_tests_in_rounds(tiny_dir, model, referen
     assert stop == summary["stop"] and "before the top 10 settled" in stop["reason"]
     assert "stop_when_stable" in _read(tmp_path, "sweep_config.json").decode()
     assert "stop_when_stable" not in _read(wd, "sweep_config.json").decode()
+
+
+def test_logit_scores_match_pytorch_and_leave_the_copy_score(tiny_dir, model, reference_run, tmp_path):
+    """config.sweep.extra_scores logit / dla / spatial: head_scores.json byte-identical; each test's
+    scores are the mean over its answer steps (generated tokens but the stops) of LOCOS's loop in
+    PyTorch (tests/test_logit_scores.py) on the needle's tokens."""
+    from tests.hf_tiny import load_torch
+    from tests.test_logit_scores import torch_logit_terms
+
+    ref_wd, _ = reference_run
+    wd = tmp_path / "logit"
+    names = ("logit", "dla", "spatial")
+    detection.run_sweep(_config(tiny_dir, extra_scores=names), str(wd), model=model)
+    assert _read(wd, "head_scores.json") == _read(ref_wd, "head_scores.json")
+    ours = [json.loads(x) for x in _read(wd, "results.jsonl").splitlines()]
+    L, H = model.cfg.num_layers, model.cfg.num_heads
+    for name in names:
+        assert json.loads(_read(wd, f"head_scores_{name}.json")) == detection.head_scores_from(ours, L, H, score=name)
+    assert all(np.array(r["extra_scores"][n]).max() == 0 for r in ours for n in names
+               if all(y in engine_stops(tiny_dir, model) for y in r["generated"]))
+    # the random model stops at once: one batch generated to max_new_tokens, without stop tokens
+    engine = detection.Engine(_config(tiny_dir), model)
+    batch = engine.plan_needles()[:4]
+    spec = engine.spec(capture=True, stops=(), extra_scores=names)
+    torch_model = load_torch(tiny_dir)
+    for inst, res in list(zip(batch, detection.score_batch(engine, batch, spec, extra_scores=names)))[::3]:
+        assert len(res["generated"]) == TINY_SWEEP["max_new_tokens"]
+        ref = torch_logit_terms(torch_model, inst.prompt_ids.tolist(), res["generated"], inst.needle_span).mean(0)
+        for i, name in enumerate(names):
+            np.testing.assert_allclose(np.array(res["extra_scores"][name]), ref[..., i], rtol=1e-4,
+                                       atol=1e-5 * np.abs(ref[..., i]).max())
+
+
+def engine_stops(tiny_dir, model):
+    return detection.Engine(_config(tiny_dir), model).spec(capture=True).stop_tokens

@@ -84,7 +84,7 @@ def test_config_is_validated():
         validate(c)
     c = default_config()
     c.sweep.extra_scores = ("mass", "nope")
-    with pytest.raises(UserError, match=r"extra_scores must list distinct names out of \('mass', 'query'\)"):
+    with pytest.raises(UserError, match=r"extra_scores must list distinct names out of \('mass', 'query', 'logit', 'dla', 'spatial'\)"):
         validate(c)
     c.sweep.extra_scores = ("query", "mass")
     validate(c)

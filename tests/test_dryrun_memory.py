@@ -214,7 +214,7 @@ def test_plan_compiles_the_engines_programs_in_process():
 
 def test_extra_scores_show_in_the_dry_run():
     """config.sweep.extra_scores flows into the planned programs (the Runner's, with masses and their
-    targets): they compile, and their per-device temp and outputs are at least those without."""
+    targets, or the logit terms and their spans): they compile, and their per-device temp and outputs are at least those without."""
     from rhead_jax.dryrun.cli import step_settings, sweep_dry_run
 
     cfg = ModelConfig.from_hf(presets.preset_hf_config("SmolLM2-135M-Instruct") | {"num_hidden_layers": 2},
@@ -222,7 +222,7 @@ def test_extra_scores_show_in_the_dry_run():
     c = default_config()
     c.sweep.lengths, c.sweep.batch_size, c.sweep.max_new_tokens, c.sweep.prefill_chunk = (200,), 2, 8, 128
     plans = {}
-    for extra in ((), ("mass", "query")):
+    for extra in ((), ("mass", "query"), ("logit",)):
         c.sweep.extra_scores = extra
         assert step_settings(c)["extra_scores"] == extra
         plans[extra] = sweep_dry_run(c, topology="v5litepod-1", backend="cpu", model=(cfg, "tiny", "test"))
@@ -231,6 +231,8 @@ def test_extra_scores_show_in_the_dry_run():
     for name in ("prefill", "decode"):
         assert extra[name]["temp"] >= plain[name]["temp"] > 0, name
         assert extra[name]["output"] > plain[name]["output"], name     # + the masses [L, rows, H, 1]
+    logit = plans[("logit",)].compiled   # + the decode steps' logit terms [rows, N, L, H, 3]
+    assert logit["prefill"] == plain["prefill"] and logit["decode"]["output"] > plain["decode"]["output"]
 
 
 def test_runner_calls_use_the_programs_the_dry_run_compiles():

@@ -93,3 +93,52 @@ def test_resolve_k():
     for bad in ("0", "x", "0%", "150%", "-3"):
         with pytest.raises(UserError, match="integer >= 1 or a percentage"):
             rk.resolve_k(bad, 10)
+
+
+def _locos_file(path, scores: dict) -> None:
+    """A head file as LOCOS writes it (aryopg/locos, detectors/logit_contrib.py's result_envelope)."""
+    path.write_text(json.dumps({
+        "meta": {"method": "logit_contribution", "dataset": "nolima", "num_trials_passed": 2, "model": "m"},
+        "scores": scores, "trial_ids": ["t0", "t1"],
+        "confidence_intervals": {k: [min(v), max(v)] for k, v in scores.items()}}, indent=2))
+
+
+def test_released_locos_and_qrhead_files(tmp_path):
+    """LOCOS's envelope reads as its "scores"; a QRHead head set ranks its heads best first."""
+    from rhead_jax import analysis
+    from rhead_jax.ablation.heads import load_scores
+
+    scores = {"0-0": [0.5, -0.1], "0-1": [2.0, 1.0], "1-0": [-1.0, -3.0], "1-1": [0.0, 0.2]}
+    _locos_file(tmp_path / "m_logit_contrib_nolima.json", scores)
+    r = rk.read_ranking(tmp_path / "m_logit_contrib_nolima.json", "locos")
+    np.testing.assert_allclose(r.scores, [[0.2, 1.5], [-2.0, 0.1]])
+    assert r.top_query_heads(2) == [(0, 1), (0, 0)]
+    assert analysis.load_head_scores(tmp_path / "m_logit_contrib_nolima.json") == scores
+    assert load_scores(tmp_path / "m_logit_contrib_nolima.json") == scores
+    (tmp_path / "qr.yaml").write_text('# Default configuration\n\nattn_head_set: "1-1,0-1,1-0" # top3\n'
+                                      'model_base_class: "M"\nmodel_name_or_path: "org/M"\n')
+    q = rk.read_ranking(tmp_path / "qr.yaml")
+    assert q.name == "qr" and q.top_query_heads(3) == [(1, 1), (0, 1), (1, 0)]
+    np.testing.assert_allclose(q.scores, [[0, 2 / 3], [1 / 3, 1]])
+    assert rk.pad_head_scores(rk.read_qrhead_head_set(tmp_path / "qr.yaml"), 2, 3)["1-2"] == [0.0]
+    for text, fragment in [("attn_head_set: 3\n", "expected `attn_head_set"), ("attn_head_set: \"1-1,x\"\n", "not '<layer>-<head>'"),
+                           ("attn_head_set: \"1-1,1-1\"\n", "twice"), ("a: [\n", "not valid YAML")]:
+        (tmp_path / "bad.yml").write_text(text)
+        with pytest.raises(UserError, match=fragment):
+            rk.read_ranking(tmp_path / "bad.yml")
+
+
+def test_analyze_compares_released_files_with_ours(tmp_path):
+    """analyze reads a LOCOS file and a QRHead head set (padded with 0 to the others' shape) beside ours."""
+    from rhead_jax import analysis
+
+    ours = {f"{l}-{h}": [float(l * 3 + h)] for l in range(2) for h in range(3)}
+    (tmp_path / "head_scores.json").write_text(json.dumps(ours))
+    _locos_file(tmp_path / "locos.json", {k: [v[0], v[0]] for k, v in ours.items()})
+    (tmp_path / "qr.yaml").write_text('attn_head_set: "1-2,1-1"\n')
+    res = analysis.analyze([f"ours:{tmp_path / 'head_scores.json'}", f"locos:{tmp_path / 'locos.json'}",
+                            f"qr:{tmp_path / 'qr.yaml'}"], tmp_path / "out", report=False, overlap_k=["2"])
+    assert res["data"]["qr"] == {**{k: [0.0] for k in ours}, "1-2": [1.0], "1-1": [0.5]}
+    pairs = {(p["a"], p["b"]): p["levels"]["query"] for p in res["rankings"]["pairs"]}
+    assert pairs[("ours", "locos")]["spearman"] == 1.0
+    assert pairs[("ours", "qr")]["overlap"][0]["overlap"] == 2

@@ -52,3 +52,24 @@ def test_greedy_continuation_matches_transformers(smollm2):
     ours = np.asarray(gen.tokens[0, :int(gen.num_tokens[0])]).tolist()
     assert ours == ref
     assert "Paris" in tok.decode(ours)
+
+
+def test_logit_scores_match_a_pytorch_loop(smollm2):
+    """LOCOS's logit / dla / spatial terms of every decode step on three needle tests (SmolLM2's chat
+    prompt, the bundled needles, 500 tokens, depths 0/50/100) against the PyTorch loop of
+    tests/test_logit_scores.py on the same generated tokens and the needle's tokens."""
+    from rhead_jax.needle.grid import build_grid
+    from rhead_jax.needle.haystack import load_haystack, load_needles
+    from tests.test_logit_scores import torch_logit_terms
+
+    tok, tm, cfg, params = smollm2
+    insts = build_grid(tok, load_haystack(), load_needles(), [500], [0, 50, 100], chat=True)[::4][:3]
+    spans = np.array([i.needle_span for i in insts], np.int32)
+    spec = GenerateSpec(max_new_tokens=6, top_k=0, decode_outputs=True)
+    gen = greedy_generate(params, cfg, [i.prompt_ids.tolist() for i in insts], spec=spec, output_span=spans)
+    for b, inst in enumerate(insts):
+        ref = torch_logit_terms(tm, inst.prompt_ids.tolist(), np.asarray(gen.tokens[b]).tolist(), inst.needle_span)
+        got = np.asarray(gen.logit_terms[b])
+        assert got.shape == ref.shape and np.abs(ref[..., 0]).max() > 0.1
+        for i in range(3):   # fp32 both sides; summation order differs, so relative to each term's largest
+            np.testing.assert_allclose(got[..., i], ref[..., i], rtol=2e-3, atol=2e-3 * np.abs(ref[..., i]).max())

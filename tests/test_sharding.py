@@ -79,8 +79,11 @@ def test_extra_scores_and_detectors_on_meshes_match_single_device(tmp_path):
         r = results[mesh]
         assert [x[:3] for x in r["sweep"]] == [x[:3] for x in ref["sweep"]], mesh
         for a, b in zip(r["sweep"], ref["sweep"]):
-            for name in ("mass", "query"):
+            for name in ("mass", "query", "spatial"):
                 np.testing.assert_allclose(a[3][name], b[3][name], rtol=1e-5, atol=1e-6, err_msg=mesh)
+            for name in ("logit", "dla"):   # logit units: tolerance relative to the largest
+                np.testing.assert_allclose(a[3][name], b[3][name], rtol=1e-4,
+                                           atol=1e-5 * max(np.abs(b[3][name]).max(), 1e-6), err_msg=mesh)
         for name, hs in r["detectors"].items():
             np.testing.assert_allclose(np.array(list(hs.values())), np.array(list(ref["detectors"][name].values())),
                                        rtol=1e-5, atol=1e-6, err_msg=f"{mesh} {name}")

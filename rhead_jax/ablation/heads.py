@@ -117,7 +117,7 @@ def load_scores(path: str | os.PathLike) -> dict[str, list[float]]:
         raise UserError(f"head-score file {path} does not exist; run `python -m rhead_jax.sweep "
                                 "--config <model>.py --workdir DIR` first, it writes DIR/head_scores.json")
     try:
-        data = json.loads(p.read_text())
+        data = rankings.unwrap_released(json.loads(p.read_text()))   # LOCOS's released files too
     except json.JSONDecodeError as e:
         raise UserError(f"head-score file {path} is not valid JSON ({e.msg}, line {e.lineno})") from None
     if not isinstance(data, dict) or not data:
@@ -262,15 +262,45 @@ def parse_mask_spec(text: str, scores: dict | None = None, *, num_layers: int | 
                          seed=seed, threshold=threshold)
 
 
-def build_head_mask(cfg, heads: Sequence[Head]) -> np.ndarray:
-    """[num_layers, num_heads] float32: 1 everywhere, 0 at `heads` (cfg: a ModelConfig or (L, H))."""
+def build_head_mask(cfg, heads: Sequence[Head], means: np.ndarray | None = None) -> np.ndarray:
+    """[num_layers, num_heads] float32: 1 everywhere, 0 at `heads` (cfg: a ModelConfig or (L, H)).
+    With `means` [L, H, D] (the mean modes, `calibration_means`): [L, H, 1 + D], the mask then the means."""
     L, H = (cfg.num_layers, cfg.num_heads) if hasattr(cfg, "num_layers") else tuple(cfg)
     heads = [tuple(map(int, h)) for h in heads]
     check_heads(heads, L, H)
     mask = np.ones((L, H), np.float32)
     for l, h in heads:
         mask[l, h] = 0.0
+    if means is not None:
+        return np.concatenate([mask[..., None], np.asarray(means, np.float32)], axis=-1)
     return mask
+
+
+def calibration_means(engine, prompts: Sequence[Sequence[int]], mode: str, n: int) -> np.ndarray:
+    """[L, H, D] float32: each head's mean, over every token of `n` of the prompts (evenly spaced,
+    unmasked), of its query as q_proj gives it ("mean_query", LOCOS's calibration) or of its
+    attention output before o_proj ("mean_output"): models.decoder.CaptureSpec.head_sums, one
+    plain forward over the prompts padded to one length."""
+    import jax
+    import jax.numpy as jnp
+
+    from rhead_jax.models.decoder import CaptureSpec, forward
+    from rhead_jax.models.generate import pad_prompts
+
+    pick = [prompts[int(i)] for i in np.unique(np.linspace(0, len(prompts) - 1, min(n, len(prompts))).round())]
+    tokens, lens = pad_prompts(pick, engine.config.sweep.k_chunk)
+    positions = np.where(np.arange(tokens.shape[1])[None] < lens[:, None], np.arange(tokens.shape[1])[None], -1)
+    cfg = engine.cfg
+
+    @jax.jit
+    def sums(params, tok, pos):
+        caps = forward(params, cfg, tok, pos, capture=CaptureSpec(head_sums=True), logits="none")[2]
+        return (caps.q_sum if mode == "mean_query" else caps.out_sum).sum(1)        # [L, H, D]
+
+    total = np.zeros((cfg.num_layers, cfg.num_heads, cfg.head_dim), np.float64)
+    for b in range(len(pick)):   # one row at a time: activation memory of one prompt
+        total += np.asarray(sums(engine.model.params, jnp.asarray(tokens[b:b + 1]), jnp.asarray(positions[b:b + 1])))
+    return (total / lens.sum()).astype(np.float32)
 
 
 def phase_masks(mask: np.ndarray | None, phase: str) -> tuple[np.ndarray | None, np.ndarray | None]:

@@ -25,8 +25,9 @@ from tqdm.auto import tqdm
 
 from rhead_jax import config as config_lib
 from rhead_jax import io, qa
-from rhead_jax.ablation.heads import (MaskSpec, Run, build_head_mask, check_scores, load_rankings, main_spec,
-                                      phase_masks, plan_groups)
+from rhead_jax.ablation.heads import (MaskSpec, Run, build_head_mask, calibration_means, check_scores, load_rankings,
+                                      main_spec, phase_masks, plan_groups)
+from rhead_jax.models.decoder import MEAN_MODES
 from rhead_jax.ablation.results import format_summary, group_summary, sweep_k_csv, sweep_k_markdown, \
     sweep_k_table
 from rhead_jax.ablation.report import report_intro, report_meta, report_provenance, report_sections
@@ -66,7 +67,8 @@ def _run_json(config, task, run: Run) -> str:
     run is stored by its head set (Run.store), so its heads are pinned sorted: any ranking's order fits."""
     heads = sorted(run.heads) if run.spec.ranking else run.heads
     return json.dumps({"model": config.model.to_dict(), "task": task.tag, **task.pinned(),
-                       "mask": {"mode": config.mask.mode, "phase": config.mask.phase},
+                       "mask": {"mode": config.mask.mode, "phase": config.mask.phase,
+                                **({"calibration": config.mask.calibration} if config.mask.mode in MEAN_MODES else {})},
                        "run": run.store, "heads": [list(h) for h in heads]}, sort_keys=True, indent=1)
 
 
@@ -151,6 +153,9 @@ def run_ablation(config, workdir: str, *, model=None, scores: str | None = None,
     root = io.as_path(workdir)
     run_root = root / "runs" / the_task.tag / f"{config.mask.mode}-{config.mask.phase}"
     stores = {st: engine.store(str(run_root / st), _run_json(config, the_task, r)) for st, r in unique.items()}
+    means = None
+    if config.mask.mode in MEAN_MODES and any(r.heads for r in unique.values()):
+        means = calibration_means(engine, the_task.prompts(), config.mask.mode, config.mask.calibration)
     sizes = [len(b) for b in the_task.batches]
     nb = len(sizes)
     todo = {st: [b for b in range(nb) if not stores[st].done(b)] for st in unique}
@@ -163,7 +168,7 @@ def run_ablation(config, workdir: str, *, model=None, scores: str | None = None,
                desc=f"ablate {name}", unit="test")
     store_records = {}
     for st, run in unique.items():
-        head_mask = build_head_mask(engine.cfg, run.heads) if run.heads else None
+        head_mask = build_head_mask(engine.cfg, run.heads, means) if run.heads else None
         prefill_mask, decode_mask = phase_masks(head_mask, config.mask.phase)
         per_batch = engine.run_batches(
             stores[st], sizes, lambda b: the_task.run(b, prefill_mask, decode_mask, st),  # noqa: B023

@@ -56,6 +56,10 @@ class NiahTask:
         return {"needles": c.needles, "haystack": c.haystack, "sweep": c.sweep.to_dict(),
                 "batch_size_used": self.batch_size}
 
+    def prompts(self) -> list[list[int]]:
+        """Every instance's prompt ids (the mean ablations' calibration draws from them)."""
+        return [i.prompt_ids.tolist() for i in self.instances]
+
     def run(self, b: int, prefill_mask, decode_mask, label: str) -> list[dict]:
         batch = [self.instances[i] for i in self.batches[b]]
         shared = self.engine.shared_prefix(self.instances, self.spec, prefill_mask, label=label)
@@ -118,11 +122,11 @@ class TextTask:
         self.engine, self.config, self.kind, self.path = engine, engine.config, kind, path
         self.items = qa.load_tasks(path, kind)
         tok = engine.tokenizer
-        self.prompts = [qa.build_prompt_ids(tok, it, kind, chat=self.config.model.chat) for it in self.items]
+        self.prompt_ids = [qa.build_prompt_ids(tok, it, kind, chat=self.config.model.chat) for it in self.items]
         a = self.config.ablation
         n_new = a.qa_max_new_tokens if kind == "qa" else a.cot_max_new_tokens
         limit = engine.cfg.max_position_embeddings
-        for i, p in enumerate(self.prompts):
+        for i, p in enumerate(self.prompt_ids):
             if len(p) + n_new > limit:
                 raise UserError(f"{path}: item {i} has a prompt of {len(p)} tokens; with {n_new} new tokens it "
                                 f"exceeds the model's max_position_embeddings={limit}")
@@ -139,18 +143,21 @@ class TextTask:
     def tag(self) -> str:
         return f"{self.kind}-{Path(self.path).stem}"
 
+    def prompts(self) -> list[list[int]]:
+        return [list(p) for p in self.prompt_ids]
+
     def pinned(self) -> dict:
         return {"task_file": str(self.path), "max_new_tokens": self.spec.max_new_tokens,
                 "sweep": self.config.sweep.to_dict(), "batch_size_used": self.batch_size}
 
     def run(self, b: int, prefill_mask, decode_mask, label: str) -> list[dict]:
         idx = self.batches[b]
-        out = self.engine.generate([self.prompts[i] for i in idx], self.spec, batch_size=self.batch_size,
+        out = self.engine.generate([self.prompt_ids[i] for i in idx], self.spec, batch_size=self.batch_size,
                                    prefill_mask=prefill_mask, decode_mask=decode_mask)
         results = []
         for row, i in enumerate(idx):
             generated = out.generated(row)
-            results.append({"key": f"item{i:04d}", "index": i, "prompt_tokens": len(self.prompts[i]),
+            results.append({"key": f"item{i:04d}", "index": i, "prompt_tokens": len(self.prompt_ids[i]),
                             "generated": generated, "response": self.engine.decode(generated)})
         return results
 

@@ -219,8 +219,10 @@ def plan(cfg: ModelConfig, topology: Topology | str, *, context_len: int, batch_
     decode_args = (params, rows, rows, cache, None)
     if spec.prefill_masses:
         prefill_args += (_abstract_targets(data, len(spec.prefill_masses), mesh_obj),)
-    if spec.decode_masses:
-        decode_args += (_abstract_targets(batch, len(spec.decode_masses), mesh_obj),)
+    if spec.decode_masses or spec.decode_outputs:
+        decode_args += (_abstract_targets(batch, len(spec.decode_masses), mesh_obj) if spec.decode_masses else None,)
+    if spec.decode_outputs:
+        decode_args += (jax.ShapeDtypeStruct((batch, 2), jnp.int32, sharding=shd.batch_sharding((batch, 2), mesh_obj)),)
     programs = {
         "setup": setup,
         "prefill": (runner.prefill_block_jit(batch, S, width, spec), prefill_args, shared),

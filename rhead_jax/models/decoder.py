@@ -42,12 +42,13 @@ import numpy as np
 from jax import lax
 
 from rhead_jax.models.attention import (MASS_TARGETS, NO_WINDOW, AttentionOptions, MassTargets, chunked_attention,
-                                        dense_attention, mass_from_probs, prefill_attention)
+                                        dense_attention, mass_from_probs, prefill_attention, visible)
 from rhead_jax.models.config import ModelConfig
 from rhead_jax.models.rope import apply_rope, rope_cos_sin
 
 Params = Any
-MASK_MODES = ("zero", "uniform")
+MASK_MODES = ("zero", "uniform", "mean_query", "mean_output")
+MEAN_MODES = ("mean_query", "mean_output")   # head_mask [L, H, 1 + D]: the value, then the head's mean
 
 
 # ----------------------------------------------------------------------------- capture & cache
@@ -64,11 +65,21 @@ class CaptureSpec:
       "induction"): per layer, row and query head, the attention each target's keys receive,
       summed over the call's queries in the target's range (`forward(targets=...)`), [L, B, H, M].
       Reduced inside the attention: memory O(T), never a T x S map.
+    span_outputs: for ONE new token per row (decode steps), per layer, row and query head, what
+      the logit-contribution scores need (rhead_jax.detection): the head's attention output
+      o = sum_j alpha_j v_j (before o_proj) and its part from the keys in `forward(output_span=)`,
+      both [L, B, H, D] fp32, the attention mass on those keys [L, B, H], and the numbers of
+      visible keys and of visible keys in the span [L, B, 2]. O(S) per head, no second pass.
+    head_sums: per layer, row and query head, the sums over the call's real tokens of the head's
+      query as q_proj gives it (bias included; before q-norm and RoPE) and of its attention output
+      (before o_proj), [L, B, H, D] fp32 each: the calibration of the mean ablations.
     """
 
     top_k: int = 0
     full_probs: bool = False
     masses: tuple[str, ...] = ()
+    span_outputs: bool = False
+    head_sums: bool = False
 
     def __post_init__(self):
         unknown = [m for m in self.masses if m not in MASS_TARGETS]
@@ -77,18 +88,26 @@ class CaptureSpec:
 
     @property
     def enabled(self) -> bool:
-        return self.top_k > 0 or self.full_probs or bool(self.masses)
+        return self.top_k > 0 or self.full_probs or bool(self.masses) or self.span_outputs or self.head_sums
 
 
 @flax.struct.dataclass
 class Captures:
     """Captured attention. topk_*: [L, B, H, k] (slot indices / fp32 weights); probs: [L, B, H, T, S];
-    mass: [L, B, H, M] fp32 (CaptureSpec.masses, in its order)."""
+    mass: [L, B, H, M] fp32 (CaptureSpec.masses, in its order); head_out / span_out [L, B, H, D],
+    span_mass [L, B, H] fp32 and key_counts [L, B, 2] int32 (visible keys, visible keys in the
+    span) of CaptureSpec.span_outputs; q_sum / out_sum [L, B, H, D] fp32 of CaptureSpec.head_sums."""
 
     topk_index: jax.Array | None = None
     topk_weight: jax.Array | None = None
     probs: jax.Array | None = None
     mass: jax.Array | None = None
+    head_out: jax.Array | None = None
+    span_out: jax.Array | None = None
+    span_mass: jax.Array | None = None
+    key_counts: jax.Array | None = None
+    q_sum: jax.Array | None = None
+    out_sum: jax.Array | None = None
 
 
 @flax.struct.dataclass
@@ -455,9 +474,10 @@ def layer_rope(tables, kind):
     return lax.dynamic_index_in_dim(cos, kind, 0, False), lax.dynamic_index_in_dim(sin, kind, 0, False)
 
 
-def attention_inputs(lp, cfg: ModelConfig, x, cos, sin):
+def attention_inputs(lp, cfg: ModelConfig, x, cos, sin, q_mean=None):
     """One layer's (q [B, T, H, D], k [B, T, K, D], v [B, T, K, D]) from its input x [B, T, d], with
-    RoPE applied (lp: that layer's slice of params["layers"])."""
+    RoPE applied (lp: that layer's slice of params["layers"]). q_mean: (m [H], mean [H, D]) or None:
+    the "mean_query" mask, q_proj's output q <- m q + (1 - m) mean before q-norm and RoPE."""
     c = cfg
     h = norm(x, lp["attn_norm"], c)
     q = jnp.einsum("btd,dhk->bthk", h, lp["q"])
@@ -465,6 +485,9 @@ def attention_inputs(lp, cfg: ModelConfig, x, cos, sin):
     v = jnp.einsum("btd,dnk->btnk", h, lp["v"])
     if c.qkv_bias:
         q, k, v = q + lp["q_bias"], k + lp["k_bias"], v + lp["v_bias"]
+    if q_mean is not None:
+        m, mean = q_mean
+        q = (q * m[:, None] + (1 - m[:, None]) * mean).astype(q.dtype)
     if c.qk_norm:
         q, k = norm(q, lp["q_norm"], c), norm(k, lp["k_norm"], c)
     return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
@@ -501,18 +524,86 @@ def output_logits(params: Params, cfg: ModelConfig, x):
     return softcap(jnp.einsum("...d,dv->...v", x, head, preferred_element_type=jnp.float32), cfg.final_softcap)
 
 
-def check_head_mask(cfg: ModelConfig, head_mask) -> None:
+def unembedding_rows(params: Params, cfg: ModelConfig, tokens):
+    """u [..., d] fp32: the unembedding row of each token id (the LM head's column; the embedding
+    row with tied embeddings). The final norm (and Gemma's final logit soft-cap) is NOT applied."""
+    rows = params["embed"][tokens] if cfg.tie_word_embeddings else jnp.take(params["lm_head"], tokens, axis=1).T
+    return rows.astype(jnp.float32)
+
+
+def head_logit_contributions(params: Params, cfg: ModelConfig, caps: Captures, tokens):
+    """Per layer, row and query head, LOCOS's logit-contribution terms of one decode step whose
+    generated token is tokens [B] (CaptureSpec.span_outputs captured): [L, B, H, 3] fp32 =
+
+      logit    phi_span - phi_other * n_span / n_other   (LOCOS's score of the step)
+      dla      phi_span + phi_other                       (no spatial contrast: direct logit attribution)
+      spatial  a_span - a_other * n_span / n_other        (no OV term: alpha in place of phi)
+
+    with phi_j = alpha_j * u[y] . (W_O[l, h] v_j) summed over the span's visible keys (phi_span) or
+    the other visible keys (phi_other), a the same sums of alpha, n the key counts, u = the raw
+    unembedding row of y (`unembedding_rows`) and W_O[l, h] = params["layers"]["o"][l, h] [D, d]. So
+    with g = W_O[l, h] u: phi_span + phi_other = o . g and phi_span = o_span . g."""
+    u = unembedding_rows(params, cfg, tokens)                                       # [B, d]
+    g = jnp.einsum("lhdm,bm->lbhd", params["layers"]["o"].astype(jnp.float32), u,
+                   precision=lax.Precision.HIGHEST)
+    phi_all = jnp.sum(caps.head_out * g, -1)
+    phi_span = jnp.sum(caps.span_out * g, -1)
+    n_all, n_span = caps.key_counts[..., 0], caps.key_counts[..., 1]
+    ratio = (n_span / jnp.maximum(n_all - n_span, 1)).astype(jnp.float32)[..., None]   # [L, B, 1]
+    logit = phi_span - (phi_all - phi_span) * ratio
+    spatial = caps.span_mass - (1.0 - caps.span_mass) * ratio
+    return jnp.stack([logit, phi_all, spatial], axis=-1)
+
+
+LOGIT_TERMS = ("logit", "dla", "spatial")   # the last axis of head_logit_contributions
+
+
+def check_head_mask(cfg: ModelConfig, head_mask, mask_mode: str | None = None) -> None:
     expected = (cfg.num_layers, cfg.num_heads)
-    if head_mask is not None and tuple(head_mask.shape) != expected:
+    mean = (cfg.num_layers, cfg.num_heads, 1 + cfg.head_dim)
+    shapes = {"zero": [expected], "uniform": [expected]}.get(mask_mode, [mean] if mask_mode else [expected, mean])
+    if head_mask is not None and tuple(head_mask.shape) not in shapes:
         raise ValueError(
             f"head_mask has shape {tuple(head_mask.shape)}, expected [num_layers, num_query_heads] = "
-            f"{list(expected)} (one value per QUERY head, also under GQA)")
+            f"{list(expected)} (one value per QUERY head, also under GQA), or for the mean modes "
+            f"{MEAN_MODES} [num_layers, num_query_heads, 1 + head_dim] = {list(mean)} (the value, then the mean)")
+
+
+def _span_outputs(p, v, k_pos, q_pos, window, span, H):
+    """CaptureSpec.span_outputs of one query per row: p [B, K, G, 1, S] fp32, v [B, K, S, D]."""
+    B = p.shape[0]
+    vis = visible(q_pos, k_pos, window)[:, 0]                                         # [B, S]
+    in_span = vis & (k_pos >= span[:, :1]) & (k_pos < span[:, 1:])
+    p = p[:, :, :, 0]
+    vf = v.astype(jnp.float32)
+    hi = lax.Precision.HIGHEST
+    head_out = jnp.einsum("bkgs,bksd->bkgd", p, vf, precision=hi)
+    span_out = jnp.einsum("bkgs,bs,bksd->bkgd", p, in_span.astype(jnp.float32), vf, precision=hi)
+    span_mass = jnp.einsum("bkgs,bs->bkg", p, in_span.astype(jnp.float32), precision=hi)
+    counts = jnp.stack([vis.sum(-1), in_span.sum(-1)], -1).astype(jnp.int32)
+    return {"head_out": head_out.reshape(B, H, -1), "span_out": span_out.reshape(B, H, -1),
+            "span_mass": span_mass.reshape(B, H), "key_counts": counts}
+
+
+def _head_sums(lp, cfg: ModelConfig, x, out, valid, q_mean):
+    """CaptureSpec.head_sums: q_proj's query (before q-norm and RoPE) and the attention output
+    out [B, T, K, G, D] (before o_proj), summed over the real tokens (valid [B, T])."""
+    B, T = valid.shape
+    h = norm(x, lp["attn_norm"], cfg)
+    q = jnp.einsum("btd,dhk->bthk", h, lp["q"], preferred_element_type=jnp.float32)
+    if cfg.qkv_bias:
+        q = q + lp["q_bias"]
+    if q_mean is not None:
+        q = q * q_mean[0][:, None] + (1 - q_mean[0][:, None]) * q_mean[1]
+    w = valid.astype(jnp.float32)
+    return {"q_sum": jnp.einsum("bthk,bt->bhk", q, w),
+            "out_sum": jnp.einsum("bthk,bt->bhk", out.reshape(B, T, cfg.num_heads, -1).astype(jnp.float32), w)}
 
 
 def forward(params: Params, cfg: ModelConfig, tokens, positions, cache: KVCache | None = None, *,
             head_mask=None, mask_mode: str = "zero", capture: CaptureSpec = CaptureSpec(),
             logits: str = "all", attn: AttentionOptions = AttentionOptions(),
-            targets: MassTargets | None = None):
+            targets: MassTargets | None = None, output_span=None):
     """Run the decoder on new tokens, appending them to the cache.
 
     Args:
@@ -523,10 +614,15 @@ def forward(params: Params, cfg: ModelConfig, tokens, positions, cache: KVCache 
         capture full_probs.
       head_mask: [L, H] float or None. mask_mode "zero": head h's attention output is multiplied
         by the value (0 removes it); "uniform": its pre-softmax scores are multiplied by the value
-        (0 = attends uniformly over visible keys, the original paper's ablation).
+        (0 = attends uniformly over visible keys, the original paper's ablation). The mean modes
+        take [L, H, 1 + D], the value m then the head's mean over calibration tokens:
+        "mean_query": its query as q_proj gives it <- m q + (1 - m) mean, before q-norm and RoPE
+        (LOCOS's mean ablation); "mean_output": its attention output (before o_proj)
+        <- m out + (1 - m) mean. See CaptureSpec.head_sums for the means.
       capture: what attention to return (see CaptureSpec).
       targets: the per-row arguments of capture.masses (models.attention.MassTargets; queries
         [B, M, 2] in the order of capture.masses); required with masses.
+      output_span: [B, 2] int positions [start, end) of capture.span_outputs' keys (T must be 1).
       logits: "all" -> [B, T, V]; "last" -> [B, V] at each row's last real token; "none".
 
     Returns:
@@ -536,10 +632,12 @@ def forward(params: Params, cfg: ModelConfig, tokens, positions, cache: KVCache 
     c = cfg
     if mask_mode not in MASK_MODES:
         raise ValueError(f"mask_mode must be one of {MASK_MODES}, got {mask_mode!r}")
-    check_head_mask(c, head_mask)
+    check_head_mask(c, head_mask, mask_mode)
     masses = capture.masses
     if masses and (targets is None or targets.queries.shape[1] != len(masses)):
         raise ValueError(f"capture.masses={masses} needs targets with queries [B, {len(masses)}, 2]")
+    if capture.span_outputs and (T != 1 or output_span is None):
+        raise ValueError("capture.span_outputs needs one new token per row (a decode step) and output_span [B, 2]")
     if cache is None:
         size = -(-T // min(attn.k_chunk, T)) * min(attn.k_chunk, T)
         cache = init_cache(c, B, size)
@@ -553,6 +651,10 @@ def forward(params: Params, cfg: ModelConfig, tokens, positions, cache: KVCache 
     ropes = rope_tables(c, positions)
     windows, rope_kind = layer_kinds(c)
     windows_static = tuple(sorted({w or NO_WINDOW for w in c.windows}))  # the kernels' static masks
+    mean_mode = mask_mode in MEAN_MODES and head_mask is not None
+    if cache.windowed and (mean_mode or capture.span_outputs or capture.head_sums):
+        raise ValueError("the mean masks and the span_outputs / head_sums captures need a plain cache "
+                         "(init_cache without ring); a windowed cache does not carry them yet")
     hm = (jnp.ones((c.num_layers, c.num_heads), jnp.float32) if head_mask is None
           else jnp.asarray(head_mask, jnp.float32))
     want_last_row = capture.top_k > 0 and not capture.full_probs
@@ -569,6 +671,8 @@ def forward(params: Params, cfg: ModelConfig, tokens, positions, cache: KVCache 
                 cap["probs"] = p.reshape(B, c.num_heads, T, -1)
             if masses:
                 cap["mass"] = mass_from_probs(p, positions, k_pos, masses, targets).reshape(B, c.num_heads, -1)
+            if capture.span_outputs:
+                cap.update(_span_outputs(p, vc, k_pos, positions, window, output_span, c.num_heads))
             last_p = jnp.take_along_axis(p, last_idx[:, None, None, None, None], axis=3)[:, :, :, 0]
         else:
             if kv_new is None:  # a windowed cache's ring: the chunked path
@@ -603,7 +707,11 @@ def forward(params: Params, cfg: ModelConfig, tokens, positions, cache: KVCache 
     def layer(carry, xs):
         x, k_all, v_all = carry
         lp, window, kind, hm_l, i = xs
-        q, k, v = attention_inputs(lp, c, x, *layer_rope(ropes, kind))
+        head_mean = None
+        if mean_mode:
+            hm_l, head_mean = hm_l[:, 0], hm_l[:, 1:]                      # [H], [H, D]
+        q_mean = (hm_l, head_mean) if mean_mode and mask_mode == "mean_query" else None
+        q, k, v = attention_inputs(lp, c, x, *layer_rope(ropes, kind), q_mean)
         # write just the new rows into the carried cache (in place inside loops)
         k_all = write_rows(k_all, k, i, slots, attn.cache_writes)
         v_all = write_rows(v_all, v, i, slots, attn.cache_writes)
@@ -611,8 +719,16 @@ def forward(params: Params, cfg: ModelConfig, tokens, positions, cache: KVCache 
         hm_kg = hm_l.reshape(K, G)
         out, cap = attend(q, k_all[i], v_all[i], new_pos, slots, window,
                           hm_kg if mask_mode == "uniform" else None, kv_new=(k, v))
+        if capture.head_sums:
+            cap.update(_head_sums(lp, c, x, out, valid, q_mean))
+        if mean_mode and mask_mode == "mean_output":
+            m = hm_kg[:, :, None]
+            out = (out * m + (1 - m) * head_mean.reshape(K, G, D)).astype(out.dtype)
         if mask_mode == "zero":
             out = out * hm_kg[:, :, None].astype(out.dtype)
+            if capture.span_outputs:   # what the masked head writes
+                hm_h = hm_l[None, :, None]
+                cap["head_out"], cap["span_out"] = cap["head_out"] * hm_h, cap["span_out"] * hm_h
         return (attention_output(lp, c, x, out), k_all, v_all), cap
 
     x = embed(params, c, tokens)
@@ -624,7 +740,9 @@ def forward(params: Params, cfg: ModelConfig, tokens, positions, cache: KVCache 
         x, new_cache, caps = _windowed_layers(c, cache, x, xs, attend, as_positions, positions, new_pos, n_valid,
                                               ropes, attn, mask_mode, capture)
     captures = Captures(topk_index=caps.get("topk_index"), topk_weight=caps.get("topk_weight"),
-                        probs=caps.get("probs"), mass=caps.get("mass"))
+                        probs=caps.get("probs"), mass=caps.get("mass"), head_out=caps.get("head_out"),
+                        span_out=caps.get("span_out"), span_mass=caps.get("span_mass"),
+                        key_counts=caps.get("key_counts"), q_sum=caps.get("q_sum"), out_sum=caps.get("out_sum"))
 
     if logits == "none":
         return None, new_cache, captures

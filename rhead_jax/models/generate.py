@@ -8,6 +8,10 @@ the logits as the next token and records the attention of that step's query.
 Attention mass (opt-in, GenerateSpec.prefill_masses / decode_masses, targets given per row as a
 models.attention.MassTargets): the prefill sums each target's mass over the queries in its range;
 the decode loop sums, per row, the newest query's mass over the steps that produced a token.
+
+Logit contributions (opt-in, GenerateSpec.decode_outputs, a span [B, 2] per row): at every decode
+step, per head, LOCOS's logit-contribution terms of the token the step generated
+(decoder.head_logit_contributions), from the head's output and its part from the span's keys.
 """
 from __future__ import annotations
 
@@ -23,7 +27,8 @@ from jax import lax
 
 from rhead_jax.models.attention import AttentionOptions, MassTargets
 from rhead_jax.models.config import ModelConfig
-from rhead_jax.models.decoder import CaptureSpec, KVCache, check_head_mask, forward, init_cache
+from rhead_jax.models.decoder import (CaptureSpec, KVCache, check_head_mask, forward, head_logit_contributions,
+                                     init_cache)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -35,11 +40,13 @@ class GenerateSpec:
     leading_stop_tokens: those of stop_tokens that do not end a row before it produced a token
       outside them (rhead_jax.plan.ends_test: default mode's newlines before the answer).
     top_k: attended slots captured per head and step (0: no capture; scoring needs 1).
-    mask_mode: "zero" or "uniform", for both head masks (see decoder.forward).
+    mask_mode: decoder.MASK_MODES, for both head masks (see decoder.forward).
     prefill_chunk: tokens per prefill call; bounds activation memory at long contexts.
     attn: attention tile sizes.
     prefill_masses / decode_masses: attention-mass targets (decoder.CaptureSpec.masses) reduced
       during the prefill / at every decode step; () = none, and the programs are those without.
+    decode_outputs: each decode step's logit-contribution terms (Generation.logit_terms); the
+      decode loop then takes the rows' output spans.
     """
 
     max_new_tokens: int = 50
@@ -51,6 +58,7 @@ class GenerateSpec:
     attn: AttentionOptions = AttentionOptions()
     prefill_masses: tuple[str, ...] = ()
     decode_masses: tuple[str, ...] = ()
+    decode_outputs: bool = False
 
 
 @flax.struct.dataclass
@@ -59,13 +67,15 @@ class Generation:
     topk_index / topk_weight [B, N, L, H, k]: cache slots (= prompt indices for slots < prompt
     length) and weights of each head's most-attended keys at each step (-1 / 0 after stop);
     mass [B, L, H, M]: GenerateSpec.decode_masses summed over the steps that produced a token
-    (divide by num_tokens for the mean), or None."""
+    (divide by num_tokens for the mean), or None; logit_terms [B, N, L, H, 3] fp32: each step's
+    decoder.head_logit_contributions for the token it generated (0 after stop), or None."""
 
     tokens: jax.Array
     num_tokens: jax.Array
     topk_index: jax.Array | None
     topk_weight: jax.Array | None
     mass: jax.Array | None = None
+    logit_terms: jax.Array | None = None
 
 
 def cache_size_for(prompt_len: int, spec: GenerateSpec) -> int:
@@ -123,7 +133,7 @@ def prefill_loop(call, tokens, positions, carry, chunk: int):
 
 @partial(jax.jit, static_argnames=("cfg", "spec", "prefill_width"))
 def generate(params, cfg: ModelConfig, prompts, prompt_lens, cache: KVCache, *, spec: GenerateSpec,
-             prefill_width: int, prefill_mask=None, decode_mask=None) -> tuple[Generation, KVCache]:
+             prefill_width: int, prefill_mask=None, decode_mask=None, output_span=None) -> tuple[Generation, KVCache]:
     """Greedy generation for a batch of prompts sharing one padded shape.
 
     Args:
@@ -133,6 +143,7 @@ def generate(params, cfg: ModelConfig, prompts, prompt_lens, cache: KVCache, *, 
       prefill_width: static; >= max_b(prompt_lens[b] - 1 - cache.length[b]). The prefill processes
         this many tokens per row, so a shared prefix saves its FLOPs.
       prefill_mask / decode_mask: [L, H] head masks for the two phases (None: no masking).
+      output_span: [B, 2] the rows' spans of spec.decode_outputs (None without).
     """
     B, P = prompts.shape
     if cache.size < cache_size_for(P, spec):
@@ -148,20 +159,23 @@ def generate(params, cfg: ModelConfig, prompts, prompt_lens, cache: KVCache, *, 
                     head_mask=prefill_mask, mask_mode=spec.mask_mode, attn=spec.attn)
 
     first = jnp.take_along_axis(prompts, (prompt_lens - 1)[:, None], axis=1)[:, 0]
-    return decode_impl(params, first, prompt_lens, cache, decode_mask, cfg=cfg, spec=spec)
+    return decode_impl(params, first, prompt_lens, cache, decode_mask, None, output_span, cfg=cfg, spec=spec)
 
 
-def decode_impl(params, first, prompt_lens, cache: KVCache, decode_mask, targets: MassTargets | None = None, *,
-                cfg: ModelConfig, spec: GenerateSpec) -> tuple[Generation, KVCache]:
+def decode_impl(params, first, prompt_lens, cache: KVCache, decode_mask, targets: MassTargets | None = None,
+                output_span=None, *, cfg: ModelConfig, spec: GenerateSpec) -> tuple[Generation, KVCache]:
     """The greedy decode loop with capture, after the prefill: the cache holds every prompt token
     but the last; `first` [B] is that last token and `prompt_lens` [B] the prompt lengths.
-    targets: the rows' MassTargets of spec.decode_masses (None without)."""
-    capture = CaptureSpec(top_k=spec.top_k, masses=spec.decode_masses)
+    targets: the rows' MassTargets of spec.decode_masses (None without); output_span [B, 2]: the
+    rows' spans of spec.decode_outputs (None without)."""
+    capture = CaptureSpec(top_k=spec.top_k, masses=spec.decode_masses, span_outputs=spec.decode_outputs)
 
     def step(tok, pos, cache):
         logits, cache, caps = forward(params, cfg, tok, pos, cache, head_mask=decode_mask,
-                                      mask_mode=spec.mask_mode, capture=capture, attn=spec.attn, targets=targets)
-        return logits, cache, caps.topk_index, caps.topk_weight, caps.mass
+                                      mask_mode=spec.mask_mode, capture=capture, attn=spec.attn, targets=targets,
+                                      output_span=output_span)
+        terms = (lambda nxt: head_logit_contributions(params, cfg, caps, nxt)) if spec.decode_outputs else None
+        return logits, cache, caps.topk_index, caps.topk_weight, caps.mass, terms
 
     return decode_loop(step, first, prompt_lens, cache, spec=spec, num_layers=cfg.num_layers, num_heads=cfg.num_heads)
 
@@ -171,13 +185,15 @@ def decode_loop(step, first, prompt_lens, cache, *, spec: GenerateSpec, num_laye
     windowed KVCache, models.mixed's MixedCache): the cache holds every prompt token but the last,
     `first` [B] is that token. step(tok [B, 1], pos [B, 1], cache) -> (logits [B, 1, V], cache,
     topk_index, topk_weight [L, B, H, k] (None without spec.top_k), mass [L, B, H, M] (None
-    without spec.decode_masses)). Returns (Generation, cache)."""
+    without spec.decode_masses), terms: nxt [B] -> [L, B, H, 3] logit terms of the generated
+    token (None without spec.decode_outputs)). Returns (Generation, cache)."""
     B = first.shape[0]
     N, k = spec.max_new_tokens, spec.top_k
     L, H = num_layers, num_heads
     stops = jnp.asarray(spec.stop_tokens or (-2,), jnp.int32)
     lead = jnp.asarray(spec.leading_stop_tokens or (-2,), jnp.int32)
     masses = spec.decode_masses
+    outputs = spec.decode_outputs
 
     def cond(c):
         step_i, _, _, done, *_ = c
@@ -186,7 +202,7 @@ def decode_loop(step, first, prompt_lens, cache, *, spec: GenerateSpec, num_laye
     def body(c):
         step_i, cache, tok, done, out, n_tok, cap_i, cap_w = c[:8]
         pos = (prompt_lens - 1 + step_i)[:, None]
-        logits, cache, top_i, top_w, mass = step(tok[:, None], pos, cache)
+        logits, cache, top_i, top_w, mass, terms_of = step(tok[:, None], pos, cache)
         nxt = jnp.argmax(logits[:, 0], axis=-1).astype(jnp.int32)
         out = out.at[:, step_i].set(jnp.where(done, -1, nxt))
         live = ~done[:, None, None, None]
@@ -199,6 +215,9 @@ def decode_loop(step, first, prompt_lens, cache, *, spec: GenerateSpec, num_laye
         new = (step_i + 1, cache, nxt, done, out, n_tok, cap_i, cap_w)
         if masses:  # the steps that produce a token (those the copy score counts)
             new += (c[8] + jnp.where(live, mass.swapaxes(0, 1), 0.0),)
+        if outputs:
+            terms = terms_of(nxt).swapaxes(0, 1)    # [B, L, H, 3]
+            new += (c[-1].at[:, step_i].set(jnp.where(live, terms, 0.0)),)
         return new
 
     init = (jnp.int32(0), cache, first, jnp.zeros((B,), bool), jnp.full((B, N), -1, jnp.int32),
@@ -206,10 +225,13 @@ def decode_loop(step, first, prompt_lens, cache, *, spec: GenerateSpec, num_laye
             jnp.zeros((B, N, L, H, k), jnp.float32))
     if masses:
         init += (jnp.zeros((B, L, H, len(masses)), jnp.float32),)
+    if outputs:
+        init += (jnp.zeros((B, N, L, H, 3), jnp.float32),)
     res = lax.while_loop(cond, body, init)
     _, cache, _, _, out, n_tok, cap_i, cap_w = res[:8]
     gen = Generation(tokens=out, num_tokens=n_tok, topk_index=cap_i if k else None,
-                     topk_weight=cap_w if k else None, mass=res[8] if masses else None)
+                     topk_weight=cap_w if k else None, mass=res[8] if masses else None,
+                     logit_terms=res[-1] if outputs else None)
     return gen, cache
 
 
@@ -288,10 +310,11 @@ def pad_prompts(prompts: Sequence[Sequence[int]], multiple: int = 1) -> tuple[np
 
 
 def greedy_generate(params, cfg: ModelConfig, prompts: Sequence[Sequence[int]], *,
-                    spec: GenerateSpec = GenerateSpec(), prefill_mask=None, decode_mask=None) -> Generation:
+                    spec: GenerateSpec = GenerateSpec(), prefill_mask=None, decode_mask=None,
+                    output_span=None) -> Generation:
     """Convenience wrapper: pad a list of prompts, allocate a cache, generate."""
-    check_head_mask(cfg, prefill_mask)
-    check_head_mask(cfg, decode_mask)
+    check_head_mask(cfg, prefill_mask, spec.mask_mode)
+    check_head_mask(cfg, decode_mask, spec.mask_mode)
     arr, lens = pad_prompts(prompts)
     longest = int(lens.max())
     if longest + spec.max_new_tokens > cfg.max_position_embeddings:
@@ -301,5 +324,6 @@ def greedy_generate(params, cfg: ModelConfig, prompts: Sequence[Sequence[int]], 
     cache = init_cache(cfg, len(prompts), cache_size_for(arr.shape[1], spec))
     width = max(longest - 1, 1)
     gen, _ = generate(params, cfg, jnp.asarray(arr), jnp.asarray(lens), cache, spec=spec,
-                      prefill_width=width, prefill_mask=prefill_mask, decode_mask=decode_mask)
+                      prefill_width=width, prefill_mask=prefill_mask, decode_mask=decode_mask,
+                      output_span=None if output_span is None else jnp.asarray(output_span, jnp.int32))
     return gen

@@ -33,7 +33,6 @@ from functools import partial
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from absl import logging
 from jax import lax
 from jax.sharding import PartitionSpec as P

@@ -396,11 +396,11 @@ def decode_mixed(params, tables: HeadTables, first, prompt_lens, cache: MixedCac
     the cache holds every prompt token but the last, `first` [B] is that token. Captured
     topk_index are key positions (= prompt indices for keys of the prompt)."""
     k = spec.top_k
-    spec = dataclasses.replace(spec, decode_masses=())   # a mixed cache captures no masses
+    spec = dataclasses.replace(spec, decode_masses=(), decode_outputs=())   # a mixed cache captures no masses
 
     def step(tok, pos, cache):
         logits, cache, caps = forward_mixed(params, cfg, layout, tables, tok, pos, cache, top_k=k, attn=spec.attn)
-        return (logits, cache) + (caps if k else (None, None)) + (None,)
+        return (logits, cache) + (caps if k else (None, None)) + (None, None)
 
     return decode_loop(step, first, prompt_lens, cache, spec=spec, num_layers=cfg.num_layers, num_heads=cfg.num_heads)
 

@@ -24,7 +24,7 @@ def main():
     def one(model_dir, mesh, wd):
         config = tiny_config(model_dir, mesh)
         config.sweep.depths, config.sweep.max_new_tokens = [100], 4
-        config.sweep.extra_scores = ("mass", "query")
+        config.sweep.extra_scores = ("mass", "query", "logit", "dla", "spatial")
         config.detectors.length, config.detectors.repeats, config.detectors.samples = 40, 3, 2
         model = load_model(model_dir, mesh=mesh_from_config(config))
         detection.run_sweep(config, os.path.join(wd, "sweep"), model=model)
