@@ -113,9 +113,9 @@ def _mask(cfg, value=0.0):
     return jnp.asarray(m)
 
 
-@pytest.mark.parametrize("family", ["llama2", "yi", "mixtral"])
-def test_zero_mask_equals_zeroed_o_proj_input(family, tiny_model_dir):
-    d = tiny_model_dir(family)
+def check_zero_mask_equals_zeroed_o_proj_input(d, tok, masked, mask) -> None:
+    """A zero head mask equals zeroing the masked heads' slices of o_proj's input in transformers
+    (`masked`: (layer, query head) pairs; `mask`: our [L, H] head mask of them)."""
     tm = load_torch(d)
     cfg, params = load_params(d)
     D = cfg.head_dim
@@ -123,7 +123,7 @@ def test_zero_mask_equals_zeroed_o_proj_input(family, tiny_model_dir):
     def hook(layer):
         def pre(_module, args):
             x = args[0].clone()
-            for l_, h in MASKED:
+            for l_, h in masked:
                 if l_ == layer:
                     x[..., h * D:(h + 1) * D] = 0
             return (x,)
@@ -131,14 +131,20 @@ def test_zero_mask_equals_zeroed_o_proj_input(family, tiny_model_dir):
 
     for i, layer in enumerate(tm.model.layers):
         layer.self_attn.o_proj.register_forward_pre_hook(hook(i))
-    tok = _tokens()
     with torch.no_grad():
         ref = tm(torch.tensor(tok)).logits.numpy()
-    ours, _, _ = forward(params, cfg, jnp.asarray(tok), _positions(*tok.shape), head_mask=_mask(cfg),
+    ours, _, _ = forward(params, cfg, jnp.asarray(tok), _positions(*tok.shape), head_mask=mask,
                          mask_mode="zero", attn=SMALL)
     np.testing.assert_allclose(np.asarray(ours), ref, atol=_tol(ref), rtol=0)
     unmasked, _, _ = forward(params, cfg, jnp.asarray(tok), _positions(*tok.shape), attn=SMALL)
     assert np.abs(np.asarray(unmasked) - ref).max() > 1e-3  # the mask really changes the output
+
+
+@pytest.mark.parametrize("family", ["llama2", "yi", "mixtral"])
+def test_zero_mask_equals_zeroed_o_proj_input(family, tiny_model_dir):
+    d = tiny_model_dir(family)
+    cfg, _ = load_params(d)
+    check_zero_mask_equals_zeroed_o_proj_input(d, _tokens(), MASKED, _mask(cfg))
 
 
 def _uniform_eager(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):

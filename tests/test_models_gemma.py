@@ -227,28 +227,11 @@ def _mask(cfg, value=0.0):
 
 @pytest.mark.parametrize("family", HYBRID)
 def test_zero_mask_equals_zeroed_o_proj_input(family, tiny_model_dir):
+    from tests.test_models import check_zero_mask_equals_zeroed_o_proj_input
+
     d = tiny_model_dir(family)
-    tm = load_torch(d)
-    cfg, params = load_params(d)
-    D = cfg.head_dim
-
-    def hook(layer):
-        def pre(_module, args):
-            x = args[0].clone()
-            for l_, h in MASKED:
-                if l_ == layer:
-                    x[..., h * D:(h + 1) * D] = 0
-            return (x,)
-        return pre
-
-    for i, layer in enumerate(tm.model.layers):
-        layer.self_attn.o_proj.register_forward_pre_hook(hook(i))
-    tok = _tokens()
-    with torch.no_grad():
-        ref = tm(torch.tensor(tok)).logits.numpy()
-    ours, _, _ = forward(params, cfg, jnp.asarray(tok), _positions(*tok.shape), head_mask=_mask(cfg),
-                         mask_mode="zero", attn=SMALL)
-    np.testing.assert_allclose(np.asarray(ours), ref, atol=_tol(ref), rtol=0)
+    cfg, _ = load_params(d)
+    check_zero_mask_equals_zeroed_o_proj_input(d, _tokens(), MASKED, _mask(cfg))
 
 
 def _uniform_eager(module, query, key, value, attention_mask, scaling, dropout=0.0, softcap=None,
