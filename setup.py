@@ -34,6 +34,7 @@ setup(
         "gguf",
         "rouge_score",
         "scipy",
+        "pyyaml",            # QRHead's head-set YAML files (rhead_jax.rankings)
     ],
     extras_require={
         # torch is NOT listed: install `torch==2.13.0` (CPU) yourself first; an unpinned torch pulls GBs of CUDA.

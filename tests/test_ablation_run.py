@@ -169,7 +169,7 @@ def test_mean_modes_run_with_calibrated_means(tiny_dir, model, sweep_k_run, tmp_
     out = ablation.run_ablation(config, str(tmp_path), model=model)
     assert out["mask"] == {"spec": every, "mode": mode, "phase": "all"}
     run_dir = next((tmp_path / "runs" / "niah" / f"{mode}-all").iterdir())
-    assert json.loads((run_dir / "sweep_config.json").read_text())["mask"]["calibration"] == 2
+    assert json.loads((run_dir / "sweep_config.json").read_text())["config"]["mask"]["calibration"] == 2
     masked = {r["key"]: r["generated"] for r in out["runs"][next(iter(out["runs"]))]["instances"]}
     plain = {r["key"]: r["generated"] for r in res["runs"]["none"]["instances"]}
     assert masked != plain

@@ -135,7 +135,8 @@ def test_compiled_programs_are_bounded_per_length(tmp_path):
 
 def test_cache_write_forms_agree(engine):
     """The TPU forms of the cache writes (slot select, dynamic_update_slice) and the scatter the
-    engine uses on CPU give the same generations, bit for bit."""
+    engine uses on CPU give the same generations: tokens and attended slots bit for bit, weights to
+    1 ulp (the two programs fuse differently in XLA:CPU; seen: one weight of 120 off by 4.7e-10)."""
     import dataclasses
 
     inst = [i for i in engine.plan_needles() if i.length == 300]
@@ -147,4 +148,4 @@ def test_cache_write_forms_agree(engine):
     b = engine.generate(rows, tpu, batch_size=3)
     np.testing.assert_array_equal(a.tokens, b.tokens)
     np.testing.assert_array_equal(a.topk_index, b.topk_index)
-    np.testing.assert_array_equal(a.topk_weight, b.topk_weight)
+    np.testing.assert_allclose(a.topk_weight, b.topk_weight, rtol=2.5e-7, atol=0)

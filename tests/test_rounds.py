@@ -70,7 +70,7 @@ def _engine():
 
 
 fake = types.SimpleNamespace(timings={"shared_prefix_s": 0.0, "prefill_s": 0.0, "decode_s": 0.0, "decode_steps": 0,
-                                      "decode_row_steps": 0})
+                                      "decode_row_steps": 0}, loaded_at=0.0, _first_batch_logged=True)
 
 
 def _run(tmp_path, calls):
@@ -80,7 +80,7 @@ def _run(tmp_path, calls):
         calls.append(b)
         return [{"key": GRID[i].key, "kept": (i % 5) != 4, "scores": _fake_scores(GRID[i])} for i in batches[b]]
 
-    store = ResultStore(str(tmp_path), "pinned")
+    store = ResultStore(str(tmp_path), "{}")
     return rounds.run_rounds(_engine(), store, batches, rnd, run_one, desc="t", num_heads=8)
 
 
@@ -105,7 +105,7 @@ def test_a_ranking_that_never_settles_runs_the_whole_grid(tmp_path):
     batches, rnd = rounds.round_batches(GRID, 3)
     rng = np.random.default_rng(0)
     noise = {i: rng.exponential(0.3, (3, 8)).tolist() for i in range(len(GRID))}
-    store = ResultStore(str(tmp_path), "pinned")
+    store = ResultStore(str(tmp_path), "{}")
     per_batch, stop = rounds.run_rounds(_engine(), store, batches, rnd,
                                         lambda b: [{"key": GRID[i].key, "kept": True, "scores": noise[i]}
                                                    for i in batches[b]], desc="t", num_heads=8)
@@ -154,7 +154,7 @@ def test_smollm2_stops_before_the_end_with_the_full_grids_top_10(smollm_gguf, tm
 
 
 def test_round_store_maps_batches_and_forwards_the_rest(tmp_path):
-    store = ResultStore(str(tmp_path), "pinned")
+    store = ResultStore(str(tmp_path), "{}")
     store.write(7, [{"key": "a"}])
     view = rounds._RoundStore(store, [3, 7])
     assert (view.done(0), view.done(1)) == (False, True)
