@@ -49,14 +49,20 @@ def test_logits_match_transformers(family, tiny_model_dir):
 # (transformers' too) cached keys differ from a single full pass.
 @pytest.mark.parametrize("family", ["llama2", "mistral_window", "mixtral", "qwen2", "yarn"])
 def test_prefill_then_decode_matches_full_forward(family, tiny_model_dir):
-    cfg, params = load_params(tiny_model_dir(family))
-    tok = jnp.asarray(_tokens())
+    check_prefill_then_decode_matches_full_forward(tiny_model_dir(family), _tokens(), prefill=17, cache_size=32)
+
+
+def check_prefill_then_decode_matches_full_forward(d, tokens, *, prefill: int, cache_size: int) -> None:
+    """Prefilling `prefill` tokens into a cache and decoding the rest one by one gives the logits
+    of one full forward pass."""
+    cfg, params = load_params(d)
+    tok = jnp.asarray(tokens)
     pos = _positions(*tok.shape)
     full, _, _ = forward(params, cfg, tok, pos, attn=SMALL)
-    cache = init_cache(cfg, 2, 32)
-    logits, cache, _ = forward(params, cfg, tok[:, :17], pos[:, :17], cache, attn=SMALL)
+    cache = init_cache(cfg, tok.shape[0], cache_size)
+    logits, cache, _ = forward(params, cfg, tok[:, :prefill], pos[:, :prefill], cache, attn=SMALL)
     steps = [logits]
-    for t in range(17, T):
+    for t in range(prefill, tok.shape[1]):
         lg, cache, _ = forward(params, cfg, tok[:, t:t + 1], pos[:, t:t + 1], cache)
         steps.append(lg)
     np.testing.assert_allclose(np.concatenate(steps, 1), np.asarray(full), atol=_tol(full), rtol=0)

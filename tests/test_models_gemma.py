@@ -17,6 +17,7 @@ from rhead_jax.models.decoder import forward, init_cache
 from rhead_jax.models.generate import GenerateSpec, generate, greedy_generate, pad_prompts, cache_size_for
 from rhead_jax.runner import _rows
 from tests.hf_tiny import load_torch
+from tests.test_models import _hf_generate, check_prefill_then_decode_matches_full_forward
 
 SMALL = AttentionOptions(q_chunk=8, k_chunk=8)
 GEMMAS = ["gemma", "gemma2", "gemma3"]
@@ -136,23 +137,7 @@ def test_local_layers_really_truncate(family, tiny_model_dir):
 
 @pytest.mark.parametrize("family", HYBRID)
 def test_prefill_then_decode_matches_full_forward(family, tiny_model_dir):
-    cfg, params = load_params(tiny_model_dir(family))
-    tok = jnp.asarray(_tokens())
-    pos = _positions(*tok.shape)
-    full, _, _ = forward(params, cfg, tok, pos, attn=SMALL)
-    cache = init_cache(cfg, 2, 48)
-    logits, cache, _ = forward(params, cfg, tok[:, :29], pos[:, :29], cache, attn=SMALL)
-    steps = [logits]
-    for t in range(29, T):
-        lg, cache, _ = forward(params, cfg, tok[:, t:t + 1], pos[:, t:t + 1], cache)
-        steps.append(lg)
-    np.testing.assert_allclose(np.concatenate(steps, 1), np.asarray(full), atol=_tol(full), rtol=0)
-
-
-def _hf_generate(tm, prompt, n):
-    with torch.no_grad():
-        return tm.generate(torch.tensor([prompt]), max_new_tokens=n, do_sample=False,
-                           output_attentions=True, return_dict_in_generate=True)
+    check_prefill_then_decode_matches_full_forward(tiny_model_dir(family), _tokens(), prefill=29, cache_size=48)
 
 
 def _hf_topk(out, step, k, query_pos):
