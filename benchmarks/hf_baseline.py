@@ -36,14 +36,22 @@ from absl import flags, logging
 from rhead_jax import cli
 
 
-def load_hf_model(directory):
+def load_hf_model(directory, *, dtype: str = "float32", device: str = "cpu"):
     import torch
     import transformers
 
     model = transformers.AutoModelForCausalLM.from_pretrained(
-        str(directory), dtype=torch.float32, attn_implementation="eager", local_files_only=True)
+        str(directory), dtype=getattr(torch, dtype), attn_implementation="eager", local_files_only=True)
+    model.to(device)
     model.eval()
     return model
+
+
+def _sync(device) -> None:
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def retrieval_calculate(attentions, retrieval_score, token: int, prompt_ids: Sequence[int],
@@ -81,13 +89,15 @@ def run_instance(model, tokenizer, inst, *, max_new_tokens: int, stop_tokens: Se
     score = [[0 for _ in range(H)] for _ in range(L)]
     generated: list[int] = []
     t_decode = t_score = 0.0
+    device = model.device
     with torch.inference_mode():
-        ids = torch.tensor([prompt_ids], dtype=torch.long)
+        ids = torch.tensor([prompt_ids], dtype=torch.long, device=device)
         t0 = time.perf_counter()
         model.set_attn_implementation(prefill_attn)
         out = model(input_ids=ids[:, :-1], use_cache=True, logits_to_keep=1, return_dict=True)
         past = out.past_key_values
         model.set_attn_implementation("eager")   # output_attentions needs the eager path
+        _sync(device)
         t_prefill = time.perf_counter() - t0
         inp = ids[:, -1]
         for _ in range(max_new_tokens):
@@ -165,7 +175,7 @@ def main(argv) -> None:
         torch.set_num_threads(FLAGS.torch_threads)
     t0 = time.time()
     directory = resolve_model_dir(config.model.path)
-    model = load_hf_model(directory)
+    model = load_hf_model(directory, dtype=FLAGS.dtype, device=FLAGS.device)
     tokenizer = transformers.AutoTokenizer.from_pretrained(str(directory), local_files_only=True)
     instances = plan_needles(config, tokenizer, model.config.max_position_embeddings)
     stops = stop_tokens(tokenizer, faithful=config.sweep.faithful)
@@ -181,6 +191,9 @@ def main(argv) -> None:
     root = io.as_path(FLAGS.workdir)
     io.atomic_write_json(root / "head_scores.json", head_scores)
     io.atomic_write_text(root / "results.jsonl", "".join(json.dumps(r) + "\n" for r in results))
+    if FLAGS.device.startswith("cuda"):   # benchmarks.gpu_paper_shape reads it
+        io.atomic_write_json(root / "gpu_peak.json", {"peak_bytes": torch.cuda.max_memory_allocated(),
+                                                      "device": torch.cuda.get_device_name()})
     logging.info("baseline (%s prefill, eager decode): %d tests in %.1fs (start-up and planning %.1fs; prefill "
                  "%.1fs, decode %.1fs, copy test %.1fs; %d torch threads)", FLAGS.prefill_attn, len(results),
                  time.time() - t0, t_plan, sum(r["time_prefill_s"] for r in results),
@@ -194,4 +207,6 @@ if __name__ == "__main__":
     flags.DEFINE_integer("torch_threads", 0, "torch threads (0: torch's default, all cores).")
     flags.DEFINE_enum("prefill_attn", "sdpa", PREFILL_ATTN, "The prefill forward's attention: sdpa (the original's "
                       "design, flash-attn's CPU stand-in) or eager; decode steps are always eager.")
+    flags.DEFINE_string("device", "cpu", "torch device: cpu, or cuda on a GPU (benchmarks.gpu_paper_shape).")
+    flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "The model's weights and activations.")
     cli.run(main)
