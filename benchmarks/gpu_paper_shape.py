@@ -61,7 +61,7 @@ def get_config():
     c.sweep.depths = {depths!r}
     c.sweep.max_new_tokens = {max_new_tokens!r}
     c.sweep.batch_size = 1
-    c.sweep.share_prefix = False
+    c.sweep.share_prefix = {share_prefix!r}
     c.sweep.prefill_chunk = {prefill_chunk!r}
     return c
 '''
@@ -110,18 +110,25 @@ def run(cmd: list[str], env: dict, log: Path, ok_codes=(0,)) -> dict:
 
 
 def ours_main(argv: list[str]) -> None:
-    """`--stage ours`: the sweep in this process, then its GPU peak memory into $GPU_PEAK_JSON."""
-    import atexit
+    """`--stage ours`: the sweep in this process; its accelerator's peak memory into $GPU_PEAK_JSON."""
     import runpy
 
-    def report():
-        import jax
+    import jax
 
-        stats = jax.local_devices()[0].memory_stats() or {}
-        Path(os.environ["GPU_PEAK_JSON"]).write_text(json.dumps(
-            {"peak_bytes": stats.get("peak_bytes_in_use"), "platform": jax.default_backend(),
-             "device": str(jax.local_devices()[0].device_kind)}))
-    atexit.register(report)
+    from rhead_jax import detection
+
+    run_sweep = detection.run_sweep
+
+    def measured(*a, **k):   # rhead_jax.sweep imports run_sweep from rhead_jax.detection when it runs
+        try:
+            return run_sweep(*a, **k)
+        finally:
+            d = jax.local_devices()[0]
+            stats = d.memory_stats() or {}
+            Path(os.environ["GPU_PEAK_JSON"]).write_text(json.dumps(
+                {"peak_bytes": stats.get("peak_bytes_in_use"), "platform": jax.default_backend(),
+                 "device": str(d.device_kind)}))
+    detection.run_sweep = measured
     sys.argv = ["rhead_jax.sweep"] + argv
     runpy.run_module("rhead_jax.sweep", run_name="__main__")
 
@@ -164,6 +171,8 @@ def main() -> None:
     ap.add_argument("--max_new_tokens", type=int, default=50)
     ap.add_argument("--prefill_chunk", type=int, default=8192)
     ap.add_argument("--sides", default="baseline,cold,warm")
+    ap.add_argument("--share_prefix", action="store_true", help="our sweep shares the haystack prefix of the "
+                    "grid's prompts (config.sweep.share_prefix; off by default: it holds one more cache row)")
     args, rest = ap.parse_known_args()
     if args.stage == "ours":
         return ours_main(rest)
@@ -187,13 +196,13 @@ def main() -> None:
     config.write_text(CONFIG_TEMPLATE.format(path=str(model_dir), name=f"random {args.shape}",
                                              needles=str(needles), lengths=lengths, depths=depths,
                                              max_new_tokens=args.max_new_tokens,
-                                             prefill_chunk=args.prefill_chunk))
+                                             prefill_chunk=args.prefill_chunk, share_prefix=args.share_prefix))
     # one process at a time holds the GPU: JAX may take most of it (its default is 75%)
     env = dict(os.environ, PYTHONUNBUFFERED="1", RHEAD_JAX_CACHE=str(out / "cache"),
-               TOKENIZERS_PARALLELISM="false", XLA_PYTHON_CLIENT_MEM_FRACTION="0.95")
+               TOKENIZERS_PARALLELISM="false", XLA_PYTHON_CLIENT_MEM_FRACTION="0.9")
     py = sys.executable
     report = {"shape": args.shape, "lengths": lengths, "depths": depths, "max_new_tokens": args.max_new_tokens,
-              "prefill_chunk": args.prefill_chunk, "checkpoint_s": t_make,
+              "prefill_chunk": args.prefill_chunk, "share_prefix": args.share_prefix, "checkpoint_s": t_make,
               "model": {k: cfg.get(k) for k in ("num_hidden_layers", "num_attention_heads", "hidden_size",
                                                   "intermediate_size", "vocab_size")}}
     sides = args.sides.split(",")

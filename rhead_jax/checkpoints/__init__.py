@@ -1,6 +1,7 @@
 """Checkpoint import: HF directories (safetensors) and llama / gemma3 GGUF files, no torch on this path."""
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -49,13 +50,26 @@ def resolve_model_dir(path: str) -> Path:
 
 
 def load_tokenizer(directory: str | Path):
+    """The checkpoint's tokenizer. A plain fast tokenizer (`"tokenizer_class": "PreTrainedTokenizerFast"`,
+    SmolLM2's and Gemma-3's) is built directly: AutoTokenizer gives the same class but imports
+    transformers' model configuration code, which imports torch where it is installed (seconds of
+    start-up on a GPU machine); every other class goes through AutoTokenizer."""
     import transformers
 
     try:
+        if _tokenizer_class(directory) == "PreTrainedTokenizerFast":
+            return transformers.PreTrainedTokenizerFast.from_pretrained(str(directory), local_files_only=True)
         return transformers.AutoTokenizer.from_pretrained(str(directory), local_files_only=True)
     except (OSError, ValueError) as e:
         raise CheckpointError(f"cannot load a tokenizer from {directory} ({e}); the directory needs "
                               "tokenizer.json or the tokenizer files of its model") from e
+
+
+def _tokenizer_class(directory: str | Path) -> str | None:
+    try:
+        return json.loads((Path(directory) / "tokenizer_config.json").read_text()).get("tokenizer_class")
+    except (OSError, ValueError):
+        return None
 
 
 def load_model(path: str = DEFAULT_MODEL, *, dtype: str | None = None, mesh=None) -> LoadedModel:
