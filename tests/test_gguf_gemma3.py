@@ -256,15 +256,18 @@ def test_fast_tokenizer_loads_without_torch(tmp_path: Path) -> None:
 
     out = convert_gguf_to_hf(write_tiny_gemma3_gguf(tmp_path / "tiny.gguf", tiny_gemma_hf_weights()), tmp_path / "out")
     assert json.loads((out / "tokenizer_config.json").read_text())["tokenizer_class"] == "PreTrainedTokenizerFast"
-    code = (f"import sys; from rhead_jax.checkpoints import load_tokenizer; t = load_tokenizer({str(out)!r}); "
-            "print(t.encode('the heat'), 'torch' in sys.modules)")
-    printed = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-    ours, auto = load_tokenizer(out), transformers.AutoTokenizer.from_pretrained(str(out), local_files_only=True)
-    assert printed.split("]")[1].strip() == "False", printed
-    assert type(ours) is type(auto)
-    for text in ("the  heat\n\n", "日 the heat", ""):
-        assert ours.encode(text) == auto.encode(text)
-        assert ours.decode(auto.encode(text), skip_special_tokens=True) == auto.decode(auto.encode(text),
-                                                                                       skip_special_tokens=True)
-    assert (ours.all_special_ids, ours.bos_token_id, ours.eos_token_id) == (auto.all_special_ids, auto.bos_token_id,
-                                                                           auto.eos_token_id)
+    resaved = tmp_path / "resaved"   # transformers 5 saves the same tokenizer as "TokenizersBackend"
+    transformers.AutoTokenizer.from_pretrained(str(out), local_files_only=True).save_pretrained(str(resaved))
+    for d in (out, resaved):
+        code = (f"import sys; from rhead_jax.checkpoints import load_tokenizer; t = load_tokenizer({str(d)!r}); "
+                "print(t.encode('the heat'), 'torch' in sys.modules)")
+        printed = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+        ours, auto = load_tokenizer(d), transformers.AutoTokenizer.from_pretrained(str(d), local_files_only=True)
+        assert printed.split("]")[1].strip() == "False", printed
+        assert type(ours) is type(auto)
+        for text in ("the  heat\n\n", "日 the heat", ""):
+            assert ours.encode(text) == auto.encode(text)
+            ids = auto.encode(text)
+            assert ours.decode(ids, skip_special_tokens=True) == auto.decode(ids, skip_special_tokens=True)
+        assert (ours.all_special_ids, ours.bos_token_id, ours.eos_token_id) == (
+            auto.all_special_ids, auto.bos_token_id, auto.eos_token_id)

@@ -51,13 +51,13 @@ def resolve_model_dir(path: str) -> Path:
 
 def load_tokenizer(directory: str | Path):
     """The checkpoint's tokenizer. A plain fast tokenizer (`"tokenizer_class": "PreTrainedTokenizerFast"`,
-    SmolLM2's and Gemma-3's) is built directly: AutoTokenizer gives the same class but imports
+    SmolLM2's and Gemma-3's, or "TokenizersBackend", its name in files transformers 5 saves) is built directly: AutoTokenizer gives the same class but imports
     transformers' model configuration code, which imports torch where it is installed (seconds of
     start-up on a GPU machine); every other class goes through AutoTokenizer."""
     import transformers
 
     try:
-        if _tokenizer_class(directory) == "PreTrainedTokenizerFast":
+        if _tokenizer_class(directory) in ("PreTrainedTokenizerFast", "TokenizersBackend"):
             return transformers.PreTrainedTokenizerFast.from_pretrained(str(directory), local_files_only=True)
         return transformers.AutoTokenizer.from_pretrained(str(directory), local_files_only=True)
     except (OSError, ValueError) as e:
