@@ -9,4 +9,19 @@ Where to start reading:
    `vmap`; `rhead_jax.detection` turns the engine's output into the original's files.
 The commands (`sweep`, `ablate`, `analyze`, `detectors`, `gates`, `mixedkv`, `dryrun`) are thin
 absl entry points over these; docs/architecture.md draws the layers.
+
+The rooms, top (commands) to bottom (base); imports point down only, and no two modules import
+each other (tests/test_layers.py):
+
+  commands   sweep.py, ablate.py, analyze.py: thin absl entry points
+  features   detection.py (copy scores) and rounds.py (stop when the ranking is stable), ablation/
+             (masking), analysis/ (files, buckets, rankings compared, dynamic activation),
+             detectors/, gates/, mixedkv/, dryrun/ (each also a command: its __main__ or cli.py)
+  engine     engine.py -> runner.py (jitted programs on a mesh), plan.py (the needle grid, no jax),
+             results_store.py (atomic per-batch results, resume), compilation.py
+  base       models/ (the decoder), needle/ (haystack, needles, prompts, spans, ROUGE) and
+             scoring.py, which import nothing of ours but errors; checkpoints/ (safetensors, GGUF,
+             orbax), sharding.py, report/ (figures, HTML), rankings.py (any ranking file in one
+             shape), stability.py, diagnosis.py, qa.py, config.py (THE config schema), presets.py,
+             cli.py, errors.py, io.py
 """

@@ -12,14 +12,14 @@ Mistral and Mixtral). Every heatmap shares one colour scale unless --noshared_sc
 files every two of them are compared (Spearman, top-k overlap for each k of --overlap_k) per query
 head and per KV head, where the group size G (query heads per KV head) is given (--group_size, or
 --model: a preset name, a configs/ stem, a config.json) or inferred from a gate file and a
-head-score file of the same depth (rhead_jax.analysis.compare_rankings).
+head-score file of the same depth (rhead_jax.analysis.compare.compare_rankings).
 
 Writes summary.json, pairs.json, provenance.json, stability.json (per head-score file: 95% bootstrap
 intervals, uncertain heads, top-k frequency, convergence curve; rhead_jax.stability),
 <stem>_{pie,heatmap,intervals}.png, stability_convergence.png, <stem>_gates.png (gate files),
 (two or more files) rankings.json and rankings_{query,kv}.png, (--results) dynamic.json and
 dynamic_activation.png, and report.html into DIR, then prints a compact table. The work and the
-output formats are in rhead_jax/analysis.py; a bad input prints one `error:` line and exits with
+output formats are in rhead_jax/analysis/; a bad input prints one `error:` line and exits with
 status 2 (rhead_jax.cli).
 """
 from __future__ import annotations
@@ -29,7 +29,10 @@ from typing import Sequence
 
 from absl import flags
 
-from rhead_jax import analysis, cli
+from rhead_jax import cli
+from rhead_jax.analysis import analyze
+from rhead_jax.analysis.compare import model_group_size
+from rhead_jax.analysis.dynamic import ALWAYS_ON_THRESHOLD
 from rhead_jax.errors import UserError
 
 FLAGS = flags.FLAGS
@@ -64,7 +67,7 @@ def _define_flags() -> None:
                                           "by path or file name.")
     flags.DEFINE_bool("shared_scale", True, "One colour scale (0 to the largest mean of all files) for every heatmap.")
     flags.DEFINE_integer("top_k", 20, "Number of top heads in summary.json and in the pair overlap.")
-    flags.DEFINE_float("always_on", analysis.ALWAYS_ON_THRESHOLD,
+    flags.DEFINE_float("always_on", ALWAYS_ON_THRESHOLD,
                        "A retrieval head active in at least this fraction of kept tests is 'always-on'.")
     flags.DEFINE_list("overlap_k", None, "Top-k sizes of the ranking comparison: integers or percentages of the "
                                          "heads compared, e.g. 20,25%,50% (default: --top_k).")
@@ -156,8 +159,8 @@ def main(argv: Sequence[str]) -> None:
         raise UserError(f"--top_k must be 0 or more, got {FLAGS.top_k}")
     if FLAGS.group_size is not None and FLAGS.model:
         raise UserError("give --group_size or --model, not both")
-    group_size = analysis.model_group_size(FLAGS.model) if FLAGS.model else FLAGS.group_size
-    res = analysis.analyze(files, FLAGS.out, results=FLAGS.results, pairs=FLAGS.pair, top_k=FLAGS.top_k,
+    group_size = model_group_size(FLAGS.model) if FLAGS.model else FLAGS.group_size
+    res = analyze(files, FLAGS.out, results=FLAGS.results, pairs=FLAGS.pair, top_k=FLAGS.top_k,
                            always_on=FLAGS.always_on, shared_scale=FLAGS.shared_scale, group_size=group_size,
                            overlap_k=FLAGS.overlap_k)
     print(format_table(res["summary"], res["pairs"], res["dynamic"]))

@@ -18,7 +18,7 @@ Query head h reads KV head h // G (G = H / K, the group size; HF's `repeat_kv` o
 Group sizes (`group_sizes`): given (a model's config, --group_size), or inferred where a KV
 ranking [L, K] and a query ranking [L, H] of the same depth meet (G = H / K). `comparable` says at
 which levels two rankings can be compared: two files of one model, compared per query head and/or
-per KV head (rhead_jax.analysis.compare_rankings).
+per KV head (rhead_jax.analysis.compare.compare_rankings).
 
 Top heads (`Ranking.top_query_heads`, what an ablation masks): k counts QUERY heads. A query ranking
 gives its k best heads (ties: layer, then head order, as scoring.top_heads); a KV ranking takes KV

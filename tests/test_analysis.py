@@ -10,6 +10,7 @@ import pytest
 from scipy import stats
 
 from rhead_jax import analysis
+from rhead_jax.analysis import compare, dynamic, headscores, run
 from rhead_jax.errors import UserError
 from tests.head_score_data import MEANS, file_from_means, write_json, write_results
 
@@ -19,7 +20,7 @@ PUBLISHED = Path(__file__).resolve().parents[2] / "shared/reference/head_scores"
 # ------------------------------------------------------------------------------------------------- buckets
 def test_buckets_known_answer():
     hs = file_from_means(MEANS)
-    s = analysis.file_summary(hs, top_k=3)
+    s = headscores.file_summary(hs, top_k=3)
     # =0: 4 heads, (0,0.1]: 0.05 and exactly 0.1, (0.1,0.5]: 0.3 and exactly 0.5, >0.5: 0.9 and 1.2
     assert s["buckets"] == {"=0": 40.0, "(0,0.1]": 20.0, "(0.1,0.5]": 20.0, ">0.5": 20.0}
     assert (s["layers"], s["heads"], s["tests"]) == (2, 5, 2)
@@ -28,7 +29,7 @@ def test_buckets_known_answer():
 
 
 def test_bucket_edges():
-    assert [analysis.bucket_of(m) for m in (0.0, 1e-12, 0.1, 0.1 + 1e-12, 0.5, 0.5 + 1e-12)] == \
+    assert [headscores.bucket_of(m) for m in (0.0, 1e-12, 0.1, 0.1 + 1e-12, 0.5, 0.5 + 1e-12)] == \
         ["=0", "(0,0.1]", "(0,0.1]", "(0.1,0.5]", "(0.1,0.5]", ">0.5"]
 
 
@@ -69,7 +70,7 @@ def test_analyze_rewrites_existing_outputs(tmp_path):
 def test_uneven_lists_rejected(tmp_path):
     path = write_json(tmp_path / "bad.json", {"0-0": [0.1, 0.2], "0-1": [0.1]})
     with pytest.raises(UserError, match="different lengths"):
-        analysis.load_head_scores(path)
+        headscores.load_head_scores(path)
 
 
 @pytest.mark.parametrize("content, match", [
@@ -86,23 +87,23 @@ def test_bad_head_score_file_is_a_user_error_naming_it(tmp_path, content, match)
     if content is not None:
         path.write_text(content)
     with pytest.raises(UserError, match=match) as e:
-        analysis.load_head_scores(path)
+        headscores.load_head_scores(path)
     assert str(path) in str(e.value)
 
 
 def test_bad_results_file_is_a_user_error_naming_it(tmp_path):
     with pytest.raises(UserError, match="not found"):
-        analysis.load_results(tmp_path / "results.jsonl")
+        dynamic.load_results(tmp_path / "results.jsonl")
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"scores": [[1]], "needle_index": 0, "length": 1, "depth": 0}\n{oops\n')
     with pytest.raises(UserError, match="line 2 is not valid JSON"):
-        analysis.load_results(bad)
+        dynamic.load_results(bad)
     bad.write_text('{"scores": [[1]], "length": 1}\n')
     with pytest.raises(UserError, match="line 1 lacks needle_index, depth"):
-        analysis.load_results(bad)
+        dynamic.load_results(bad)
     bad.write_text("\n")
     with pytest.raises(UserError, match="no records"):
-        analysis.load_results(bad)
+        dynamic.load_results(bad)
 
 
 def test_analyze_checks_every_input_before_writing(tmp_path):
@@ -124,21 +125,21 @@ def test_analyze_checks_every_input_before_writing(tmp_path):
 # --------------------------------------------------------------------------------------------------- pairs
 def test_spearman_average_ranks_for_ties():
     # ties get the average of the ranks they span: [10, 20, 20, 5] ranks as [2, 3.5, 3.5, 1]
-    assert analysis.spearman([10, 20, 20, 5], [2, 3.5, 3.5, 1]) == 1.0
-    assert math.isnan(analysis.spearman([0, 0, 0], [1, 2, 3]))
+    assert compare.spearman([10, 20, 20, 5], [2, 3.5, 3.5, 1]) == 1.0
+    assert math.isnan(compare.spearman([0, 0, 0], [1, 2, 3]))
 
 
 def test_spearman_hand_computed_with_ties():
     # ranks a = [1, 2.5, 2.5, 4], b = [1, 3, 2, 4]; deviations from 2.5:
     # da = [-1.5, 0, 0, 1.5], db = [-1.5, .5, -.5, 1.5]; sum da*db = 4.5, |da|^2 = 4.5, |db|^2 = 5
     # rho = 4.5 / sqrt(4.5 * 5) = sqrt(0.9)
-    assert math.isclose(analysis.spearman([1, 2, 2, 3], [1, 3, 2, 4]), math.sqrt(0.9), rel_tol=1e-12)
-    assert math.isclose(analysis.spearman([1, 2, 3, 4], [10, 20, 30, 400]), 1.0)
-    assert math.isclose(analysis.spearman([1, 2, 3, 4], [4, 3, 2, 1]), -1.0)
-    assert math.isnan(analysis.spearman([1, 1, 1], [1, 2, 3]))
-    assert math.isnan(analysis.spearman([1, 2, 3], [7, 7, 7]))
+    assert math.isclose(compare.spearman([1, 2, 2, 3], [1, 3, 2, 4]), math.sqrt(0.9), rel_tol=1e-12)
+    assert math.isclose(compare.spearman([1, 2, 3, 4], [10, 20, 30, 400]), 1.0)
+    assert math.isclose(compare.spearman([1, 2, 3, 4], [4, 3, 2, 1]), -1.0)
+    assert math.isnan(compare.spearman([1, 1, 1], [1, 2, 3]))
+    assert math.isnan(compare.spearman([1, 2, 3], [7, 7, 7]))
     with pytest.raises(ValueError, match="one length"):
-        analysis.spearman([1, 2], [1, 2, 3])
+        compare.spearman([1, 2], [1, 2, 3])
 
 
 def test_spearman_agrees_with_scipy():
@@ -146,8 +147,8 @@ def test_spearman_agrees_with_scipy():
     for _ in range(20):
         a = rng.integers(0, 6, 40).astype(float)  # many ties
         b = a + rng.integers(0, 4, 40)
-        assert math.isclose(analysis.spearman(a, b), stats.spearmanr(a, b).statistic, rel_tol=1e-12)
-        assert analysis.spearman(a, b) == analysis.spearman(b, a)
+        assert math.isclose(compare.spearman(a, b), stats.spearmanr(a, b).statistic, rel_tol=1e-12)
+        assert compare.spearman(a, b) == compare.spearman(b, a)
 
 
 def test_overlap_and_pair():
@@ -156,41 +157,41 @@ def test_overlap_and_pair():
     means_b[1][1] = 0.0   # 1-1 drops out of B's top 3 ...
     means_b[0][4] = 2.0   # ... and 0-4 becomes B's best head
     b = file_from_means(means_b)
-    n, common = analysis.top_overlap(a, b, 3)
+    n, common = compare.top_overlap(a, b, 3)
     assert (n, common) == (2, ["1-3", "1-2"])
-    p = analysis.compare_pair(a, b, k=3, name_a="A", name_b="B")
+    p = compare.compare_pair(a, b, k=3, name_a="A", name_b="B")
     assert (p["a"], p["b"], p["k"], p["overlap"]) == ("A", "B", 3, 2)
     assert math.isclose(p["overlap_frac"], 2 / 3)
     flat_a = [m for row in MEANS for m in row]
     flat_b = [m for row in means_b for m in row]
-    assert math.isclose(p["spearman"], analysis.spearman(flat_a, flat_b))
+    assert math.isclose(p["spearman"], compare.spearman(flat_a, flat_b))
     # k larger than the number of heads is clipped
-    assert analysis.compare_pair(a, a, k=50)["k"] == 10
-    assert analysis.compare_pair(a, a, k=50)["overlap_frac"] == 1.0
+    assert compare.compare_pair(a, a, k=50)["k"] == 10
+    assert compare.compare_pair(a, a, k=50)["overlap_frac"] == 1.0
 
 
 def test_pair_of_constant_files_has_no_spearman():
     flat = file_from_means([[0.2] * 5, [0.2] * 5])
-    assert analysis.compare_pair(flat, file_from_means(MEANS))["spearman"] is None
+    assert compare.compare_pair(flat, file_from_means(MEANS))["spearman"] is None
 
 
 def test_pair_shape_mismatch_rejected():
     a = file_from_means(MEANS)
     b = file_from_means([MEANS[0]])
     with pytest.raises(UserError, match="same heads"):
-        analysis.compare_pair(a, b)
+        compare.compare_pair(a, b)
 
 
 def test_parse_pairs():
-    assert analysis.parse_pairs(["a.json,b.json", ("c", "d")]) == [("a.json", "b.json"), ("c", "d")]
+    assert run.parse_pairs(["a.json,b.json", ("c", "d")]) == [("a.json", "b.json"), ("c", "d")]
     with pytest.raises(UserError, match="two files"):
-        analysis.parse_pairs(["a.json"])
+        run.parse_pairs(["a.json"])
 
 
 # ------------------------------------------------------------------------------------------------ dynamic
 def test_dynamic_classification(tmp_path):
-    results = analysis.load_results(write_results(tmp_path))
-    d = analysis.dynamic_activation(results)
+    results = dynamic.load_results(write_results(tmp_path))
+    d = dynamic.dynamic_activation(results)
     assert (d["tests"], d["kept"], d["layers"], d["heads"]) == (12, 10, 1, 4)
     assert d["activation"] == {"0-0": 1.0, "0-1": 0.5, "0-2": 1.0, "0-3": 0.0}
     assert [h["head"] for h in d["retrieval"]] == ["0-0", "0-1"]  # 0-2 is active but weak; 0-3 only in dropped
@@ -203,7 +204,7 @@ def test_dynamic_classification(tmp_path):
     assert d["by_needle"]["1"]["mean_active_retrieval_heads"] == 2.0
     assert d["by_needle"]["0"]["mean_active_retrieval_heads"] == 1.0
     # the always-on threshold is a parameter
-    assert analysis.dynamic_activation(results, always_on=0.5)["always_on"] == ["0-0", "0-1"]
+    assert dynamic.dynamic_activation(results, always_on=0.5)["always_on"] == ["0-0", "0-1"]
 
 
 # --------------------------------------------------------------------------------------------- published
@@ -211,7 +212,7 @@ def test_published_llama2_7b_80k():
     path = PUBLISHED / "llama-2-7b-80k.json"
     if not path.exists():
         pytest.skip(f"published head scores not found at {path}")
-    s = analysis.file_summary(analysis.load_head_scores(path), top_k=3)
+    s = headscores.file_summary(headscores.load_head_scores(path), top_k=3)
     assert s["retrieval_heads"] == 33
     assert s["top"][0][0] == "16-19"
     assert (s["layers"], s["heads"], s["tests"]) == (32, 32, 586)
@@ -223,9 +224,9 @@ def test_pairs_detected_from_names_and_overlap_matrix():
     small = {"0-0": [0.5], "0-1": [0.0]}
     data = {"Qwen1.5-14B.json": a, "Qwen1.5-14B-Chat.json": b, "Mistral-7B.json": a, "Mixtral-8x7B.json": b,
             "Other-Instruct.json": small, "Other.json": a}  # Other: different heads, not paired
-    assert analysis.detect_pairs(data) == [("Qwen1.5-14B.json", "Qwen1.5-14B-Chat.json"),
+    assert compare.detect_pairs(data) == [("Qwen1.5-14B.json", "Qwen1.5-14B-Chat.json"),
                                            ("Mistral-7B.json", "Mixtral-8x7B.json")]
-    m = analysis.overlap_matrix({"x": a, "y": b, "z": small}, k=3)
+    m = compare.overlap_matrix({"x": a, "y": b, "z": small}, k=3)
     assert m["files"] == ["x", "y", "z"] and m["matrix"][0][:2] == [3, 3] and m["matrix"][0][2] is None
 
 
@@ -252,11 +253,11 @@ GATES = [[1.0, 0.1], [0.3, 0.7]]
 
 
 def test_topk_probability_and_expected_overlap_with_ties():
-    np.testing.assert_allclose(analysis.topk_probability([1, 1, 0.7, 0.7, 0.3], 3), [1, 1, 0.5, 0.5, 0])
-    assert analysis.topk_probability([1, 2], 0).sum() == 0 and analysis.topk_probability([1, 2], 5).sum() == 2
-    o = analysis.expected_overlap(np.array([3, 2, 1, 0]), np.array([1, 1, 1, 0]), 2)
+    np.testing.assert_allclose(compare.topk_probability([1, 1, 0.7, 0.7, 0.3], 3), [1, 1, 0.5, 0.5, 0])
+    assert compare.topk_probability([1, 2], 0).sum() == 0 and compare.topk_probability([1, 2], 5).sum() == 2
+    o = compare.expected_overlap(np.array([3, 2, 1, 0]), np.array([1, 1, 1, 0]), 2)
     assert o["overlap"] == pytest.approx(4 / 3) and o["ties"] == [0, 3] and o["chance"] == 1.0
-    o = analysis.expected_overlap(np.arange(10.0), np.arange(10.0)[::-1], 3)
+    o = compare.expected_overlap(np.arange(10.0), np.arange(10.0)[::-1], 3)
     assert (o["overlap"], o["frac"], o["ties"], o["chance"]) == (0.0, 0.0, [0, 0], 0.9)
 
 
@@ -267,7 +268,7 @@ def _rankings():
 
 
 def test_compare_rankings_known_answers():
-    cmp = analysis.compare_rankings(_rankings(), ks=[2, "50%"])
+    cmp = compare.compare_rankings(_rankings(), ks=[2, "50%"])
     assert {r["name"]: r["group_size"] for r in cmp["rankings"]} == {"copy": 2, "duo": 2, "mass": 2, "other": None}
     pairs = {(p["a"], p["b"]): p for p in cmp["pairs"]}
     kv = pairs["copy", "duo"]["levels"]["kv"]
@@ -292,10 +293,10 @@ def test_compare_rankings_known_answers():
 def test_compare_rankings_refuses_a_gate_file_of_no_model_present():
     from rhead_jax.rankings import Ranking
     with pytest.raises(UserError, match=r"gate file g.tsv \(2 layers x 3 KV heads\) matches none"):
-        analysis.compare_rankings([Ranking("copy", np.array(COPY), "query"),
+        compare.compare_rankings([Ranking("copy", np.array(COPY), "query"),
                                    Ranking("g", np.zeros((2, 3)), "kv", "g.tsv")])
     with pytest.raises(UserError, match="group size 3"):
-        analysis.compare_rankings(_rankings()[:2], group_size=3)
+        compare.compare_rankings(_rankings()[:2], group_size=3)
 
 
 def test_analyze_smollm2_shaped_gates_and_head_scores(tmp_path):

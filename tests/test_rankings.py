@@ -105,7 +105,7 @@ def _locos_file(path, scores: dict) -> None:
 
 def test_released_locos_and_qrhead_files(tmp_path):
     """LOCOS's envelope reads as its "scores"; a QRHead head set ranks its heads best first."""
-    from rhead_jax import analysis
+    from rhead_jax.analysis import headscores
     from rhead_jax.ablation.heads import load_scores
 
     scores = {"0-0": [0.5, -0.1], "0-1": [2.0, 1.0], "1-0": [-1.0, -3.0], "1-1": [0.0, 0.2]}
@@ -113,7 +113,7 @@ def test_released_locos_and_qrhead_files(tmp_path):
     r = rk.read_ranking(tmp_path / "m_logit_contrib_nolima.json", "locos")
     np.testing.assert_allclose(r.scores, [[0.2, 1.5], [-2.0, 0.1]])
     assert r.top_query_heads(2) == [(0, 1), (0, 0)]
-    assert analysis.load_head_scores(tmp_path / "m_logit_contrib_nolima.json") == scores
+    assert headscores.load_head_scores(tmp_path / "m_logit_contrib_nolima.json") == scores
     assert load_scores(tmp_path / "m_logit_contrib_nolima.json") == scores
     (tmp_path / "qr.yaml").write_text('# Default configuration\n\nattn_head_set: "1-1,0-1,1-0" # top3\n'
                                       'model_base_class: "M"\nmodel_name_or_path: "org/M"\n')

