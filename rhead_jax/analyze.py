@@ -34,6 +34,7 @@ from rhead_jax.analysis import analyze
 from rhead_jax.analysis.compare import model_group_size
 from rhead_jax.analysis.dynamic import ALWAYS_ON_THRESHOLD
 from rhead_jax.errors import UserError
+from rhead_jax.report import kinds
 
 FLAGS = flags.FLAGS
 USAGE = "python -m rhead_jax.analyze [NAME:]a.json [[NAME:]b.tsv ...] --out DIR"
@@ -89,6 +90,8 @@ def format_table(summary: dict, pairs: Sequence[dict] = (), dynamic: dict | None
         lines.append(f"{name:<{name_w}}  {e['layers']:>3}x{e['heads']:<3}  {e['tests']:>5}  {b['=0']:>5.1f}  "
                      f"{b['(0,0.1]']:>6.1f}  {b['(0.1,0.5]']:>7.1f}  {b['>0.5']:>5.1f}  "
                      f"{e['retrieval_heads']:>4}  {top}")
+        if "by_kind" in e:   # a hybrid model (rhead_jax.report.kinds)
+            lines.append(f"{'':<{name_w}}  by layer kind: {kinds.format_kinds(e['by_kind'])}")
     for p in pairs:
         rho = "n/a" if p["spearman"] is None else f"{p['spearman']:.3f}"
         lines.append(f"pair {p['a']} vs {p['b']}: top-{p['k']} overlap {p['overlap']}/{p['k']} "

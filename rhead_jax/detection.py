@@ -64,6 +64,7 @@ from rhead_jax.models.attention import mass_targets
 from rhead_jax.models.generate import GenerateSpec
 from rhead_jax.needle.prompts import Instance
 from rhead_jax.needle.rouge import keep_test, rouge1_recall
+from rhead_jax.report import kinds as kinds_lib
 
 
 def extra_targets(instances: Sequence[Instance], extra_scores: Sequence[str]) -> dict[str, Any]:
@@ -202,6 +203,8 @@ def format_summary(name: str, summary: dict, results: Sequence[dict]) -> str:
         lines.append(f"top heads (layer-head mean [95% bootstrap interval over the {summary['tests_kept']} kept "
                      "tests]): "
                      + ", ".join(f"{k} {v:.2f} [{ci[k][0]:.2f}, {ci[k][1]:.2f}]" for k, v in summary["top_heads"]))
+    if "by_kind" in summary:
+        lines.append("retrieval heads by layer kind: " + kinds_lib.format_kinds(summary["by_kind"]))
     for name, extra in summary.get("extra_scores", {}).items():
         lines.append(f"top heads by {name} (head_scores_{name}.json): "
                      + ", ".join(f"{k}: {v:.3f}" for k, v in extra["top_heads"]))
@@ -246,6 +249,10 @@ def run_sweep(config, workdir: str, *, model: LoadedModel | None = None) -> dict
         results = [r for rs in per_batch for r in rs]
     hs = head_scores_from(results, engine.cfg.num_layers, engine.cfg.num_heads)
     summary = summarize(results, hs)
+    # each layer's kind (local: a sliding window; global) for the analysis' marks (rhead_jax.report.kinds)
+    summary.update(layer_kinds=kinds_lib.layer_kinds(engine.cfg.windows), layer_windows=list(engine.cfg.windows))
+    if kinds_lib.is_hybrid(summary["layer_kinds"]):
+        summary["by_kind"] = kinds_lib.kind_summary(hs, summary["layer_kinds"])
     if stop_when_stable:
         summary["stop"] = stop
     gate = diagnosis.gate_report(results)

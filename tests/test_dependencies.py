@@ -67,3 +67,17 @@ def test_the_scan_sees_imports(tmp_path):
         ROOT = old
     assert set(found) == {"os", "jinja2", "numpy"}
     assert third_party(found) == {"jinja2": "jinja2", "numpy": "numpy"}
+
+
+def test_the_test_venv_has_the_extras_of_the_slow_tests():
+    """`make test` (CI) builds its venv with the extras the real-weight tests need, so they run instead
+    of skipping: `test` (pytest, accelerate) and `gemma3` (Gemma-3-270M's GGUF, tests/test_real_gemma3.py,
+    tests/test_gguf_gemma3.py); each is an extra of setup.py."""
+    import re
+
+    recipe = (ROOT / "Makefile").read_text().split("$(VENV)/.installed-test:", 1)[1].split("\n\n", 1)[0]
+    extras = re.search(r"-e '\.\[([a-z0-9,]+)\]'", recipe)
+    assert extras, recipe
+    installed = set(extras.group(1).split(","))
+    assert {"test", "gemma3"} <= installed, installed
+    assert installed <= set(setup_kwargs()["extras_require"]), installed

@@ -71,7 +71,11 @@ def test_outputs_in_the_original_format(reference_run, model):
         assert r["span"][1] > r["span"][0] and len(r["scores"]) == L and len(r["scores"][0]) == H
         assert 0 <= r["rouge1_recall"] <= 1
     assert summary["tests"] == 18 and summary["heads"] == L * H
-    assert json.loads(_read(wd, "summary.json"))["tests"] == 18
+    written = json.loads(_read(wd, "summary.json"))
+    assert written["tests"] == 18
+    # a dense model: every layer global, no per-kind counts (rhead_jax.report.kinds)
+    assert written["layer_kinds"] == ["global"] * L and written["layer_windows"] == [None] * L
+    assert "by_kind" not in written
 
 
 def test_shared_prefix_gives_identical_results(tiny_dir, model, reference_run, tmp_path):

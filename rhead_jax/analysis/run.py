@@ -11,7 +11,7 @@ from rhead_jax.analysis.compare import compare_pair, compare_rankings, detect_pa
 from rhead_jax.analysis.dynamic import ALWAYS_ON_THRESHOLD, dynamic_activation, load_results
 from rhead_jax.analysis.headscores import file_summary, load_head_scores, mean_matrix, shape_of
 from rhead_jax.errors import UserError
-from rhead_jax.report import plots, write_report
+from rhead_jax.report import kinds, plots, write_report
 from rhead_jax.report.provenance import file_record, run_record
 from rhead_jax.report.trust import stability_sections, thin_section, write_stability
 from rhead_jax.scoring import head_means
@@ -127,13 +127,13 @@ def analyze(files: Sequence[str | os.PathLike], out_dir: str | os.PathLike, resu
     above_one = {name: sorted(((h, float(v)) for h, v in m.items() if v > 1.0), key=lambda x: -x[1])
                  for name, m in means.items()}
     for name, hs in data.items():
-        entry = file_summary(hs, top_k)
+        entry = {**file_summary(hs, top_k), **kinds.kind_entry(paths[name], hs)}  # a hybrid model's layer kinds
         summary[name] = entry
         stem = _stem(name)
         shown[name] = {**entry, "scale_max": vmax, "above_one": above_one[name], "stem": stem}
         plots.plot_pie(entry, name, out / f"{stem}_pie.png")
         plots.plot_heatmap(mean_matrix(hs), f"{name} ({entry['layers']}x{entry['heads']})",
-                           out / f"{stem}_heatmap.png", top=entry["top"], vmax=vmax)
+                           out / f"{stem}_heatmap.png", top=entry["top"], vmax=vmax, kinds=entry.get("layer_kinds"))
     for r in ranks:
         if r.kind == "kv":
             plots.plot_heatmap(r.scores, f"{r.name} ({r.shape[0]}x{r.shape[1]} KV heads)",

@@ -4,7 +4,8 @@
 one file, images embedded as base64 data URIs, inline CSS, no scripts and nothing fetched from elsewhere.
 
   summary          summary.json's object: {"<file name>": {"buckets", "layers", "heads", "tests",
-                   "retrieval_heads", "top"[, "stem"]}}; each file's `<stem>_heatmap.png` and
+                   "retrieval_heads", "top"[, "stem"][, "by_kind": a hybrid model's retrieval heads per
+                   layer kind, rhead_jax.report.kinds]}}; each file's `<stem>_heatmap.png` and
                    `<stem>_pie.png` are taken from out_dir when present (stem: the entry's, else the name's).
   pairs            pairs.json's list of {"a", "b", "k", "overlap", "overlap_frac", "spearman"[, "common"]}.
   dynamic          dynamic.json's object or None; `dynamic_activation.png` is taken from out_dir.
@@ -200,10 +201,21 @@ def _file_section(out_dir: Path, name: str, e: dict) -> str:
     scale = e.get("scale_max")
     scale_txt = (f" The colour scale, 0 to {scale:.3f}, is shared by every file of this report, so equal colours "
                  "mean equal scores." if scale is not None else "")
+    by_kind = e.get("by_kind")   # a hybrid model's local / global layers (rhead_jax.report.kinds)
+    kinds_txt = (" The strip left of the rows marks each layer's kind: G global (full attention, framed rows), "
+                 "L local (a sliding window)." if by_kind else "")
     heat = image_html(out_dir / f"{stem}_heatmap.png", f"{name} heatmap",
                       "Mean retrieval score of every head (rows: layers from 0 at the top; columns: heads). "
-                      f"Outlined cells are the top heads listed below; hatched cells score above 1.{scale_txt}",
-                      max_w=600, max_h=520)
+                      f"Outlined cells are the top heads listed below; hatched cells score above 1.{scale_txt}"
+                      f"{kinds_txt}", max_w=600, max_h=520)
+    kind_html = ""
+    if by_kind:
+        rows = [[_e(kind), _e(", ".join(map(str, k["layers"]))), k["heads"], k["retrieval_heads"], f"{k['mean']:.3f}",
+                 '<div class="heads">' + " ".join(f"<span>{_e(h)} ({score_html(s, 2)})</span>" for h, s in k["top"])
+                 + "</div>"] for kind, k in by_kind.items()]
+        kind_html = ("<h3>Retrieval heads by layer kind</h3>"
+                     + table(["kind", "layers", "heads", "retrieval heads (mean > 0.1)", "mean score",
+                              "its retrieval heads"], rows, left=(0, 1, 5)))
     pie = image_html(out_dir / f"{stem}_pie.png", f"{name} pie",
                      "Share of all heads in each score bucket (paper Fig. 3).", max_w=440)
     return f"""
@@ -212,6 +224,7 @@ def _file_section(out_dir: Path, name: str, e: dict) -> str:
 <p class="meta">{e['layers']} layers × {e['heads']} heads = {n} heads · {e['tests']} tests per head ·
 <b>{e['retrieval_heads']}</b> retrieval heads (mean score &gt; 0.1)</p>
 <div class="row"><div>{heat}</div><div>{pie}</div></div>
+{kind_html}
 <div class="row">
 <div><h3>Heads per score bucket</h3>
 {table(["bucket", "meaning", "share", "heads"], bucket_rows, left=(0, 1))}</div>

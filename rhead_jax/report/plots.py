@@ -1,9 +1,10 @@
 """Every figure of the reports, drawn with matplotlib's Agg backend into PNG files (dpi 110).
 
   plot_pie(summary_entry, title, path)         share of heads per score bucket (paper Fig. 3)
-  plot_heatmap(means, title, path, top=(), vmax=None)
+  plot_heatmap(means, title, path, top=(), vmax=None, kinds=None)
                                                layer x head mean scores, the `top` heads outlined; one
-                                               colour scale 0..vmax (shared across files when given)
+                                               colour scale 0..vmax (shared across files when given);
+                                               a hybrid model's local / global layers marked
   plot_dynamic(dynamic, path, title="")        activation rate per head, and per context length
   plot_rank_matrix(matrix, path, title="")     rankings x rankings: Spearman and top-k overlap heat maps
   plot_fig1_heatmap(cells, path, title="")     nominal context length x needle depth accuracy (paper Fig. 1)
@@ -63,11 +64,14 @@ def plot_pie(summary_entry: dict, title: str, path: str | os.PathLike) -> None:
 
 def plot_heatmap(means: np.ndarray, title: str, path: str | os.PathLike,
                  top: Sequence[Sequence] = (), vmax: float | None = None, *,
-                 label: str = "mean retrieval score", xlabel: str = "head") -> None:
+                 label: str = "mean retrieval score", xlabel: str = "head",
+                 kinds: Sequence[str] | None = None) -> None:
     """Layer (rows, 0 at top) x head (columns) mean scores; the `top` heads are outlined. The colour
     scale runs from 0 to `vmax` (default: this file's largest mean), so that several files drawn with
     one vmax are comparable colour for colour; cells above 1 are hatched. `label` names the colour
-    bar, `xlabel` the columns (gate files: "KV head")."""
+    bar, `xlabel` the columns (gate files: "KV head"). `kinds` ([L] "local" / "global", a hybrid
+    model's layers, rhead_jax.report.kinds): a strip left of the rows marks each layer L or G, and the
+    global layers' rows are framed; a model of one kind is drawn without them."""
     plt = _plt()
     L, H = means.shape
     fig, ax = plt.subplots(figsize=(min(8.0, max(4.5, 0.16 * H + 2.4)), min(6.5, max(3.5, 0.15 * L + 1.4))))
@@ -88,9 +92,44 @@ def plot_heatmap(means: np.ndarray, title: str, path: str | os.PathLike,
     step = max(1, int(math.ceil(L / 20)))
     ax.set_yticks(range(0, L, step))
     ax.tick_params(labelsize=8)
+    if kinds is not None and len(set(kinds)) > 1:
+        _mark_kinds(plt, fig, ax, list(kinds), H)
     fig.colorbar(im, ax=ax, label=label, fraction=0.05, pad=0.03)
     ax.set_title(title, fontsize=10)
     _save(plt, fig, path)
+
+
+KIND_COLORS = {"global": "#08519c", "local": "#c6dbef"}
+
+
+def _mark_kinds(plt, fig, ax, kinds: list[str], H: int) -> None:
+    """plot_heatmap's layer-kind marks: a strip of L/G cells left of the rows (the layer numbers move to
+    its left), the global rows framed, and a legend under the plot."""
+    from matplotlib.colors import ListedColormap
+    from mpl_toolkits.axes_grid1 import make_axes_locatable
+
+    L = len(kinds)
+    order = [k for k in KIND_COLORS if k in kinds]
+    strip = make_axes_locatable(ax).append_axes("left", size=0.2, pad=0.04, sharey=ax)
+    strip.imshow(np.array([[order.index(k)] for k in kinds]), aspect="auto", interpolation="nearest",
+                 cmap=ListedColormap([KIND_COLORS[k] for k in order]), vmin=-0.5, vmax=len(order) - 0.5)
+    if L <= 64:
+        for l, k in enumerate(kinds):
+            strip.text(0, l, k[0].upper(), ha="center", va="center", fontsize=6 if L > 32 else 7,
+                       color="white" if k == "global" else "#08306b")
+    strip.set_xticks([])
+    strip.set_ylabel("layer")
+    strip.tick_params(labelsize=8)
+    ax.set_ylabel("")
+    ax.tick_params(axis="y", labelleft=False)
+    for l, k in enumerate(kinds):
+        if k == "global":
+            ax.add_patch(plt.Rectangle((-0.5, l - 0.5), H, 1, fill=False, edgecolor=KIND_COLORS["global"],
+                                       linewidth=1.0, linestyle="--"))
+    n = {k: kinds.count(k) for k in order}
+    handles = [plt.Rectangle((0, 0), 1, 1, facecolor=KIND_COLORS[k], edgecolor="#555") for k in order]
+    ax.legend(handles, [f"{k[0].upper()}: {k} layer ({n[k]})" for k in order], loc="upper center",
+              bbox_to_anchor=(0.5, -0.14), ncol=len(order), fontsize=7, frameon=False, handlelength=1.0)
 
 
 def plot_dynamic(dynamic: dict, path: str | os.PathLike, title: str = "") -> None:
