@@ -90,3 +90,43 @@ def test_engine_uses_the_windowed_cache_exactly(engines):
         np.testing.assert_array_equal(a.tokens, b.tokens)
         np.testing.assert_array_equal(a.topk_index, b.topk_index)
         np.testing.assert_allclose(a.topk_weight, b.topk_weight, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("family", ["gemma3", "mistral_window"])
+@pytest.mark.parametrize("mode", ["zero", "uniform", "mean_query", "mean_output"])
+def test_windowed_cache_carries_every_head_mask_and_capture(family, mode, tiny_model_dir):
+    """The windowed cache runs the plain cache's layer body: every mask mode (the mean modes, LOCOS's
+    mean query ablation included) and the head_sums / span_outputs captures (the logit-contribution
+    detectors' inputs) equal the plain cache's, through a prefill several windows long and a decode
+    step whose span reaches back past the window."""
+    from rhead_jax.models.decoder import CaptureSpec, forward
+
+    cfg, params = load_params(tiny_model_dir(family))
+    rng = np.random.RandomState(0)
+    B, T, size = 2, 37, 48
+    L, H, D = cfg.num_layers, cfg.num_heads, cfg.head_dim
+    ring = ring_size_for(cfg, size)
+    assert ring is not None and ring < T
+    on = (rng.rand(L, H) > 0.4).astype(np.float32)
+    on[0, 0], on[-1, -1] = 0.0, 0.0                         # some head masked in a local and a global layer
+    head_mask = (np.concatenate([on[..., None], 0.1 * rng.randn(L, H, D).astype(np.float32)], -1)
+                 if mode.startswith("mean") else on)
+    tokens = jnp.asarray(rng.randint(0, 97, (B, T)))
+    positions = jnp.asarray(np.tile(np.arange(T), (B, 1)))
+    span = jnp.asarray([[3, 9], [30, 36]], jnp.int32)      # row 0's span lies outside every window
+    outs = {}
+    for r in (None, ring):
+        cache = init_cache(cfg, B, size, ring=r)
+        logits, cache, caps = forward(params, cfg, tokens, positions, cache, head_mask=jnp.asarray(head_mask),
+                                      mask_mode=mode, capture=CaptureSpec(head_sums=True), attn=SMALL)
+        nxt = jnp.argmax(logits[:, -1], -1)[:, None]
+        step, cache, dcaps = forward(params, cfg, nxt, jnp.full((B, 1), T), cache, head_mask=jnp.asarray(head_mask),
+                                     mask_mode=mode, capture=CaptureSpec(top_k=2, span_outputs=True),
+                                     attn=SMALL, output_span=span)
+        outs[r] = (logits, caps.q_sum, caps.out_sum, step, dcaps.topk_index, dcaps.topk_weight, dcaps.head_out,
+                   dcaps.span_out, dcaps.span_mass, dcaps.key_counts)
+    names = ("logits", "q_sum", "out_sum", "step logits", "topk_index", "topk_weight", "head_out", "span_out",
+             "span_mass", "key_counts")
+    for name, plain, windowed in zip(names, outs[None], outs[ring]):
+        np.testing.assert_allclose(np.asarray(windowed), np.asarray(plain), rtol=2e-5, atol=2e-5, err_msg=name)
+    assert float(np.asarray(outs[ring][8])[:, 1].sum()) > 0   # row 1: its span is in the window, a mass to compare

@@ -320,9 +320,10 @@ def param_shapes(cfg: ModelConfig) -> Params:
 # ----------------------------------------------------------------------------- forward
 
 
-def _windowed_layers(c: ModelConfig, cache: KVCache, x, xs, attend, as_positions, positions, new_pos, n_valid,
-                     ropes, attn: AttentionOptions, mask_mode: str, capture: CaptureSpec):
-    """`forward`'s layer scan over a windowed cache (KVCache with rings): the same layer body, the
+def _windowed_layers(c: ModelConfig, cache: KVCache, x, xs, layer_in, attend, layer_out, as_positions, positions,
+                     new_pos, n_valid, attn: AttentionOptions, capture: CaptureSpec):
+    """`forward`'s layer scan over a windowed cache (KVCache with rings): the same layer body
+    (`forward`'s layer_in, attend and layer_out, so every head mask and capture works alike), the
     layer's kind as data. A global layer writes and reads its full slots (stack index j); a local
     one reads its ring j rolled into position order followed by the call's keys (`ring_view`),
     then writes the call's last W keys into the ring. With both kinds, `lax.cond` on the kind
@@ -331,7 +332,6 @@ def _windowed_layers(c: ModelConfig, cache: KVCache, x, xs, attend, as_positions
     if capture.full_probs:
         raise ValueError("full_probs capture needs a plain cache (init_cache without ring)")
     B, T = positions.shape
-    K, G, D = c.num_kv_heads, c.group_size, c.head_dim
     S, W = cache.size, cache.ring_size
     local = [w is not None for w in c.windows]
     has_global = not all(local)
@@ -353,10 +353,7 @@ def _windowed_layers(c: ModelConfig, cache: KVCache, x, xs, attend, as_positions
         x, k_all, v_all, rk, rv = carry
         lp, window, kind, hm_l, i = xs_l
         loc, j = is_local[i], index[i]
-        q, k, v = attention_inputs(lp, c, x, *layer_rope(ropes, kind))
-        q = q.reshape(B, T, K, G, D)
-        hm_kg = hm_l.reshape(K, G)
-        score_scale = hm_kg if mask_mode == "uniform" else None
+        q, k, v, score_scale, masks = layer_in(lp, x, kind, hm_l)
         if has_global:  # a local layer writes nowhere here (slots past the end are dropped)
             at = jnp.where(loc, S, slots)
             k_all = write_rows(k_all, k, jnp.where(loc, 0, j), at, attn.cache_writes)
@@ -385,9 +382,8 @@ def _windowed_layers(c: ModelConfig, cache: KVCache, x, xs, attend, as_positions
         at = jnp.where(loc, ring_at, W)     # the call's last W keys into the ring, after it was read
         rk = rk.at[jnp.where(loc, j, 0), rows, :, at].set(k.astype(rk.dtype), mode="drop")
         rv = rv.at[jnp.where(loc, j, 0), rows, :, at].set(v.astype(rv.dtype), mode="drop")
-        if mask_mode == "zero":
-            out = out * hm_kg[:, :, None].astype(out.dtype)
-        return (attention_output(lp, c, x, out), k_all, v_all, rk, rv), cap
+        x, cap = layer_out(lp, x, out, cap, masks)
+        return (x, k_all, v_all, rk, rv), cap
 
     (x, k_all, v_all, rk, rv), caps = lax.scan(layer, (x, cache.k, cache.v, cache.ring_k, cache.ring_v), xs)
     new = KVCache(k=k_all, v=v_all, pos=new_pos, length=cache.length + n_valid, ring_k=rk, ring_v=rv,
@@ -652,9 +648,6 @@ def forward(params: Params, cfg: ModelConfig, tokens, positions, cache: KVCache 
     windows, rope_kind = layer_kinds(c)
     windows_static = tuple(sorted({w or NO_WINDOW for w in c.windows}))  # the kernels' static masks
     mean_mode = mask_mode in MEAN_MODES and head_mask is not None
-    if cache.windowed and (mean_mode or capture.span_outputs or capture.head_sums):
-        raise ValueError("the mean masks and the span_outputs / head_sums captures need a plain cache "
-                         "(init_cache without ring); a windowed cache does not carry them yet")
     hm = (jnp.ones((c.num_layers, c.num_heads), jnp.float32) if head_mask is None
           else jnp.asarray(head_mask, jnp.float32))
     want_last_row = capture.top_k > 0 and not capture.full_probs
@@ -704,21 +697,22 @@ def forward(params: Params, cfg: ModelConfig, tokens, positions, cache: KVCache 
             cap = dict(cap, topk_index=jnp.take_along_axis(k_pos[:, None], cap["topk_index"], axis=2))
         return cap
 
-    def layer(carry, xs):
-        x, k_all, v_all = carry
-        lp, window, kind, hm_l, i = xs
+    def layer_in(lp, x, kind, hm_l):
+        """One layer's q [B, T, K, G, D], k, v [B, T, K, D] and its head-mask pieces: both caches'
+        layer scans start here (mean_query replaces the masked heads' queries inside)."""
         head_mean = None
         if mean_mode:
             hm_l, head_mean = hm_l[:, 0], hm_l[:, 1:]                      # [H], [H, D]
         q_mean = (hm_l, head_mean) if mean_mode and mask_mode == "mean_query" else None
         q, k, v = attention_inputs(lp, c, x, *layer_rope(ropes, kind), q_mean)
-        # write just the new rows into the carried cache (in place inside loops)
-        k_all = write_rows(k_all, k, i, slots, attn.cache_writes)
-        v_all = write_rows(v_all, v, i, slots, attn.cache_writes)
-        q = q.reshape(B, T, K, G, D)
         hm_kg = hm_l.reshape(K, G)
-        out, cap = attend(q, k_all[i], v_all[i], new_pos, slots, window,
-                          hm_kg if mask_mode == "uniform" else None, kv_new=(k, v))
+        score_scale = hm_kg if mask_mode == "uniform" else None
+        return q.reshape(B, T, K, G, D), k, v, score_scale, (hm_l, hm_kg, head_mean, q_mean)
+
+    def layer_out(lp, x, out, cap, masks):
+        """The layer's residual stream after its attention output out [B, T, K, G, D], with the
+        head mask applied (zero / mean_output) and head_sums captured: both caches end here."""
+        hm_l, hm_kg, head_mean, q_mean = masks
         if capture.head_sums:
             cap.update(_head_sums(lp, c, x, out, valid, q_mean))
         if mean_mode and mask_mode == "mean_output":
@@ -729,7 +723,18 @@ def forward(params: Params, cfg: ModelConfig, tokens, positions, cache: KVCache 
             if capture.span_outputs:   # what the masked head writes
                 hm_h = hm_l[None, :, None]
                 cap["head_out"], cap["span_out"] = cap["head_out"] * hm_h, cap["span_out"] * hm_h
-        return (attention_output(lp, c, x, out), k_all, v_all), cap
+        return attention_output(lp, c, x, out), cap
+
+    def layer(carry, xs):
+        x, k_all, v_all = carry
+        lp, window, kind, hm_l, i = xs
+        q, k, v, score_scale, masks = layer_in(lp, x, kind, hm_l)
+        # write just the new rows into the carried cache (in place inside loops)
+        k_all = write_rows(k_all, k, i, slots, attn.cache_writes)
+        v_all = write_rows(v_all, v, i, slots, attn.cache_writes)
+        out, cap = attend(q, k_all[i], v_all[i], new_pos, slots, window, score_scale, kv_new=(k, v))
+        x, cap = layer_out(lp, x, out, cap, masks)
+        return (x, k_all, v_all), cap
 
     x = embed(params, c, tokens)
     xs = (params["layers"], windows, rope_kind, hm, jnp.arange(c.num_layers))
@@ -737,8 +742,8 @@ def forward(params: Params, cfg: ModelConfig, tokens, positions, cache: KVCache 
         (x, k_all, v_all), caps = lax.scan(layer, (x, cache.k, cache.v), xs)
         new_cache = KVCache(k=k_all, v=v_all, pos=new_pos, length=cache.length + n_valid)
     else:
-        x, new_cache, caps = _windowed_layers(c, cache, x, xs, attend, as_positions, positions, new_pos, n_valid,
-                                              ropes, attn, mask_mode, capture)
+        x, new_cache, caps = _windowed_layers(c, cache, x, xs, layer_in, attend, layer_out, as_positions,
+                                              positions, new_pos, n_valid, attn, capture)
     captures = Captures(topk_index=caps.get("topk_index"), topk_weight=caps.get("topk_weight"),
                         probs=caps.get("probs"), mass=caps.get("mass"), head_out=caps.get("head_out"),
                         span_out=caps.get("span_out"), span_mass=caps.get("span_mass"),
