@@ -31,13 +31,12 @@ the answer span lies inside the window, so the tokens there are all the rule rea
 from __future__ import annotations
 
 import dataclasses
-import glob
-import os
+import io as _bytes_io
 from typing import Any, Sequence
 
 import numpy as np
 
-from rhead_jax import scoring
+from rhead_jax import io, scoring
 from rhead_jax.errors import UserError
 from rhead_jax.results_store import BatchFileError, ResultStore
 
@@ -139,20 +138,19 @@ def unpack(arrays: dict[str, np.ndarray]) -> list[TestCapture]:
 
 
 def read_workdir(workdir: str) -> dict[str, TestCapture]:
-    """{test key: TestCapture} of every batch of a sweep's workdir, each file validated (header,
-    pin, checksum); a sweep without captures is refused with a UserError naming the flag."""
-    root = os.fspath(workdir)
-    meta = os.path.join(root, "sweep_config.json")
-    if not os.path.isfile(meta):
-        raise UserError(f"{root} is not a sweep's workdir (no sweep_config.json); give the --workdir of "
+    """{test key: TestCapture} of every batch of a sweep's workdir (local or gs://), each file
+    validated (header, pin, checksum); a sweep without captures is refused with a UserError naming the flag."""
+    root = io.as_path(workdir)
+    if not (root / "sweep_config.json").exists():
+        raise UserError(f"{workdir} is not a sweep's workdir (no sweep_config.json); give the --workdir of "
                         "`python -m rhead_jax.sweep`")
-    store = ResultStore.reader(root)
-    files = sorted(glob.glob(os.path.join(root, "batches", "batch_*.json")))
+    store = ResultStore.reader(str(workdir))
+    files = sorted((root / "batches").glob("batch_*.json")) if (root / "batches").exists() else []
     out: dict[str, TestCapture] = {}
     missing = []
     for f in files:
-        b = int(os.path.basename(f)[len("batch_"):-len(".json")])
-        if not os.path.exists(store.arrays_path(b)):
+        b = int(f.name[len("batch_"):-len(".json")])
+        if not store.arrays_path(b).exists():
             missing.append(b)
             continue
         try:
@@ -166,7 +164,7 @@ def read_workdir(workdir: str) -> dict[str, TestCapture]:
                             f"sweep again with the same --workdir and {FLAG}")
         out.update((c.key, c) for c in caps)
     if missing or not files:
-        raise UserError(f"the sweep in {root} kept no captures ({len(missing)} of {len(files)} batches lack "
+        raise UserError(f"the sweep in {workdir} kept no captures ({len(missing)} of {len(files)} batches lack "
                         f"batches/batch_NNNNN.npz); run it again with {FLAG} and the same --workdir (it redoes "
                         "only what lacks them)")
     return out
@@ -174,10 +172,11 @@ def read_workdir(workdir: str) -> dict[str, TestCapture]:
 
 def size_per_test(workdir: str) -> dict[str, Any]:
     """Bytes of the captures on disk: {"bytes", "tests", "bytes_per_test", "files"}."""
-    files = sorted(glob.glob(os.path.join(os.fspath(workdir), "batches", "batch_*.npz")))
-    tests = 0
+    files = sorted((io.as_path(workdir) / "batches").glob("batch_*.npz"))
+    tests = total = 0
     for f in files:
-        with np.load(f, allow_pickle=False) as z:
+        data = f.read_bytes()
+        total += len(data)
+        with np.load(_bytes_io.BytesIO(data), allow_pickle=False) as z:
             tests += len(z["keys"])
-    total = sum(os.path.getsize(f) for f in files)
     return {"bytes": total, "tests": tests, "bytes_per_test": total / max(tests, 1), "files": len(files)}

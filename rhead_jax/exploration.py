@@ -30,7 +30,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from rhead_jax import captures, scoring
+from rhead_jax import captures, io, scoring
 from rhead_jax.errors import UserError
 
 TOP_HEADS = 16
@@ -38,11 +38,12 @@ ZERO_HEADS = 4
 MAX_TESTS = 60
 
 
-def _read_json(path: str, what: str):
-    if not os.path.isfile(path):
+def _read_json(path, what: str):
+    if not path.exists():
         raise UserError(f"{path} not found ({what}); give the --workdir of a finished `python -m rhead_jax.sweep`")
-    with open(path) as f:
-        return json.load(f) if path.endswith(".json") else [json.loads(line) for line in f if line.strip()]
+    text = path.read_text()
+    return json.loads(text) if path.name.endswith(".json") else [json.loads(line) for line in text.splitlines()
+                                                                  if line.strip()]
 
 
 def select_heads(means: dict[str, float], num_layers: int, num_heads: int, heads: Sequence[str] | None = None, *,
@@ -123,13 +124,13 @@ def _test_data(r: dict, cap: captures.TestCapture, heads: Sequence[str], num_lay
 def page_data(workdir: str, *, tests: Sequence[str] | None = None, heads: Sequence[str] | None = None,
               top_heads: int = TOP_HEADS, zero_heads: int = ZERO_HEADS, max_tests: int = MAX_TESTS) -> dict[str, Any]:
     """Everything the page shows, from a sweep's workdir (module docstring)."""
-    root = os.fspath(workdir)
-    if not os.path.isdir(root):
-        raise UserError(f"workdir {root} not found; give the --workdir of `python -m rhead_jax.sweep`")
-    caps = captures.read_workdir(root)
-    head_scores = _read_json(os.path.join(root, "head_scores.json"), "the sweep's head scores")
-    results = _read_json(os.path.join(root, "results.jsonl"), "the sweep's per-test results")
-    summary = _read_json(os.path.join(root, "summary.json"), "the sweep's summary")
+    root = io.as_path(workdir)
+    if not root.is_dir():
+        raise UserError(f"workdir {workdir} not found; give the --workdir of `python -m rhead_jax.sweep`")
+    caps = captures.read_workdir(str(workdir))
+    head_scores = _read_json(root / "head_scores.json", "the sweep's head scores")
+    results = _read_json(root / "results.jsonl", "the sweep's per-test results")
+    summary = _read_json(root / "summary.json", "the sweep's summary")
     missing = [r["key"] for r in results if r["key"] not in caps]
     if missing:
         raise UserError(f"test {missing[0]} of results.jsonl has no captures; run the sweep again with "
@@ -142,7 +143,7 @@ def page_data(workdir: str, *, tests: Sequence[str] | None = None, heads: Sequen
     k = next(iter(caps.values())).topk_index.shape[-1]
     grid = [[round(means.get(f"{l}-{h}", 0.0), 4) for h in range(num_heads)] for l in range(num_layers)]
     return {
-        "model": summary.get("model", ""), "workdir": os.path.basename(os.path.normpath(root)),
+        "model": summary.get("model", ""), "workdir": root.name,
         "layers": int(num_layers), "heads": int(num_heads), "top_k": int(k), "grid": grid,
         "kept_tests": int(summary.get("tests_kept", sum(r["kept"] for r in results))),
         "threshold": scoring.RETRIEVAL_THRESHOLD,
@@ -162,8 +163,6 @@ def write_page(data: dict[str, Any], out_dir: str | os.PathLike) -> Path:
     page = (TEMPLATE.replace("%TITLE%", html.escape(title)).replace("%CSS%", CSS).replace("%JS%", JS)
             .replace("%DATA%", payload))
     path = out / "explore.html"
-    from rhead_jax import io
-
     io.atomic_write_text(path, page)
     return path
 

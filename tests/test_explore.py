@@ -196,3 +196,21 @@ def test_page_escapes_what_it_embeds(sweep, tmp_path):
     text = path.read_text()
     assert "</script><b>" not in text and _data(path)["tests"][0]["generated"][0] == "</script><b>x</b>"
     assert html.escape(data["model"]) in text
+
+
+@pytest.mark.slow
+def test_the_27_test_grid_keeps_its_scores_and_its_page_stays_under_1_mib(smollm_gguf, tmp_path):
+    """The default SmolLM2 sweep with captures: head_scores.json as without them (sha256 c4f0edec...502a3c),
+    and the default page of its 27 tests under 1 MiB (docs/explore.md)."""
+    import hashlib
+
+    wd = tmp_path / "sweep"
+    out = _run("rhead_jax.sweep", "--config", "smollm2_135m.py", "--config.sweep.save_captures=True",
+               f"--workdir={wd}", timeout=1800)
+    assert out.returncode == 0, out.stderr[-2000:]
+    digest = hashlib.sha256((wd / "head_scores.json").read_bytes()).hexdigest()
+    assert digest.startswith("c4f0edec") and digest.endswith("502a3c")
+    out = _run("rhead_jax.explore", str(wd), "--out", str(tmp_path / "page"))
+    assert out.returncode == 0, out.stderr[-2000:]
+    size = (tmp_path / "page" / "explore.html").stat().st_size
+    assert "27 of 27 tests" in out.stdout and size < 1 << 20, size
