@@ -158,7 +158,8 @@ def write_page(data: dict[str, Any], out_dir: str | os.PathLike) -> Path:
     """out_dir/explore.html: the page of `data` (page_data's), one file."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    payload = json.dumps(data, separators=(",", ":"), ensure_ascii=False).replace("</", "<\\/")
+    # "<" only occurs inside JSON strings: as \u003c no "</script>" or "<!--" can end the script element
+    payload = json.dumps(data, separators=(",", ":"), ensure_ascii=False).replace("<", "\\u003c")
     title = f"What each head copied: {data['model']}" if data["model"] else "What each head copied"
     page = (TEMPLATE.replace("%TITLE%", html.escape(title)).replace("%CSS%", CSS).replace("%JS%", JS)
             .replace("%DATA%", payload))

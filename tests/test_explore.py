@@ -57,7 +57,7 @@ def page(sweep):
 
 def _data(page: Path) -> dict:
     m = re.search(r'<script type="application/json" id="data">(.*?)</script>', page.read_text(), re.S)
-    return json.loads(m.group(1).replace("<\\/", "</"))
+    return json.loads(m.group(1))
 
 
 def _results(wd):
@@ -191,10 +191,11 @@ def test_page_escapes_what_it_embeds(sweep, tmp_path):
     from rhead_jax import exploration
 
     data = exploration.page_data(str(sweep), tests=["L500_D50_N0"], heads=["18-6"])
-    data["tests"][0]["generated"][0] = "</script><b>x</b>"
+    data["tests"][0]["generated"][0] = "</script><b>x</b><!--"
     path = exploration.write_page(data, tmp_path)
     text = path.read_text()
-    assert "</script><b>" not in text and _data(path)["tests"][0]["generated"][0] == "</script><b>x</b>"
+    assert "</script><b>" not in text and "<!--" not in text
+    assert _data(path)["tests"][0]["generated"][0] == "</script><b>x</b><!--"
     assert html.escape(data["model"]) in text
 
 
