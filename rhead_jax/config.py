@@ -59,6 +59,13 @@ def default_config() -> ml_collections.ConfigDict:
         stop_when_stable=False,      # run the grid in rounds that spread over lengths, depths and needles
                                      # and stop once the top 10 is settled (rhead_jax.rounds, the rule in
                                      # rhead_jax.stability); summary.json says how many tests ran and why
+        save_captures=False,         # keep what the copy score saw: per test, every head's top-k attended
+                                     # positions and weights at every decode step, the generated tokens, the
+                                     # answer span and the prompt tokens around the needle, in
+                                     # batches/batch_NNNNN.npz (rhead_jax.captures; `python -m
+                                     # rhead_jax.explore` draws them). Off by default: docs/explore.md
+        capture_top_k=4,             # with save_captures: attended positions kept per head and step (the
+                                     # score reads the top 1; the rest are shown on hover)
         attention="auto",            # prefill attention: "auto" (splash on TPU, cuDNN on GPU, chunked on
                                      # CPU), "chunked", "splash", "cudnn"; "splash:interpret" / "cudnn:xla"
                                      # run the kernel's reference form anywhere (models.kernels; docs/accel.md)
@@ -181,6 +188,10 @@ def validate(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     if any(e not in EXTRA_SCORES for e in extra) or len(set(extra)) != len(extra):
         raise UserError(f"config.sweep.extra_scores must list distinct names out of {EXTRA_SCORES}, got {extra}; "
                         "e.g. --config.sweep.extra_scores='(\"mass\",\"query\")'")
+    if not isinstance(s.save_captures, bool):
+        raise UserError(f"config.sweep.save_captures must be True or False, got {s.save_captures!r}")
+    if not isinstance(s.capture_top_k, int) or isinstance(s.capture_top_k, bool) or s.capture_top_k < 1:
+        raise UserError(f"config.sweep.capture_top_k must be an integer >= 1, got {s.capture_top_k!r}")
     if s.attention.partition(":")[0] not in ("auto", "chunked", "splash", "cudnn"):
         raise UserError(f"config.sweep.attention must be auto, chunked, splash, cudnn, splash:interpret or "
                         f"cudnn:xla, got {s.attention!r}")
@@ -236,13 +247,21 @@ def validate(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     return c
 
 
+# what a sweep's results do not depend on: the captures kept beside them (their batch files name
+# their own kind, rhead_jax.results_store), so turning them on resumes a workdir
+UNPINNED_SWEEP_KEYS = ("save_captures", "capture_top_k")
+
+
 def sweep_json(c: ml_collections.ConfigDict) -> str:
     """What a detection sweep's results depend on, as the JSON pinned in its workdir. stop_when_stable
-    (the batches' order) is pinned only when on, so the workdirs of sweeps without it stay valid."""
-    pinned = ml_collections.ConfigDict({k: c[k] for k in SWEEP_SECTIONS})
+    (the batches' order) is pinned only when on, so the workdirs of sweeps without it stay valid;
+    UNPINNED_SWEEP_KEYS never are."""
+    pinned = ml_collections.ConfigDict(ml_collections.ConfigDict({k: c[k] for k in SWEEP_SECTIONS}).to_dict())
+    drop = [k for k in UNPINNED_SWEEP_KEYS if k in pinned.sweep]   # a copy: c itself keeps the keys
     if not pinned.sweep.get("stop_when_stable", False):
-        pinned = ml_collections.ConfigDict(pinned.to_dict())   # a copy: c itself keeps the key
-        del pinned.sweep["stop_when_stable"]
+        drop.append("stop_when_stable")
+    for k in drop:
+        del pinned.sweep[k]
     return pinned.to_json(sort_keys=True, indent=1)
 
 

@@ -47,6 +47,7 @@ score and head_scores.json are unchanged by any of them.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from typing import Any, Sequence
@@ -55,7 +56,7 @@ import numpy as np
 from absl import logging
 
 from rhead_jax import config as config_lib
-from rhead_jax import diagnosis, io, rounds, scoring, stability
+from rhead_jax import captures, diagnosis, io, rounds, scoring, stability
 from rhead_jax.checkpoints import LoadedModel
 from rhead_jax.engine import EXTRA_SCORES, Engine, SharedPrefix, make_batches, question_start
 from rhead_jax.models.decoder import LOGIT_TERMS
@@ -97,12 +98,13 @@ def extra_targets(instances: Sequence[Instance], extra_scores: Sequence[str]) ->
 def score_batch(engine: Engine, instances: Sequence[Instance], spec: GenerateSpec, *,
                 batch_size: int | None = None, shared: SharedPrefix | None = None, prefill_mask=None,
                 decode_mask=None, keep_attention: bool = False,
-                extra_scores: Sequence[str] = ()) -> list[dict[str, Any]]:
+                extra_scores: Sequence[str] = (), return_output: bool = False):
     """Generate and score one batch of instances (all of one length); one dict per instance.
 
     keep_attention adds each test's captured top-1 slots and weights ([steps, L, H]) to its dict
     (tests, notebooks). extra_scores (names of EXTRA_SCORES; `spec` must come from
-    `engine.spec(extra_scores=...)`) adds `extra_scores: {name: [L][H]}` to each dict."""
+    `engine.spec(extra_scores=...)`) adds `extra_scores: {name: [L][H]}` to each dict.
+    return_output: return (the dicts, the engine's BatchOutput), e.g. for rhead_jax.captures.pack."""
     out_b = engine.generate([i.prompt_ids for i in instances], spec, batch_size=batch_size, shared=shared,
                             keys=[i.key for i in instances], prefill_mask=prefill_mask, decode_mask=decode_mask,
                             **extra_targets(instances, extra_scores))
@@ -131,7 +133,7 @@ def score_batch(engine: Engine, instances: Sequence[Instance], spec: GenerateSpe
             n = out_b.num_tokens[b]
             out[-1]["top_slot"] = top[b, :n, ..., 0].tolist()
             out[-1]["top_weight"] = out_b.topk_weight[b, :n, ..., 0].tolist()
-    return out
+    return (out, out_b) if return_output else out
 
 
 def answer_steps(tokens: np.ndarray, num_tokens: int, stops: Sequence[int]) -> np.ndarray:
@@ -228,16 +230,23 @@ def run_sweep(config, workdir: str, *, model: LoadedModel | None = None) -> dict
     instances = engine.plan_needles()
     extra = tuple(config.sweep.extra_scores)
     spec = engine.spec(capture=True, extra_scores=extra)
+    save = config.sweep.save_captures
+    if save:   # more captured positions per head; the score reads the first, the same top 1
+        spec = dataclasses.replace(spec, top_k=config.sweep.capture_top_k)
     bs = config.sweep.batch_size
     stop_when_stable = config.sweep.stop_when_stable
     batches, rounds_of = rounds.round_batches(instances, bs) if stop_when_stable else (make_batches(instances, bs),
                                                                                         None)
-    store = engine.store(workdir, config_lib.sweep_json(config))
+    store = engine.store(workdir, config_lib.sweep_json(config),
+                         arrays=captures.kind(config.sweep.capture_top_k) if save else "")
 
     def run_one(b: int) -> list[dict]:
         batch = [instances[i] for i in batches[b]]
-        return score_batch(engine, batch, spec, batch_size=bs, shared=engine.shared_prefix(instances, spec, once=True),
-                           extra_scores=extra)
+        results, out_b = score_batch(engine, batch, spec, batch_size=bs, extra_scores=extra, return_output=True,
+                                     shared=engine.shared_prefix(instances, spec, once=True))
+        if save:   # before the results file: a batch is done only with both (rhead_jax.results_store)
+            store.write_arrays(b, captures.pack(out_b, batch, engine.tokenizer))
+        return results
 
     if stop_when_stable:   # rounds over the grid until the top 10 is settled (rhead_jax.rounds)
         per_batch, stop = rounds.run_rounds(engine, store, batches, rounds_of, run_one, desc=f"sweep {engine.name}",

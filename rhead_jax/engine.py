@@ -516,9 +516,10 @@ class Engine:
 
     # -- results -------------------------------------------------------------------------------
 
-    def store(self, root: str, pinned_json: str) -> ResultStore:
+    def store(self, root: str, pinned_json: str, *, arrays: str = "") -> ResultStore:
         """The result store of `root`, pinned to `pinned_json` and to the content of the inputs
-        (rhead_jax.results_store.input_fingerprints of the checkpoint, haystack and needles)."""
+        (rhead_jax.results_store.input_fingerprints of the checkpoint, haystack and needles);
+        `arrays`: the kind of arrays file each batch has too (ResultStore)."""
         if self._inputs is None:
             from rhead_jax.needle.haystack import DEFAULT_HAYSTACK_PATH, DEFAULT_NEEDLES_PATH
 
@@ -528,7 +529,7 @@ class Engine:
             if str(c.model.path).endswith(".gguf"):
                 paths["model.gguf"] = c.model.path   # its converted directory is cached by name
             self._inputs = input_fingerprints({k: p for k, p in paths.items() if p and os.path.exists(p)})
-        return ResultStore(root, pinned_json, inputs=self._inputs, writer=self.is_writer)
+        return ResultStore(root, pinned_json, inputs=self._inputs, writer=self.is_writer, arrays=arrays)
 
     def run_batches(self, store: ResultStore, sizes: Sequence[int], run_one: Callable[[int], list[dict]], *,
                     desc: str, bar: tqdm | None = None) -> list[list[dict]]:

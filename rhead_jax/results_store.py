@@ -15,6 +15,13 @@ Files (docs/reliability.md):
                            then the results as JSON. A file whose header, length or checksum does
                            not match (torn copy, empty file, another sweep's file) is reported in
                            one log line naming it and recomputed, never merged.
+  root/batches/batch_NNNNN.npz    (a store made with `arrays=KIND`: the sweep's captures,
+                           config.sweep.save_captures) numpy arrays beside the batch's results, in
+                           one compressed npz whose `__header__` entry holds a header like the results' (plus
+                           the store's `arrays` kind, e.g. "captures top_k=4", and a sha256 over
+                           every array's name, dtype, shape and bytes). Another kind is redone. Written before
+                           the results file; a batch is done only when both are whole, so a kill
+                           between the two, a torn npz or a missing one redoes the batch.
 
 Input fingerprints: every file of the input (a directory's non-hidden top-level files) by size and
 sha256; a file over FULL_HASH_BYTES is hashed over SAMPLES evenly spaced blocks of BLOCK bytes
@@ -26,6 +33,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import io as _bytes_io
 import json
 import os
 import signal
@@ -33,14 +41,17 @@ import threading
 from pathlib import Path
 from typing import Iterator, Mapping
 
+import numpy as np
 from absl import logging
 
 from rhead_jax import io
 from rhead_jax.errors import Preempted, UserError
 
-__all__ = ["BATCH_FORMAT", "BatchFileError", "ResultStore", "input_fingerprints", "preemption_notice"]
+__all__ = ["ARRAYS_FORMAT", "BATCH_FORMAT", "BatchFileError", "ResultStore", "decode_arrays", "encode_arrays",
+           "input_fingerprints", "preemption_notice"]
 
 BATCH_FORMAT = "rhead_jax.batch/1"
+ARRAYS_FORMAT = "rhead_jax.batch-arrays/1"
 FULL_HASH_BYTES = 16 << 20   # files up to this size are hashed whole
 SAMPLES, BLOCK = 64, 1 << 16  # larger ones: 64 blocks of 64 KiB (4 MiB read) + a safetensors header
 IGNORED_INPUT_FILES = ("rhead_jax_gguf_import.json",)  # conversion provenance (absolute source path)
@@ -81,6 +92,51 @@ def decode_batch(data: bytes, b: int, pin: str) -> list[dict]:
     if _sha256(payload) != header.get("sha256"):
         raise BatchFileError("checksum mismatch (corrupted results)")
     return json.loads(payload)
+
+
+def _arrays_digest(arrays: Mapping[str, np.ndarray]) -> str:
+    h = hashlib.sha256()
+    for name in sorted(arrays):
+        a = np.ascontiguousarray(arrays[name])
+        h.update(json.dumps([name, a.dtype.str, list(a.shape)]).encode())
+        h.update(a.tobytes())
+    return h.hexdigest()
+
+
+def encode_arrays(b: int, arrays: Mapping[str, np.ndarray], pin: str, kind: str) -> bytes:
+    """A compressed npz of `arrays` (no object arrays) plus a `__header__` entry: what a batch's
+    arrays file holds."""
+    arrays = {k: np.asarray(v) for k, v in arrays.items()}
+    if "__header__" in arrays or any(a.dtype == object for a in arrays.values()):
+        raise ValueError("batch arrays: no '__header__' name and no object arrays")
+    header = {"format": ARRAYS_FORMAT, "batch": b, "pin": pin, "kind": kind, "sha256": _arrays_digest(arrays)}
+    buf = _bytes_io.BytesIO()
+    np.savez_compressed(buf, __header__=np.array(json.dumps(header, sort_keys=True)), **arrays)
+    return buf.getvalue()
+
+
+def decode_arrays(data: bytes, b: int, pin: str, kind: str | None) -> dict[str, np.ndarray]:
+    """The arrays of a batch arrays file's bytes; BatchFileError says why they are not batch `b`'s
+    (of `kind`; None: any)."""
+    if not data:
+        raise BatchFileError("empty file")
+    try:
+        with np.load(_bytes_io.BytesIO(data), allow_pickle=False) as z:
+            arrays = {k: z[k] for k in z.files}
+        header = json.loads(str(arrays.pop("__header__")))
+    except Exception as e:   # a torn zip, a CRC error, no header: never merged
+        raise BatchFileError(f"not a whole arrays file ({type(e).__name__})") from None
+    if not isinstance(header, dict) or header.get("format") != ARRAYS_FORMAT:
+        raise BatchFileError("no arrays header (a foreign file)")
+    if header.get("batch") != b:
+        raise BatchFileError(f"holds batch {header.get('batch')}, not {b}")
+    if header.get("pin") != pin:
+        raise BatchFileError("written by another configuration or other inputs (its pin differs)")
+    if kind is not None and header.get("kind") != kind:
+        raise BatchFileError(f"holds {header.get('kind')!r} arrays, this run writes {kind!r}")
+    if _arrays_digest(arrays) != header.get("sha256"):
+        raise BatchFileError("checksum mismatch (corrupted arrays)")
+    return arrays
 
 
 # -- input fingerprints ----------------------------------------------------------------------------
@@ -136,11 +192,15 @@ class ResultStore:
     """Per-batch result files in `root/batches/`, written atomically and checksummed; what the results
     depend on (`pinned_json`, and `inputs`: input_fingerprints of the files they were computed from)
     is pinned in `root/sweep_config.json`, so a resume with other settings or other inputs is refused.
-    `writer`: whether this process writes (process 0 of several hosts)."""
+    `writer`: whether this process writes (process 0 of several hosts). `arrays`: the kind of arrays
+    file every batch also has (`write_arrays`; e.g. "captures top_k=4"), a batch without a whole
+    one of that kind is not done; "" = none."""
 
-    def __init__(self, root: str, pinned_json: str, *, inputs: dict | None = None, writer: bool = True):
+    def __init__(self, root: str, pinned_json: str, *, inputs: dict | None = None, writer: bool = True,
+                 arrays: str = ""):
         self.root = io.as_path(root)
         self.writer = writer
+        self.arrays = arrays
         self._writing = False
         self._pending: Preempted | None = None
         want = {"config": json.loads(pinned_json), "inputs": inputs or {}}
@@ -169,8 +229,22 @@ class ResultStore:
         if writer:
             self._remove_stale_temporaries()
 
+    @classmethod
+    def reader(cls, root: str) -> "ResultStore":
+        """A read-only store of an existing workdir, pinned to what its sweep_config.json holds (no
+        inputs needed): read(b) and read_arrays(b) validate each file against it; arrays of any kind."""
+        store = cls.__new__(cls)
+        store.root, store.writer, store.arrays = io.as_path(root), False, None
+        store._writing, store._pending = False, None
+        have = json.loads((store.root / "sweep_config.json").read_text())
+        store.pin = _sha256(json.dumps(have, sort_keys=True, indent=1).encode())[:16]
+        return store
+
     def _batch_path(self, b: int):
         return self.root / "batches" / f"batch_{b:05d}.json"
+
+    def arrays_path(self, b: int):
+        return self.root / "batches" / f"batch_{b:05d}.npz"
 
     def _remove_stale_temporaries(self) -> None:
         """Temporary siblings a killed writer left (io.atomic_write_bytes names them .NAME.tmp-*)."""
@@ -181,11 +255,14 @@ class ResultStore:
                     p.unlink(missing_ok=True)
 
     def done(self, b: int) -> bool:
-        """Whether batch `b` has a whole file (a torn one reads as not done; `scan` reports it)."""
+        """Whether batch `b` has a whole file, and a whole arrays file with `arrays` (a torn one
+        reads as not done; `scan` reports it)."""
         if not self._batch_path(b).exists():
             return False
         try:
             self.read(b)
+            if self.arrays:
+                self.read_arrays(b)
         except BatchFileError:
             return False
         return True
@@ -206,10 +283,37 @@ class ResultStore:
             if not self._batch_path(b).exists():
                 continue
             try:
-                out[b] = self.read(b)
+                results = self.read(b)
+                if self.arrays:
+                    self.read_arrays(b)
             except BatchFileError as e:
                 logging.warning("%s; recomputing batch %d", e, b)
+                continue
+            out[b] = results
         return out
+
+    def read_arrays(self, b: int) -> dict[str, np.ndarray]:
+        """Batch `b`'s arrays; BatchFileError (naming the file) when its arrays file is absent or not whole."""
+        path = self.arrays_path(b)
+        if not path.exists():
+            raise BatchFileError(f"{path}: absent (a batch run without its arrays, e.g. before "
+                                 "config.sweep.save_captures was set)")
+        try:
+            return decode_arrays(path.read_bytes(), b, self.pin, self.arrays)
+        except BatchFileError as e:
+            raise BatchFileError(f"{path}: {e}") from None
+
+    def write_arrays(self, b: int, arrays: Mapping[str, np.ndarray]) -> None:
+        """Batch `b`'s arrays file, whole or absent (call it before `write(b, ...)`)."""
+        if not self.writer:
+            return
+        self._writing = True
+        try:
+            io.atomic_write_bytes(self.arrays_path(b), encode_arrays(b, arrays, self.pin, self.arrays))
+        finally:
+            self._writing = False
+        if self._pending is not None:
+            raise self._pending
 
     def write(self, b: int, results: list[dict]) -> None:
         """Batch `b`'s file, whole or absent; a preemption notice meanwhile takes effect after it."""

@@ -36,20 +36,30 @@ def head_key(head: tuple[int, int]) -> str:
     return f"{head[0]}-{head[1]}"
 
 
-def _copy_count_one_head(top_slot, generated, prompt_ids, start, end):
+def _copy_hits_one_head(top_slot, generated, prompt_ids, start, end):
     """top_slot [N] (this head's top-1 slot per step, -1 = no step), generated [N] (-1 = none),
-    prompt_ids [P], span [start, end) -> number of copy events (int32)."""
+    prompt_ids [P], span [start, end) -> [N] bool: the steps that are copy events."""
     in_span = (top_slot >= start) & (top_slot < end)
     token_there = prompt_ids[jnp.clip(top_slot, 0, prompt_ids.shape[0] - 1)]
-    hit = in_span & (token_there == generated) & (generated >= 0)
-    return hit.sum(dtype=jnp.int32)
+    return in_span & (token_there == generated) & (generated >= 0)
 
 
-# over heads, then layers: top_slot [N, L, H] -> counts [L, H]
-_per_layer = jax.vmap(_copy_count_one_head, in_axes=(1, None, None, None, None))
-_per_test = jax.vmap(_per_layer, in_axes=(1, None, None, None, None))
-# over tests: top_slot [B, N, L, H], generated [B, N], prompt_ids [B, P], start/end [B] -> [B, L, H]
-_batched = jax.vmap(_per_test, in_axes=(0, 0, 0, 0, 0))
+def _copy_count_one_head(top_slot, generated, prompt_ids, start, end):
+    """The number of copy events (int32) of `_copy_hits_one_head`."""
+    return _copy_hits_one_head(top_slot, generated, prompt_ids, start, end).sum(dtype=jnp.int32)
+
+
+def _lift(one_head, step_axis: bool):
+    """one_head over heads, then layers (top_slot [N, L, H]), then tests ([B, N, L, H]); the output
+    keeps the step axis first when `step_axis` ([B, N, L, H]), else [B, L, H]."""
+    out = 1 if step_axis else 0
+    per_layer = jax.vmap(one_head, in_axes=(1, None, None, None, None), out_axes=out)
+    per_test = jax.vmap(per_layer, in_axes=(1, None, None, None, None), out_axes=out)
+    return jax.vmap(per_test, in_axes=(0, 0, 0, 0, 0))
+
+
+_batched = _lift(_copy_count_one_head, step_axis=False)
+_batched_hits = _lift(_copy_hits_one_head, step_axis=True)
 
 
 @jax.jit
@@ -67,6 +77,13 @@ def copy_counts(topk_index, generated, prompt_ids, span_start, span_end):
     """
     top1 = topk_index[..., 0]
     return _batched(top1, generated, prompt_ids, span_start, span_end)
+
+
+@jax.jit
+def copy_events(topk_index, generated, prompt_ids, span_start, span_end):
+    """[B, N, L, H] bool: the decode steps at which each head copies (the events `copy_counts`
+    counts; same arguments). rhead_jax.explore shows them step by step."""
+    return _batched_hits(topk_index[..., 0], generated, prompt_ids, span_start, span_end)
 
 
 def retrieval_scores(topk_index, generated, prompt_ids, span_start, span_end):

@@ -13,7 +13,8 @@ from rhead_jax import analysis, report
 from rhead_jax.ablation import report as ablation_report
 from rhead_jax.report.provenance import run_record
 from tests.head_score_data import MEANS, file_from_means, write_json, write_results
-from tests.helpers.browser import assert_page_ok, check_page, chromium_binary, chromium_version
+from tests.helpers.browser import (assert_page_ok, check_page, chromium_binary, chromium_version, console_errors,
+                                   horizontal_overflow, network_requests, open_chrome, webdriver_missing)
 
 BROWSER = chromium_binary()
 pytestmark = pytest.mark.skipif(BROWSER is None, reason="no chromium binary on PATH (Debian: apt-get install "
@@ -24,13 +25,17 @@ def test_chromium_version():
     assert "Chromium" in chromium_version(BROWSER) or "Chrome" in chromium_version(BROWSER)
 
 
-def test_analysis_report_in_browser(tmp_path):
+def _analysis_report(tmp_path):
     means_b = [row[:] for row in MEANS]
     means_b[0][1] = 1.2  # a mean above 1: flagged, explained, linked
     a = write_json(tmp_path / "Model-7B.json", file_from_means(MEANS))
     b = write_json(tmp_path / "Model-7B-Chat.json", file_from_means(means_b))
     out = tmp_path / "out"
-    res = analysis.analyze([a, b], out, results=str(write_results(tmp_path)), top_k=3)
+    return out, analysis.analyze([a, b], out, results=str(write_results(tmp_path)), top_k=3)
+
+
+def test_analysis_report_in_browser(tmp_path):
+    out, res = _analysis_report(tmp_path)
     assert [(p["a"], p["b"]) for p in res["pairs"]] == [("Model-7B.json", "Model-7B-Chat.json")]  # from the names
     page = assert_page_ok(out / "report.html", min_images=5)
     assert {"Overview", "Colour scale", "Top-3 overlap across models", "Provenance"} <= set(page["h2"])
@@ -95,3 +100,29 @@ def test_checker_catches_broken_pages(tmp_path):
     res = check_page(bad)
     assert res["missing_anchors"] == ["nowhere"] and "broken" in res["broken_images"]
     assert res["non_data_images"] and res["http_refs"]
+
+
+@pytest.mark.skipif(webdriver_missing() is not None, reason=str(webdriver_missing()))
+def test_reports_have_no_horizontal_scrollbar(tmp_path):
+    """The analysis and the ablation report at a 1,400 px desktop and a 390 px phone width: nothing
+    sticks out of the page (wide tables scroll inside themselves, the navigation row wraps); no
+    console error, nothing requested over the network."""
+    (tmp_path / "analysis").mkdir()
+    out, _ = _analysis_report(tmp_path / "analysis")
+    results, files = _results(tmp_path)
+    ablation = report.write_report(tmp_path / "page", {}, extra_sections=ablation_report.report_sections(results, files),
+                                   title="Retrieval-head ablation: m", meta=ablation_report.report_meta(results),
+                                   intro=ablation_report.report_intro(results),
+                                   provenance=ablation_report.report_provenance(results, run_record()))
+    # a navigation row longer than a 1,400 px line (many files and sections): it must wrap
+    long_nav = report.write_report(tmp_path / "nav", {}, extra_sections=[
+        (f"Ranking comparison of file number {i}", "<p>x</p>") for i in range(12)])
+    driver = open_chrome()
+    try:
+        for page in (long_nav, out / "report.html", ablation):
+            for width in (1400, 390):
+                res = horizontal_overflow(driver, page, width)
+                assert res["scroll_width"] <= res["client_width"] and not res["widest"], (page.name, width, res)
+            assert console_errors(driver) == [] and network_requests(driver) == []
+    finally:
+        driver.quit()

@@ -51,15 +51,18 @@ IMAGE_SUFFIXES = {".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpe
 CSS = """
 body { font-family: -apple-system, "Segoe UI", Helvetica, Arial, sans-serif; color: #222; margin: 0;
        background: #f6f7f9; line-height: 1.45; }
-main { max-width: 1120px; margin: 0 auto; padding: 24px 28px 48px; background: #fff; }
+main { max-width: 1120px; margin: 0 auto; padding: 24px 28px 48px; background: #fff; overflow-wrap: anywhere; }
+@media (max-width: 600px) { main { padding: 14px 12px 32px; } }
 h1 { font-size: 26px; margin: 0 0 4px; }
 h2 { font-size: 20px; margin: 36px 0 10px; padding-bottom: 4px; border-bottom: 2px solid #e4e6ea; }
 h3 { font-size: 15px; margin: 18px 0 6px; color: #444; }
 p.meta { color: #666; font-size: 13px; margin: 0 0 14px; }
 p.note { color: #444; font-size: 14px; max-width: 900px; }
-nav { font-size: 13px; background: #f3f5f8; padding: 8px 12px; border-radius: 6px; margin: 12px 0; }
-nav a { margin-right: 14px; color: #2b5d9b; text-decoration: none; white-space: nowrap; }
-table { border-collapse: collapse; font-size: 13px; margin: 6px 0 12px; }
+nav { font-size: 13px; background: #f3f5f8; padding: 8px 12px; border-radius: 6px; margin: 12px 0;
+      display: flex; flex-wrap: wrap; gap: 2px 14px; }
+nav a { color: #2b5d9b; text-decoration: none; white-space: nowrap; }
+table { border-collapse: collapse; font-size: 13px; margin: 6px 0 12px; display: block; max-width: 100%;
+        overflow-x: auto; }
 th, td { border: 1px solid #dde1e6; padding: 3px 8px; text-align: right; vertical-align: top; }
 th { background: #f0f2f5; font-weight: 600; }
 td.l, th.l { text-align: left; }

@@ -96,3 +96,87 @@ def assert_page_ok(page: str | os.PathLike, min_images: int = 1) -> dict:
     assert not res["missing_anchors"], res["missing_anchors"]
     assert not res["http_refs"] and not res["fetched"], (res["http_refs"], res["fetched"])
     return res
+
+
+# -- a driven browser (selenium + Debian's chromium-driver) ---------------------------------------
+
+DRIVER_CANDIDATES = ("chromedriver",)
+
+
+def chromedriver_binary() -> str | None:
+    for name in DRIVER_CANDIDATES:
+        path = shutil.which(name)
+        if path:
+            return path
+    return None
+
+
+def webdriver_missing() -> str | None:
+    """Why a driven browser cannot run here (None when it can): the test's skip reason."""
+    if chromium_binary() is None:
+        return "no chromium binary on PATH (Debian: apt-get install chromium chromium-driver; .ci/run installs them)"
+    if chromedriver_binary() is None:
+        return "no chromedriver on PATH (Debian: apt-get install chromium-driver; .ci/run installs it)"
+    try:
+        import selenium  # noqa: F401
+    except ImportError:
+        return "selenium is not installed (pip install -e '.[test]')"
+    return None
+
+
+def open_chrome():
+    """Headless Chromium driven by selenium through the local chromedriver (no Selenium Manager, no
+    download), every host name unresolvable (nothing can be fetched), console and network logged."""
+    from selenium import webdriver
+
+    opts = webdriver.ChromeOptions()
+    opts.binary_location = chromium_binary()
+    for a in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run",
+              "--disable-extensions", "--host-resolver-rules=MAP * ~NOTFOUND", "--window-size=1400,1000"):
+        opts.add_argument(a)
+    opts.set_capability("goog:loggingPrefs", {"browser": "ALL", "performance": "ALL"})
+    return webdriver.Chrome(options=opts, service=webdriver.ChromeService(executable_path=chromedriver_binary()))
+
+
+def set_width(driver, width: int, height: int = 900) -> None:
+    """Lay the page out `width` CSS pixels wide (a phone's viewport below 600)."""
+    driver.execute_cdp_cmd("Emulation.setDeviceMetricsOverride",
+                           {"width": width, "height": height, "deviceScaleFactor": 1, "mobile": width < 600})
+
+
+def horizontal_overflow(driver, page: str | os.PathLike, width: int) -> dict:
+    """Load `page` at `width`: {"scroll_width", "client_width", "widest": [the elements sticking out]}
+    (a horizontal scrollbar when scroll_width > client_width)."""
+    set_width(driver, width)
+    driver.get(Path(page).resolve().as_uri())
+    return driver.execute_script("""
+      const cw = document.documentElement.clientWidth;
+      const out = [];
+      for (const e of document.querySelectorAll("body *")) {
+        const r = e.getBoundingClientRect();
+        if (r.right > cw + 0.5 && getComputedStyle(e).position !== "fixed") {
+          let p = e.parentElement, clipped = false;
+          while (p) { if (["auto", "scroll", "hidden"].includes(getComputedStyle(p).overflowX)) { clipped = true; break; }
+                      p = p.parentElement; }
+          if (!clipped) out.push(e.tagName + (e.id ? "#" + e.id : "") + " " + Math.round(r.right));
+        }
+      }
+      return {scroll_width: document.documentElement.scrollWidth, client_width: cw, widest: out.slice(0, 8)};
+    """)
+
+
+def network_requests(driver) -> list[str]:
+    """URLs the page asked for since the last call (the performance log), data: and file: left out."""
+    urls = []
+    for entry in driver.get_log("performance"):
+        msg = json.loads(entry["message"])["message"]
+        if msg.get("method") == "Network.requestWillBeSent":
+            url = msg["params"]["request"]["url"]
+            if not url.startswith(("data:", "file:")):
+                urls.append(url)
+    return urls
+
+
+def console_errors(driver) -> list[str]:
+    """The browser console's errors and warnings since the last call."""
+    return [e["message"] for e in driver.get_log("browser") if e["level"] in ("SEVERE", "WARNING")]
