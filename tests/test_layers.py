@@ -20,9 +20,9 @@ ROOT = Path(__file__).resolve().parents[1] / "rhead_jax"
 LAYERS = {
     "base": {"errors", "io", "models", "needle", "scoring", "sharding", "presets", "config", "cli", "checkpoints",
              "diagnosis", "stability", "rankings", "qa", "report"},
-    "engine": {"engine", "runner", "plan", "results_store", "compilation"},
-    "features": {"detection", "rounds", "ablation", "analysis", "detectors", "gates", "mixedkv", "dryrun"},
-    "commands": {"sweep", "ablate", "analyze"},
+    "engine": {"engine", "runner", "plan", "results_store", "compilation", "captures"},
+    "features": {"detection", "rounds", "ablation", "analysis", "detectors", "gates", "mixedkv", "dryrun", "exploration"},
+    "commands": {"sweep", "ablate", "analyze", "explore"},
 }
 BOTTOM = {"models": {"errors"}, "needle": {"errors"}, "scoring": set()}   # what they may import of ours
 
