@@ -225,7 +225,7 @@ def run_sweep(config, workdir: str, *, model: LoadedModel | None = None) -> dict
     instances = engine.plan_needles()
     extra = tuple(config.sweep.extra_scores)
     spec = engine.spec(capture=True, extra_scores=extra)
-    bs = config.sweep.batch_size
+    bs = engine.batch_sizes(instances, spec)     # rows per batch, per length
     stop_when_stable = config.sweep.stop_when_stable
     batches, rounds_of = rounds.round_batches(instances, bs) if stop_when_stable else (make_batches(instances, bs),
                                                                                         None)
@@ -233,8 +233,8 @@ def run_sweep(config, workdir: str, *, model: LoadedModel | None = None) -> dict
 
     def run_one(b: int) -> list[dict]:
         batch = [instances[i] for i in batches[b]]
-        return score_batch(engine, batch, spec, batch_size=bs, shared=engine.shared_prefix(instances, spec, once=True),
-                           extra_scores=extra)
+        return score_batch(engine, batch, spec, batch_size=bs[batch[0].length],
+                           shared=engine.shared_prefix(instances, spec, once=True), extra_scores=extra)
 
     if stop_when_stable:   # rounds over the grid until the top 10 is settled (rhead_jax.rounds)
         per_batch, stop = rounds.run_rounds(engine, store, batches, rounds_of, run_one, desc=f"sweep {engine.name}",
