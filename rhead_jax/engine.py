@@ -39,6 +39,7 @@ alone, so a resumed run recomputes exactly the batches an uninterrupted one woul
 from __future__ import annotations
 
 import collections
+import ctypes
 import dataclasses
 import os
 import time
@@ -120,6 +121,36 @@ def question_start(inst: Instance) -> int:
                         "without offsets, or a template that rewrites the question); drop \"query\" from "
                         "config.sweep.extra_scores")
     return inst.question_span[0]
+
+
+def _libc():
+    """glibc, or None (another C library: the host allocator is left as it is)."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        return libc if hasattr(libc, "malloc_trim") and hasattr(libc, "mallopt") else None
+    except OSError:
+        return None
+
+
+M_MMAP_THRESHOLD = -3   # glibc's mallopt parameter
+
+
+def host_memory_returns_to_the_system() -> bool:
+    """On XLA:CPU the KV caches, the prefill's temporaries and the decode loop's buffers live in the
+    process's heap, and glibc keeps what they free: after a batch of one shape the next batch's
+    buffers (other shapes) land beside the freed ones, and the freed pages stay resident. Here
+    blocks of 1 MiB and more are mapped on their own (freed: returned at once; glibc's default
+    threshold drifts up to 32 MiB), and `release_freed_memory` hands the heap's free pages back
+    after each batch. The same values are computed. Returns False where the C library is not glibc."""
+    libc = _libc()
+    return bool(libc and libc.mallopt(M_MMAP_THRESHOLD, 1 << 20))
+
+
+def release_freed_memory() -> None:
+    """glibc's malloc_trim(0): the heap's free pages back to the system (no-op elsewhere)."""
+    libc = _libc()
+    if libc:
+        libc.malloc_trim(0)
 
 
 def mesh_from_config(config):
@@ -239,6 +270,7 @@ class Engine:
         if cache:
             logging.info("persistent compilation cache: %s", cache)
         self.mesh = mesh_from_config(config)
+        self.trim = jax.devices()[0].platform == "cpu" and host_memory_returns_to_the_system()
         if model is None:
             model = load_model(config.model.path, dtype=config.model.dtype, mesh=self.mesh)
         elif self.mesh is not None:
@@ -576,6 +608,8 @@ class Engine:
                     logging.info("%s: first batch starts %.2fs after the model was loaded", desc, t - self.loaded_at)
                 results = run_one(b)
                 store.write(b, results)
+                if getattr(self, "trim", False):   # (tests run this with stand-in engines)
+                    release_freed_memory()
                 computed[b] = results
                 bar.update(len(results))
                 logging.info("%s: batch %d/%d (%d tests) in %.1fs", desc, b + 1, len(sizes), len(results),

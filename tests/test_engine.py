@@ -66,6 +66,27 @@ def test_batch_sizes_fit_the_kv_budget(engine):
         s.batch_size, s.batch_kv_mib = old
 
 
+def test_cpu_engine_hands_freed_host_memory_back(engine):
+    """On XLA:CPU with glibc the engine maps blocks of 1 MiB and more on their own and trims the heap
+    after each batch (engine.release_freed_memory): freed pages leave the process's RSS."""
+    import platform
+
+    if platform.libc_ver()[0] != "glibc":
+        pytest.skip("glibc's allocator only")
+    assert engine.trim
+
+    def rss_kib():
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
+
+    blocks = [bytearray(b"x" * (256 << 10)) for _ in range(240)]   # 60 MiB of heap blocks (< 1 MiB each)
+    del blocks[::2]                                                # holes between live blocks: not trimmable
+    before = rss_kib()                                             # by shrinking the heap's top alone
+    engine_lib.release_freed_memory()
+    assert before - rss_kib() > 15 << 10                           # >15 of the 30 MiB freed went back
+    del blocks
+
+
 def test_rows_do_not_depend_on_the_batch(engine):
     """A row's generation and captured slots are the same decoded in a batch of 6 as of 3 (what lets
     a config change its batch sizes without changing a score)."""

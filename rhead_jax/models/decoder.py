@@ -229,7 +229,7 @@ def write_rows(buf, new, i, slots, mode: str = "tpu", row=None):
     B, T = new.shape[:2]
     S = buf.shape[3]
     new = new.astype(buf.dtype).swapaxes(1, 2)                   # [B, K, T, D]
-    rows = jnp.arange(B)[:, None] + (0 if row is None else row)
+    rows = jnp.arange(B)[:, None] if row is None else jnp.arange(B)[:, None] + row
 
     def scatter():  # [i, b, :, slot, :] <- [B, T, K, D] (advanced indices first, as numpy orders them)
         at = slots[:, None] + jnp.arange(T)[None]
