@@ -4,13 +4,15 @@
             the jax fp32 matmul peak measured here (a square matmul, best of N);
   decode    one decode step (T = 1, top-1 capture of every head, as the sweep runs it) against
             (weight bytes + KV bytes read) / the memory bandwidth measured here (a large copy),
-            and against the batch-1 step (`x M=1`: what a row more per step costs);
+            against the time to read the weights once (`x W read`: the M = 1 read floor), and
+            against the batch-1 step (`x M=1`: what a row more per step costs);
   layout    small-M matmuls with the model's weight shapes in both layouts, `x @ W` (W as
             [K, N], the decoder's) and `einsum('mk,nk->mn')` (W as [N, K]): which one XLA:CPU
             runs faster at the sweep's batch sizes (`--layouts`).
 
     python -m benchmarks.kernels                       # batch 1, 3, 8; prefill 2048 tokens
     python -m benchmarks.kernels --batches 3 --tokens 2048 --context 2048
+    python -m benchmarks.kernels --batches 1,3,9 --no_prefill   # decode steps only
 
 The sweep's default batch size comes from these figures (README, "Performance").
 """
@@ -67,6 +69,7 @@ def main() -> int:
     ap.add_argument("--chunk", type=int, default=1024, help="prefill chunk (config.sweep.prefill_chunk)")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--layouts", action="store_true", help="also time small-M matmuls in both weight layouts")
+    ap.add_argument("--no_prefill", action="store_true", help="time the decode steps only")
     args = ap.parse_args()
 
     import jax
@@ -77,10 +80,10 @@ def main() -> int:
     from rhead_jax.config import default_config
     from rhead_jax.models.attention import AttentionOptions
     from rhead_jax.models.decoder import CaptureSpec, forward, init_cache
-    from rhead_jax.models.generate import prefill
+    from rhead_jax.models.generate import cache_slots, prefill
 
     c = default_config().sweep
-    attn = AttentionOptions(q_chunk=c.q_chunk, k_chunk=c.k_chunk)
+    attn = AttentionOptions.for_platform(jax.devices()[0].platform, c.attention, q_chunk=c.q_chunk, k_chunk=c.k_chunk)
     model = load_model("default")
     cfg, params = model.cfg, model.params
     leaves = jax.tree.leaves(params)
@@ -98,18 +101,23 @@ def main() -> int:
     batches = [int(b) for b in args.batches.split(",")]
     batches = batches if 1 in batches else [1, *batches]   # the M=1 step is every row's yardstick
     one_row = None
-    print(f"\n{'batch':>5} {'prefill s':>10} {'GFLOP/s':>8} {'of peak':>8} {'decode ms':>10} {'floor ms':>9} "
-          f"{'x floor':>8} {'x M=1':>6} {'ms/row':>7}")
+    w_read = weight_bytes / bw
+    print(f"\ndecode: {S}-token context, the weights read once in {1e3 * w_read:.1f} ms (the M = 1 read floor)")
+    print(f"{'batch':>5} {'prefill s':>10} {'GFLOP/s':>8} {'of peak':>8} {'decode ms':>10} {'floor ms':>9} "
+          f"{'x floor':>8} {'x W read':>9} {'x M=1':>6} {'ms/row':>7}")
     for B in batches:
-        size = -(-(T + 64) // c.k_chunk) * c.k_chunk
+        size = cache_slots(T + 64, attn)
         toks = jnp.asarray(np.random.default_rng(0).integers(0, cfg.vocab_size, (B, T)), jnp.int32)
         pos = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
-        pf = jax.jit(lambda p, t, q, cache: prefill(p, cfg, t, q, cache, chunk=args.chunk, attn=attn))
-        cache0 = init_cache(cfg, B, size)
-        t_pre = best_of(lambda: pf(params, toks, pos, cache0), args.repeats)
         flops = 2 * n_matmul * B * T + 2 * 2 * L * H * D * B * T * (T + 1) / 2  # projections + causal attention
+        if args.no_prefill:
+            t_pre = float("nan")
+        else:
+            pf = jax.jit(lambda p, t, q, cache: prefill(p, cfg, t, q, cache, chunk=args.chunk, attn=attn))
+            cache0 = init_cache(cfg, B, size)
+            t_pre = best_of(lambda: pf(params, toks, pos, cache0), args.repeats)
         # one decode step at context S: all weights (incl. the vocab projection) + the KV cache read
-        ds = -(-(S + 64) // c.k_chunk) * c.k_chunk
+        ds = cache_slots(S + 64, attn)
         dcache = init_cache(cfg, B, ds)
         dcache = dcache.replace(pos=jnp.where(jnp.arange(ds)[None] < S, jnp.arange(ds)[None], -1).astype(jnp.int32)
                                 * jnp.ones((B, 1), jnp.int32), length=jnp.full((B,), S, jnp.int32))
@@ -129,7 +137,8 @@ def main() -> int:
         kv_bytes = 2 * L * B * cfg.num_kv_heads * ds * D * 4
         floor = (weight_bytes + kv_bytes) / bw
         print(f"{B:>5} {t_pre:10.2f} {flops / t_pre / 1e9:8.1f} {flops / t_pre / peak:7.0%} {1e3 * t_dec:10.1f} "
-              f"{1e3 * floor:9.1f} {t_dec / floor:7.2f}x {t_dec / one_row:5.2f}x {1e3 * t_dec / B:7.1f}")
+              f"{1e3 * floor:9.1f} {t_dec / floor:7.2f}x {t_dec / w_read:8.2f}x {t_dec / one_row:5.2f}x "
+              f"{1e3 * t_dec / B:7.1f}")
     if args.layouts:
         layouts(cfg, batches, args.repeats, bw)
     return 0

@@ -78,15 +78,27 @@ def main(argv) -> None:
     with tempfile.TemporaryDirectory(prefix="memory_breakdown_") as tmp:
         run_sweep(config, tmp, model=model)
     peak = status_kib("VmHWM")
+    import gc
+
+    gc.collect()
+    after = status_kib("VmRSS")          # the sweep's caches are freed: what stays is XLA's and the allocator's
+    jax.clear_caches()
+    gc.collect()
+    cleared = status_kib("VmRSS")        # without the compiled programs
     cfg, s = model.cfg, config.sweep
     slot = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * jax.numpy.dtype(model.params["embed"].dtype).itemsize
     spec = engine.spec(capture=True)
     longest = max(round_up(i.num_prompt_tokens, s.pad_multiple) for i in instances)
     size = cache_size_for(longest, spec)
-    batch = min(s.batch_size, max(sum(i.length == L for i in instances) for L in {i.length for i in instances}))
+    sizes = engine.batch_sizes(instances, spec)        # rows per batch of each length
+    slots = {L: cache_size_for(max(round_up(i.num_prompt_tokens, s.pad_multiple) for i in instances if i.length == L),
+                               spec) for L in sizes}
+    big = max(sizes, key=lambda L: sizes[L] * slots[L])
+    batch, bsize = sizes[big], slots[big]
     prefix = slot * size
-    kv = slot * batch * size
-    rows.append((f"KV cache of a batch ({batch} rows x {size} slots, computed)", kv / 2 ** 20, ""))
+    kv = slot * batch * bsize
+    rows.append((f"KV cache of the largest batch ({batch} rows x {bsize} slots, length {big}, computed)",
+                 kv / 2 ** 20, "rows per length " + ", ".join(f"{L}: {n}" for L, n in sizes.items())))
     rows.append((f"shared prefix cache (1 row x {size} slots, computed)", prefix / 2 ** 20, ""))
     if s.prefix_branches:
         rows.append((f"prefix branches (<= {s.prefix_branches} rows, <= {size} slots each, computed bound)",
@@ -94,6 +106,8 @@ def main(argv) -> None:
     known = mib(planned) + (kv + prefix) / 2 ** 20
     rows.append(("rest: XLA executables, temporaries, allocator (peak - the above)", mib(peak) - known,
                  "prefix branches included"))
+    rows.append(("  of it, kept after the sweep (measured RSS after - before the sweep)", mib(after - planned), ""))
+    rows.append(("  of that, the compiled programs (measured: jax.clear_caches())", mib(after - cleared), ""))
     logging.info("sweep in %.1fs", time.time() - t)
     print(f"\npeak RSS {mib(peak):.0f} MiB ({mib(peak) / 1024:.2f} GiB); start {mib(rss):.0f} MiB")
     print(f"{'part':<72} {'MiB':>7} {'of peak':>8}  note")

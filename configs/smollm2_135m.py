@@ -9,7 +9,8 @@ def get_config():
     c.model.chat = True
     c.sweep.lengths = [500, 1000, 2000]
     c.sweep.depths = [0, 50, 100]
-    c.sweep.batch_size = 3            # one (length, depth) cell; the KV cache of 3 rows keeps RSS under the baseline's
+    c.sweep.batch_size = 9            # all tests of a length decoded together (fewer, fuller decode steps) ...
+    c.sweep.batch_kv_mib = 300        # ... where their KV cache fits in 300 MiB: 9 / 6 / 3 rows at 500 / 1000 / 2000 tokens
     c.sweep.prefix_branches = 4       # the depth-0 prompts of each needle share their haystack across lengths
     c.detectors.length = 500          # rhead_jax.detectors: 500 random tokens x 4 (2,000 positions of its 8,192)
     c.detectors.repeats = 4

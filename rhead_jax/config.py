@@ -46,6 +46,8 @@ def default_config() -> ml_collections.ConfigDict:
         faithful=False,              # reproduce every detection QUIRK of ORIGINAL.md
         max_new_tokens=50,           # decode-step cap (the original's 50)
         batch_size=8,                # instances of one length decoded together (the data axis)
+        batch_kv_mib=0.0,            # the most KV cache one batch holds (MiB; 0: no limit): a length whose
+                                     # rows need more decodes fewer at once (rhead_jax.engine.Engine.batch_sizes)
         share_prefix=True,           # prefill the common haystack prefix once per grid
         prefix_branches=0,           # and up to this many more prompt prefixes (branches), each shared
                                      # by several instances (depth 0 of every length, one per needle):
@@ -180,6 +182,8 @@ def validate(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     for k in ("max_new_tokens", "batch_size", "prefill_chunk", "q_chunk", "k_chunk", "pad_multiple"):
         if not isinstance(s[k], int) or s[k] < 1:
             raise UserError(f"config.sweep.{k} must be an integer >= 1, got {s[k]!r}")
+    if isinstance(s.batch_kv_mib, bool) or not isinstance(s.batch_kv_mib, (int, float)) or s.batch_kv_mib < 0:
+        raise UserError(f"config.sweep.batch_kv_mib must be a number >= 0 (MiB; 0: no limit), got {s.batch_kv_mib!r}")
     if not isinstance(s.prefix_branches, int) or s.prefix_branches < 0:
         raise UserError(f"config.sweep.prefix_branches must be an integer >= 0, got {s.prefix_branches!r}")
     if not isinstance(s.stop_when_stable, bool):

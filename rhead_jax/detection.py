@@ -233,7 +233,7 @@ def run_sweep(config, workdir: str, *, model: LoadedModel | None = None) -> dict
     save = config.sweep.save_captures
     if save:   # more captured positions per head; the score reads the first, the same top 1
         spec = dataclasses.replace(spec, top_k=config.sweep.capture_top_k)
-    bs = config.sweep.batch_size
+    bs = engine.batch_sizes(instances, spec)     # rows per batch, per length
     stop_when_stable = config.sweep.stop_when_stable
     batches, rounds_of = rounds.round_batches(instances, bs) if stop_when_stable else (make_batches(instances, bs),
                                                                                         None)
@@ -242,8 +242,8 @@ def run_sweep(config, workdir: str, *, model: LoadedModel | None = None) -> dict
 
     def run_one(b: int) -> list[dict]:
         batch = [instances[i] for i in batches[b]]
-        results, out_b = score_batch(engine, batch, spec, batch_size=bs, extra_scores=extra, return_output=True,
-                                     shared=engine.shared_prefix(instances, spec, once=True))
+        results, out_b = score_batch(engine, batch, spec, batch_size=bs[batch[0].length], extra_scores=extra,
+                                     return_output=True, shared=engine.shared_prefix(instances, spec, once=True))
         if save:   # before the results file: a batch is done only with both (rhead_jax.results_store)
             store.write_arrays(b, captures.pack(out_b, batch, engine.tokenizer))
         return results

@@ -3,7 +3,7 @@ of prompts generated with (prefill mask, decode mask, capture spec), results wri
 
     engine = Engine(config)                         # load onto config.mesh (or wrap a loaded model)
     instances = engine.plan_needles()               # the needle grid (refused before any work if too long)
-    batches = make_batches(instances, batch_size)   # instances of one length, grid order
+    batches = make_batches(instances, engine.batch_sizes(instances, spec))   # instances of one length, grid order
     spec = engine.spec(capture=True)                # GenerateSpec from config.sweep (+ mask mode)
     shared = engine.shared_prefix(instances, spec)  # the common haystack prefix, prefilled once
     out = engine.generate([i.prompt_ids for i in batch], spec, batch_size=..., shared=shared,
@@ -39,10 +39,11 @@ alone, so a resumed run recomputes exactly the batches an uninterrupted one woul
 from __future__ import annotations
 
 import collections
+import ctypes
 import dataclasses
 import os
 import time
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import jax
 import numpy as np
@@ -54,7 +55,8 @@ from rhead_jax.compilation import COMPILES, count_compiles, enable_compile_cache
 from rhead_jax.errors import UserError
 from rhead_jax.models.attention import AttentionOptions, MassTargets
 from rhead_jax.models.decoder import KVCache
-from rhead_jax.models.generate import GenerateSpec, cache_size_for, pad_prompts, prefill_pieces, prefill_widths
+from rhead_jax.models.generate import (GenerateSpec, cache_size_for, cache_slots, pad_prompts, prefill_pieces,
+                                      prefill_widths)
 from rhead_jax.needle.prompts import Instance
 from rhead_jax.plan import leading_stop_tokens, plan_needles, stop_tokens
 from rhead_jax.results_store import ResultStore, input_fingerprints, preemption_notice
@@ -84,11 +86,14 @@ def round_up(n: int, m: int) -> int:
     return -(-n // m) * m
 
 
-def make_batches(instances: Sequence[Instance], batch_size: int) -> list[list[int]]:
-    """Indices of instances grouped by length (grid order kept), at most batch_size per batch."""
+def make_batches(instances: Sequence[Instance], batch_size: int | Mapping[int, int]) -> list[list[int]]:
+    """Indices of instances grouped by length (grid order kept), at most batch_size per batch (an int,
+    or one per length: Engine.batch_sizes)."""
+    size = batch_size.__getitem__ if isinstance(batch_size, Mapping) else (lambda length: batch_size)
     batches: list[list[int]] = []
     for i, inst in enumerate(instances):
-        if batches and len(batches[-1]) < batch_size and instances[batches[-1][0]].length == inst.length:
+        if (batches and len(batches[-1]) < size(inst.length)
+                and instances[batches[-1][0]].length == inst.length):
             batches[-1].append(i)
         else:
             batches.append([i])
@@ -116,6 +121,36 @@ def question_start(inst: Instance) -> int:
                         "without offsets, or a template that rewrites the question); drop \"query\" from "
                         "config.sweep.extra_scores")
     return inst.question_span[0]
+
+
+def _libc():
+    """glibc, or None (another C library: the host allocator is left as it is)."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        return libc if hasattr(libc, "malloc_trim") and hasattr(libc, "mallopt") else None
+    except OSError:
+        return None
+
+
+M_MMAP_THRESHOLD = -3   # glibc's mallopt parameter
+
+
+def host_memory_returns_to_the_system() -> bool:
+    """On XLA:CPU the KV caches, the prefill's temporaries and the decode loop's buffers live in the
+    process's heap, and glibc keeps what they free: after a batch of one shape the next batch's
+    buffers (other shapes) land beside the freed ones, and the freed pages stay resident. Here
+    blocks of 1 MiB and more are mapped on their own (freed: returned at once; glibc's default
+    threshold drifts up to 32 MiB), and `release_freed_memory` hands the heap's free pages back
+    after each batch. The same values are computed. Returns False where the C library is not glibc."""
+    libc = _libc()
+    return bool(libc and libc.mallopt(M_MMAP_THRESHOLD, 1 << 20))
+
+
+def release_freed_memory() -> None:
+    """glibc's malloc_trim(0): the heap's free pages back to the system (no-op elsewhere)."""
+    libc = _libc()
+    if libc:
+        libc.malloc_trim(0)
 
 
 def mesh_from_config(config):
@@ -235,6 +270,7 @@ class Engine:
         if cache:
             logging.info("persistent compilation cache: %s", cache)
         self.mesh = mesh_from_config(config)
+        self.trim = jax.devices()[0].platform == "cpu" and host_memory_returns_to_the_system()
         if model is None:
             model = load_model(config.model.path, dtype=config.model.dtype, mesh=self.mesh)
         elif self.mesh is not None:
@@ -297,6 +333,23 @@ class Engine:
                                                  k_chunk=s.k_chunk)
         except ValueError as e:
             raise UserError(f"config.sweep.attention: {e}") from None
+
+    def batch_sizes(self, instances: Sequence[Instance], spec: GenerateSpec) -> dict[int, int]:
+        """Rows decoded together, per length: config.sweep.batch_size, or fewer where that many rows'
+        KV cache (`cache_size_for` the length's longest padded prompt, every layer's slots) would
+        hold more than config.sweep.batch_kv_mib; at least one; the length's tests spread evenly over
+        as few batches (padding rows cost full compute). A function of the plan alone (a resumed run
+        gets the same batches)."""
+        s, c = self.config.sweep, self.cfg
+        slot = 2 * c.num_layers * c.num_kv_heads * c.head_dim * np.dtype(c.dtype).itemsize
+        sizes = {}
+        for length in sorted({i.length for i in instances}):
+            P = max(round_up(i.num_prompt_tokens, s.pad_multiple) for i in instances if i.length == length)
+            fits = int(s.batch_kv_mib * 2 ** 20 // (slot * cache_size_for(P, spec))) if s.batch_kv_mib else s.batch_size
+            fits = max(1, min(s.batch_size, fits))
+            count = sum(i.length == length for i in instances)
+            sizes[length] = -(-count // -(-count // fits))    # as few batches, evened out (9 in 5 + 4, not 7 + 2)
+        return sizes
 
     # -- shared prefix -------------------------------------------------------------------------
 
@@ -375,7 +428,7 @@ class Engine:
         rows = [ids[c][:n] for c, n in chosen]
         rows += [rows[-1]] * (round_up(real, d) - real)
         prompts, lens = pad_prompts(rows, self.config.sweep.pad_multiple)
-        cache = r.branch_cache(len(rows), round_up(int(lens.max()), spec.attn.k_chunk))
+        cache = r.branch_cache(len(rows), cache_slots(int(lens.max()), spec.attn))
         plain = dataclasses.replace(spec, prefill_masses=())   # branches end before every question
         cache, _ = self._prefill_rows(r, cache, prompts, np.zeros(len(rows), np.int32), lens, real, plain,
                                       prefill_mask)
@@ -556,6 +609,8 @@ class Engine:
                     logging.info("%s: first batch starts %.2fs after the model was loaded", desc, t - self.loaded_at)
                 results = run_one(b)
                 store.write(b, results)
+                if getattr(self, "trim", False):   # (tests run this with stand-in engines)
+                    release_freed_memory()
                 computed[b] = results
                 bar.update(len(results))
                 logging.info("%s: batch %d/%d (%d tests) in %.1fs", desc, b + 1, len(sizes), len(results),

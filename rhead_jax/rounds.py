@@ -21,7 +21,7 @@ so a killed sweep resumes to the same stop, and a finished one re-run stops wher
 """
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from typing import Callable, Mapping, Sequence
 
 import numpy as np
 from absl import logging
@@ -52,8 +52,10 @@ def spread(n: int) -> list[int]:
     return out
 
 
-def round_batches(instances: Sequence[Instance], batch_size: int) -> tuple[list[list[int]], list[int]]:
-    """(batches: lists of instance indices, round of each batch), rounds in order (module docstring)."""
+def round_batches(instances: Sequence[Instance], batch_size: int | Mapping[int, int]
+                  ) -> tuple[list[list[int]], list[int]]:
+    """(batches: lists of instance indices, round of each batch), rounds in order (module docstring).
+    batch_size: rows per batch, or per length (Engine.batch_sizes)."""
     lengths = sorted({i.length for i in instances})
     depths = sorted({i.depth for i in instances})
     needles = sorted({i.needle_index for i in instances})
@@ -65,7 +67,8 @@ def round_batches(instances: Sequence[Instance], batch_size: int) -> tuple[list[
     per_length = []
     for li, L in enumerate(lengths):
         seq = [cell[(L, order[(j + li) % D], needles[(j % D + j // D + li) % N])] for j in range(D * N)]
-        per_length.append([seq[s:s + batch_size] for s in range(0, len(seq), batch_size)])
+        n = batch_size[L] if isinstance(batch_size, Mapping) else batch_size
+        per_length.append([seq[s:s + n] for s in range(0, len(seq), n)])
     batches, rounds = [], []
     for r in range(max(len(b) for b in per_length)):
         for b in per_length:

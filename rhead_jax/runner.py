@@ -192,14 +192,15 @@ class Runner:
                           plain: bool = False):
         """(params, cache, block, tokens [d, width], positions [d, width], head_mask or None[, targets])
         -> cache: one prefill call of row block `block` (models.generate.prefill_block_impl) on a
-        [batch]-row cache of `size` slots, d = the data axis. The cache is DONATED (updated in place).
+        [batch]-row cache of `size` slots, d = the data axis. The cache is DONATED (updated in place;
+        on CPU the call writes the block's rows where they lie, `in_place`: measured there).
         With spec.prefill_masses it takes the block's MassTargets (d rows) and returns (cache, mass
         [L, d, H, M]). plain: the cache is a plain one where the batch caches are windowed (the
         prefix branches')."""
         d = self.data_size
 
         def make():
-            step = partial(prefill_block_impl, cfg=self.cfg, spec=spec, data=d)
+            step = partial(prefill_block_impl, cfg=self.cfg, spec=spec, data=d, in_place=self.platform == "cpu")
             if self.mesh is None:
                 return self.jit(step, donate_argnums=(1,))
             rep, csh = shd.replicated(self.mesh), self.cache_sharding(batch, size, plain)

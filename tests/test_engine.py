@@ -37,6 +37,66 @@ def test_plan_and_batches(engine):
     inst = engine.plan_needles()
     assert [i.length for i in inst] == [300] * 6 + [400] * 6
     assert make_batches(inst, 4) == [[0, 1, 2, 3], [4, 5], [6, 7, 8, 9], [10, 11]]  # never across lengths
+    assert make_batches(inst, {300: 6, 400: 4}) == [[0, 1, 2, 3, 4, 5], [6, 7, 8, 9], [10, 11]]   # per length
+
+
+def test_batch_sizes_fit_the_kv_budget(engine):
+    """config.sweep.batch_kv_mib: a length decodes as many rows as its KV cache fits, at most
+    batch_size, at least one; 0 = batch_size everywhere."""
+    inst = engine.plan_needles()
+    spec = engine.spec(capture=True)
+    s, c = engine.config.sweep, engine.cfg
+    slot = 2 * c.num_layers * c.num_kv_heads * c.head_dim * 4
+    row = {n: slot * engine_lib.cache_size_for(engine_lib.round_up(max(i.num_prompt_tokens for i in inst
+                                                                       if i.length == n), s.pad_multiple), spec)
+           for n in (300, 400)}
+    assert row[400] > row[300]
+    old = (s.batch_size, s.batch_kv_mib)
+    try:
+        s.batch_size, s.batch_kv_mib = 6, 0
+        assert engine.batch_sizes(inst, spec) == {300: 6, 400: 6}
+        s.batch_kv_mib = 5 * row[300] / 2 ** 20            # 5 rows of 300 tokens, fewer of 400
+        fits = 5 * row[300] // row[400]
+        assert 1 < fits < 5
+        sizes = engine.batch_sizes(inst, spec)
+        assert sizes[300] == 3 and sizes[400] == -(-6 // -(-6 // fits))    # 6 tests: 3 + 3, not 5 + 1
+        s.batch_kv_mib = 1e-6
+        assert engine.batch_sizes(inst, spec) == {300: 1, 400: 1}
+    finally:
+        s.batch_size, s.batch_kv_mib = old
+
+
+def test_cpu_engine_hands_freed_host_memory_back(engine):
+    """On XLA:CPU with glibc the engine maps blocks of 1 MiB and more on their own and trims the heap
+    after each batch (engine.release_freed_memory): freed pages leave the process's RSS."""
+    import platform
+
+    if platform.libc_ver()[0] != "glibc":
+        pytest.skip("glibc's allocator only")
+    assert engine.trim
+
+    def rss_kib():
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
+
+    blocks = [bytearray(b"x" * (256 << 10)) for _ in range(240)]   # 60 MiB of heap blocks (< 1 MiB each)
+    del blocks[::2]                                                # holes between live blocks: not trimmable
+    before = rss_kib()                                             # by shrinking the heap's top alone
+    engine_lib.release_freed_memory()
+    assert before - rss_kib() > 15 << 10                           # >15 of the 30 MiB freed went back
+    del blocks
+
+
+def test_rows_do_not_depend_on_the_batch(engine):
+    """A row's generation and captured slots are the same decoded in a batch of 6 as of 3 (what lets
+    a config change its batch sizes without changing a score)."""
+    inst = [i for i in engine.plan_needles() if i.length == 300]
+    spec = engine.spec(capture=True)
+    rows = [i.prompt_ids for i in inst]
+    six = engine.generate(rows, spec, batch_size=6)
+    threes = [engine.generate(rows[k:k + 3], spec, batch_size=3) for k in (0, 3)]
+    np.testing.assert_array_equal(six.tokens, np.concatenate([t.tokens for t in threes]))
+    np.testing.assert_array_equal(six.topk_index, np.concatenate([t.topk_index for t in threes]))
 
 
 def test_shared_prefix_and_padding_rows_are_exact(engine):

@@ -97,7 +97,10 @@ def test_soft_cap_equals_the_dense_reference():
 
 def test_for_platform_checks_the_kernel_against_the_hardware():
     assert AttentionOptions.for_platform("cpu").prefill == "chunked"
-    assert AttentionOptions.for_platform("cpu") == AttentionOptions()          # CPU: today's options
+    cpu = AttentionOptions.for_platform("cpu")      # CPU: the defaults, caches in multiples of 64 slots
+    assert cpu == AttentionOptions(cache_multiple=64)
+    assert AttentionOptions.for_platform("cpu", "splash:interpret").cache_multiple == 0   # kernels: whole tiles
+    assert AttentionOptions.for_platform("tpu").cache_multiple == AttentionOptions.for_platform("gpu").cache_multiple == 0
     tpu = AttentionOptions.for_platform("tpu")
     assert (tpu.prefill, tpu.cache_writes, tpu.interpret) == ("splash", "tpu", False)
     assert AttentionOptions.for_platform("gpu").prefill == "cudnn"
@@ -125,6 +128,29 @@ def test_calls_without_a_kernel_form_run_chunked(caplog):
                                sink=0, dtype=jnp.float32) is not None
     assert kernels.kernel_form("cudnn", kv_heads=K, cache_size=S, windows=(NO_WINDOW,), masses=(),
                                sink=0, dtype=jnp.float32) is not None      # cuDNN takes bf16 / fp16
+
+
+@pytest.mark.parametrize("masses", [(), ("span",)])
+def test_chunked_on_a_cache_of_partial_tiles_is_bit_identical(masses):
+    """A cache of AttentionOptions.cache_multiple slots (not whole key tiles): the chunked path pads
+    the last tile with empty slots and computes exactly what it computes on a cache of whole tiles."""
+    args, targets = _case()
+    q, _, _, kc, vc, q_pos, k_pos, slot0 = map(jnp.asarray, args)
+    empty = lambda x, fill=0: jnp.pad(x, [(0, 0)] * 2 + [(0, 128)] + [(0, 0)] * (x.ndim - 3),  # noqa: E731
+                                      constant_values=fill)
+    kc, vc = empty(kc), empty(vc)                               # 384 slots: 3 tiles of 128
+    k_pos = jnp.pad(k_pos, ((0, 0), (0, 128)), constant_values=-1)
+    cut = 320                                   # 2.5 tiles; every key the rows hold is below it
+    assert int(k_pos.max()) < cut
+
+    def run(k, v, kp):
+        return chunked_attention(q, k, v, q_pos, kp, slot0, window=NO_WINDOW, scale=D ** -0.5,
+                                 opts=AttentionOptions(q_chunk=32, k_chunk=128), masses=masses, targets=targets)
+
+    whole = run(kc, vc, k_pos)
+    part = run(kc[:, :, :cut], vc[:, :, :cut], k_pos[:, :cut])
+    for a, b in zip(jax.tree.leaves(whole), jax.tree.leaves(part)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
 def test_dense_reference_is_what_chunked_computes():

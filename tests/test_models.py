@@ -1,6 +1,8 @@
 """Parity of the JAX decoder with transformers PyTorch (fp32, eager attention) for every family."""
 from __future__ import annotations
 
+from functools import partial
+
 import numpy as np
 import pytest
 import torch
@@ -282,6 +284,32 @@ def test_write_rows_is_the_dropping_scatter(T, slots, B):
             want = buf.at[i, jnp.arange(B)[:, None], :, at].set(new.astype(buf.dtype), mode="drop")
             got = jax.jit(write_rows)(buf, new, jnp.int32(i), sl)
             np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(want, np.float32))
+
+
+@pytest.mark.parametrize("masses", [(), ("span",)])
+def test_prefill_block_in_place_is_take_and_put(masses, tiny_model_dir):
+    """A row block's prefill call written where the rows lie (CPU's `in_place`, decoder.forward's
+    `row`) leaves the cache, and the block's attention masses, bit-identical to taking the block's
+    cache out, prefilling it and putting it back."""
+    from rhead_jax.models.attention import mass_targets
+    from rhead_jax.models.generate import prefill_block_impl
+
+    cfg, params = load_params(tiny_model_dir("llama2"))
+    spec = GenerateSpec(attn=SMALL, prefill_masses=masses)
+    cache = init_cache(cfg, 3, 32)
+    rng = np.random.default_rng(0)
+    targets = mass_targets(1, 1, span=[[2, 9]], queries=[[0, 40]]) if masses else None
+    for j, held in ((1, 0), (2, 0), (1, 13), (0, 0)):   # rows 1 and 2, row 1 again after its first call
+        tok = jnp.asarray(rng.integers(0, 97, (1, 16)), jnp.int32)
+        n = 16 if held == 0 else 10                        # the second call: 6 padding tokens
+        pos = jnp.where(jnp.arange(16) < n, held + jnp.arange(16), -1)[None].astype(jnp.int32)
+        run = lambda c, in_place: jax.jit(partial(prefill_block_impl, cfg=cfg, spec=spec, data=1,  # noqa: E731
+                                                  in_place=in_place))(params, c, jnp.int32(j), tok, pos, None, targets)
+        moved, placed = run(cache, False), run(cache, True)
+        for a, b in zip(jax.tree.leaves(moved), jax.tree.leaves(placed)):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+        cache = placed[0] if masses else placed
+    assert np.asarray(cache.length).tolist() == [16, 26, 16]
 
 
 def test_decode_score_forms_agree():
