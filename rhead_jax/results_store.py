@@ -175,6 +175,39 @@ def input_fingerprints(inputs: Mapping[str, str | os.PathLike]) -> dict[str, dic
     return out
 
 
+_MISSING = object()
+
+
+def _schema_default(section: str, key: str):
+    """config.default_config()'s value of `section.key` as the pinned JSON holds it, or _MISSING."""
+    from rhead_jax.config import default_config
+
+    sec = default_config().get(section)
+    if sec is None or not hasattr(sec, "get") or key not in sec:
+        return _MISSING
+    value = sec.get(key)
+    return json.loads(json.dumps(value.to_dict() if hasattr(value, "to_dict") else value))
+
+
+def config_changes(have: dict, want: dict) -> list[str]:
+    """The dotted keys whose pinned values differ between a workdir's pin (`have`) and this run's
+    (`want`). A key the workdir's pin lacks is no change when this run holds the schema's default
+    for it: a knob added to rhead_jax since, left at the behaviour the workdir was computed with."""
+    out = []
+    for section in sorted(set(have) | set(want)):
+        a, b = have.get(section, _MISSING), want.get(section, _MISSING)
+        if not (isinstance(a, dict) and isinstance(b, dict)):
+            if a != b:
+                out.append(section)
+            continue
+        for key in sorted(set(a) | set(b)):
+            if key not in a and b[key] == _schema_default(section, key):
+                continue
+            if a.get(key, _MISSING) != b.get(key, _MISSING):
+                out.append(f"{section}.{key}")
+    return out
+
+
 def _changed(old: dict, new: dict) -> str:
     """One phrase naming what differs between two {name: {file: fingerprint}}."""
     for name in sorted(set(old) | set(new)):
@@ -217,9 +250,16 @@ class ResultStore:
                     f"workdir {root} was written by an earlier rhead_jax or another program ({meta} does not "
                     "pin a config and its inputs); use a new --workdir, or delete that one to start over")
             if have["config"] != want["config"]:
-                raise UserError(
-                    f"workdir {root} holds results of a different configuration ({meta}); use a new "
-                    "--workdir, or delete that one to start over")
+                changed = config_changes(have["config"], want["config"])
+                if changed:
+                    raise UserError(
+                        f"workdir {root} holds results of a different configuration ({meta}; changed: "
+                        f"{', '.join(changed[:6])}{' ...' if len(changed) > 6 else ''}); use a new "
+                        "--workdir, or delete that one to start over")
+                # only knobs added since, at their defaults: the workdir's pin stands (its batch files carry it)
+                want = dict(want, config=have["config"])
+                text = json.dumps(want, sort_keys=True, indent=1)
+                self.pin = _sha256(text.encode())[:16]
             if have["inputs"] != want["inputs"]:
                 raise UserError(
                     f"workdir {root} holds results computed from other inputs ({_changed(have['inputs'], want['inputs'])}); "

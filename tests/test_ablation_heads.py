@@ -165,3 +165,29 @@ def test_rankings_masking_the_same_heads_in_another_order_share_a_run():
     b = ablation.Run(MaskSpec("top", 2, ranking="mass"), None, ((0, 0), (0, 3)))
     assert a.label != b.label and a.store == b.store
     assert _run_json(default_config(), task, a) == _run_json(default_config(), task, b)
+
+
+def test_each_rankings_accuracy_carries_a_bootstrap_interval_over_its_tests():
+    from rhead_jax.ablation.heads import Group, MaskSpec, Run
+    from rhead_jax.ablation.results import accuracy_interval, group_summary, sweep_k_markdown
+
+    scores = [0.0, 0.0, 1.0, 1.0, 1.0, 0.5, 0.0, 1.0, 0.25]
+    lo, hi = accuracy_interval(scores)
+    assert lo < np.mean(scores) < hi and 0.0 <= lo and hi <= 1.0
+    assert accuracy_interval([0.5] * 9) == [0.5, 0.5] and accuracy_interval([]) is None
+    assert accuracy_interval(scores[:3]) != accuracy_interval(scores)     # fewer tests, another interval
+    spec = MaskSpec.parse("top:5@copy")
+    run = Run(spec=spec, seed=None, heads=((0, 0),))
+    group = Group(spec=spec, runs=(run,))
+    summary = {run.label: {"accuracy": float(np.mean(scores)), "tests": 9, "metrics": {}}}
+    records = {run.label: [{"score": s} for s in scores]}
+    out = group_summary(group, summary, records)
+    assert out["accuracy_interval"] == [lo, hi]
+    groups = {"none": {"accuracy": 1.0, "accuracy_std": 0.0, "accuracy_by_run": {"none": 1.0}},
+              "top:5@copy": out,
+              "random:5": {"accuracy": 0.9, "accuracy_std": 0.0, "accuracy_by_run": {"random5-seed0": 0.9}}}
+    t = ablation.sweep_k_table([5], groups, [0], ["copy"])
+    assert t["rows"][0]["by_ranking_interval"] == {"copy": [lo, hi]}
+    md = sweep_k_markdown(t)
+    assert f"| 5 | {100 * np.mean(scores):.1f} [{100 * lo:.1f}–{100 * hi:.1f}] | 90.0" in md
+    assert "95% bootstrap interval over its tests" in md

@@ -399,3 +399,25 @@ def test_a_workdir_without_pinned_inputs_is_refused(tmp_path):
     (tmp_path / "sweep_config.json").write_text('{"a": 1}')
     with pytest.raises(UserError, match="earlier rhead_jax"):
         ResultStore(str(tmp_path), '{"a": 1}')
+
+
+def test_a_knob_added_since_at_its_default_keeps_the_workdir(tmp_path):
+    """A workdir pinned before a config key existed resumes when this run holds the key's schema
+    default (the behaviour it was computed with); any other change is refused, naming the keys."""
+    from rhead_jax.errors import UserError
+    from rhead_jax.results_store import ResultStore, config_changes
+
+    old = {"sweep": {"lengths": [500], "max_new_tokens": 50}, "run": "none"}
+    store = ResultStore(str(tmp_path), json.dumps(old))
+    store.write(0, [{"key": "t0", "score": 1.0}])
+    newer = {"sweep": {**old["sweep"], "batch_kv_mib": 0, "save_captures": False}, "run": "none"}
+    assert config_changes(old, newer) == []
+    resumed = ResultStore(str(tmp_path), json.dumps(newer))
+    assert resumed.scan(1) == {0: [{"key": "t0", "score": 1.0}]}          # its batch is read back, not redone
+    changed = {"sweep": {**newer["sweep"], "batch_kv_mib": 300}, "run": "none"}
+    assert config_changes(old, changed) == ["sweep.batch_kv_mib"]
+    with pytest.raises(UserError, match=r"changed: sweep\.batch_kv_mib\)"):
+        ResultStore(str(tmp_path), json.dumps(changed))
+    with pytest.raises(UserError, match=r"changed: run, sweep\.max_new_tokens\)"):
+        ResultStore(str(tmp_path), json.dumps({"sweep": {**old["sweep"], "max_new_tokens": 20}, "run": "top5"}))
+    assert config_changes(old, {"sweep": {"lengths": [500]}, "run": "none"}) == ["sweep.max_new_tokens"]  # removed

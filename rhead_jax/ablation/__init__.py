@@ -24,10 +24,11 @@ results.json (accuracies are fractions 0-1; a "group" is one spec, e.g. random:2
   grid, taxonomy               niah: {lengths, depths, needles}; {extraction_ngram, categories, rules}
   baseline                     the "none" group (or null when not run)
   groups                       {spec: {spec, kind, k, runs, seeds, accuracy, accuracy_std, accuracy_by_run,
-                               tests, masked_heads, metrics[, accuracy_by_cell, categories]}}
+                               tests, accuracy_interval (95% bootstrap over the group's tests, pooled over
+                               seeds), masked_heads, metrics[, accuracy_by_cell, categories]}}
   sweep_k                      null, or {k, top, random, random_std, random_min, random_max, seeds, baseline,
                                rows: [{k, top, random, random_std, random_min, random_max, random_by_seed
-                               [, by_ranking]}][, rankings, by_ranking {name: [accuracy per k]}]} (k = 0 is
+                               [, by_ranking, by_ranking_interval]}][, rankings, by_ranking {name: [accuracy per k]}]} (k = 0 is
                                the unmasked baseline; top: the first ranking's)
   runs                         {run label: {spec, seed, heads[, store], tests, accuracy, metrics, ...,
                                instances}} (store: the runs/ directory when it is not the label: top:K@NAME);

@@ -9,9 +9,22 @@ import numpy as np
 
 from rhead_jax.ablation.heads import Group
 from rhead_jax.ablation.taxonomy import CATEGORIES
+from rhead_jax.stability import bootstrap_means, intervals
 
-def group_summary(group: Group, run_summaries: dict[str, dict]) -> dict:
-    """Mean (and std over seeds) of a group's runs."""
+
+def accuracy_interval(scores: Sequence[float]) -> list[float] | None:
+    """The 95% percentile bootstrap interval of the mean of per-test scores (the tests resampled
+    with replacement, as rhead_jax.stability resamples them for head scores); None without tests."""
+    s = np.asarray(scores, np.float64)
+    if s.size == 0:
+        return None
+    lo, hi = intervals(bootstrap_means(s[:, None]))[0]
+    return [float(lo), float(hi)]
+
+
+def group_summary(group: Group, run_summaries: dict[str, dict], records: dict[str, list[dict]] | None = None) -> dict:
+    """Mean (and std over seeds) of a group's runs; with the runs' per-test records, the 95%
+    bootstrap interval of that mean over the group's tests (pooled over its seeds)."""
     sums = [run_summaries[r.label] for r in group.runs]
     accs = [s["accuracy"] for s in sums]
     out = {"spec": group.spec.text, "kind": group.spec.kind, "k": group.spec.k,
@@ -20,6 +33,8 @@ def group_summary(group: Group, run_summaries: dict[str, dict]) -> dict:
            "accuracy": float(np.mean(accs)), "accuracy_std": float(np.std(accs)),
            "accuracy_by_run": {r.label: s["accuracy"] for r, s in zip(group.runs, sums)},
            "tests": sum(s["tests"] for s in sums)}
+    if records is not None:
+        out["accuracy_interval"] = accuracy_interval([r["score"] for run in group.runs for r in records[run.label]])
     if group.spec.kind == "random":
         out["masked_heads"] = [[list(h) for h in r.heads] for r in group.runs]
     else:
@@ -58,11 +73,12 @@ def sweep_k_table(ks: Sequence[int], groups: dict[str, dict], seeds: Sequence[in
         rnd = groups[f"random:{k}"]
         accs = list(rnd["accuracy_by_run"].values())
         by = {n: groups[f"top:{k}@{n}"]["accuracy"] for n in names}
+        by_interval = {n: groups[f"top:{k}@{n}"].get("accuracy_interval") for n in names}
         row = {"k": k, "top": by[names[0]] if names else groups[f"top:{k}"]["accuracy"], "random": rnd["accuracy"],
                "random_std": rnd["accuracy_std"], "random_min": float(min(accs)), "random_max": float(max(accs)),
                "random_by_seed": {str(r.split("-seed")[-1]): a for r, a in rnd["accuracy_by_run"].items()}}
         if names:
-            row["by_ranking"] = by
+            row["by_ranking"], row["by_ranking_interval"] = by, by_interval
         rows.append(row)
     out = {"k": [r["k"] for r in rows], "top": [r["top"] for r in rows], "random": [r["random"] for r in rows],
            "random_std": [r["random_std"] for r in rows], "random_min": [r["random_min"] for r in rows],
@@ -99,14 +115,20 @@ def sweep_k_markdown(table: dict, metric: str = "accuracy") -> str:
             lines.append(f"| {r['k']} | {100 * r['top']:.1f} | {100 * r['random']:.1f} ± {100 * r['random_std']:.1f} |")
         return "\n".join(lines) + "\n"
     base = table.get("baseline")
-    lines = [f"{metric} (%) with the top-k query heads of each ranking masked, and k random heads "
+    shown = any((r.get("by_ranking_interval") or {}).get(n) for r in table["rows"] for n in names)
+    lines = [f"{metric} (%) with the top-k query heads of each ranking masked"
+             + (" [95% bootstrap interval over its tests]" if shown else "") + ", and k random heads "
              f"(mean ± std [min–max] over {seeds_txt})"
              + (f"; no head masked: {100 * base:.1f}" if base is not None else ""), "",
              "| k | " + " | ".join(names) + " | random |", "|---:|" + "---:|" * (len(names) + 1)]
     for r in table["rows"]:
         rnd = (f"{100 * r['random']:.1f} ± {100 * r['random_std']:.1f} [{100 * r['random_min']:.1f}–"
                f"{100 * r['random_max']:.1f}]")
-        lines.append(f"| {r['k']} | " + " | ".join(f"{100 * r['by_ranking'][n]:.1f}" for n in names) + f" | {rnd} |")
+        cells = []
+        for n in names:
+            iv = (r.get("by_ranking_interval") or {}).get(n)
+            cells.append(f"{100 * r['by_ranking'][n]:.1f}" + (f" [{100 * iv[0]:.1f}–{100 * iv[1]:.1f}]" if iv else ""))
+        lines.append(f"| {r['k']} | " + " | ".join(cells) + f" | {rnd} |")
     return "\n".join(lines) + "\n"
 
 

@@ -179,7 +179,7 @@ def run_ablation(config, workdir: str, *, model=None, scores: str | None = None,
     run_sums = {lbl: the_task.summarize(recs) for lbl, recs in run_records.items()}
     order = {"none": 0, "top": 1, "random": 2, "list": 3}
     groups = sorted(groups, key=lambda g: (g.spec.k, order[g.spec.kind]))  # none, top:5, random:5, top:10, ...
-    group_sums = {g.spec.text: group_summary(g, run_sums) for g in groups}
+    group_sums = {g.spec.text: group_summary(g, run_sums, run_records) for g in groups}
     main_g = group_sums[main.text]
     results: dict[str, Any] = {
         "model": name, "task": a.task,
