@@ -39,6 +39,14 @@ file, a gate file of no model present, ...) raises rhead_jax.errors.UserError na
 fix. The figures and the page come from rhead_jax.report; the vocabulary both use (BUCKETS,
 parse_head) is rhead_jax.scoring's.
 """
+from rhead_jax.analysis.compare import (compare_pair, compare_rankings, detect_pairs, expected_overlap,
+                                        model_group_size, overlap_matrix, spearman, top_overlap)
+from rhead_jax.analysis.dynamic import dynamic_activation, load_results
+from rhead_jax.analysis.headscores import (bucket_counts, bucket_of, bucket_shares, file_summary, load_head_scores,
+                                           mean_matrix, shape_of)
 from rhead_jax.analysis.run import analyze
 
-__all__ = ["analyze"]
+# the library's public names, as `rhead_jax.analysis.<name>` (the notebook and users' code call them so)
+__all__ = ["analyze", "load_head_scores", "shape_of", "mean_matrix", "bucket_of", "bucket_counts", "bucket_shares",
+           "file_summary", "spearman", "top_overlap", "compare_pair", "detect_pairs", "overlap_matrix",
+           "expected_overlap", "model_group_size", "compare_rankings", "load_results", "dynamic_activation"]
