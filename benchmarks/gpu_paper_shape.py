@@ -147,15 +147,13 @@ def ours_phases(log_text: str) -> dict:
 
 
 def results_summary(workdir: Path) -> dict:
+    """Tests and decode steps from a side's results.jsonl, and the per-test phase times where it has
+    them (the baseline's; ours come from its log: ours_phases)."""
     rows = [json.loads(line) for line in (workdir / "results.jsonl").read_text().splitlines() if line.strip()]
     out = {"tests": len(rows), "steps": [len(r.get("generated", [])) for r in rows]}
     for k in ("time_prefill_s", "time_decode_s"):
         if rows and k in rows[0]:
             out[k] = sum(r[k] for r in rows)
-    summary = workdir / "summary.json"
-    if summary.exists():
-        s = json.loads(summary.read_text())
-        out["timing"] = {k: v for k, v in s.items() if "time" in k or k.endswith("_s")}
     return out
 
 
@@ -230,7 +228,7 @@ def main() -> None:
         r = run([py, "-m", "benchmarks.gpu_paper_shape", "--stage", "ours", "--config", str(config),
                  "--workdir", str(w)], dict(env, GPU_PEAK_JSON=str(peak)), out / f"{side}.log", ok_codes=(0, 2))
         if r["ok"] and (w / "results.jsonl").exists():
-            r.update(results_summary(w))   # the log's phase times (compiles included) replace none of these
+            r.update(results_summary(w))
             r.update(ours_phases((out / f"{side}.log").read_text()))
             if peak.exists():
                 r.update(json.loads(peak.read_text()))

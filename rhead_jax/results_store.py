@@ -178,11 +178,9 @@ def input_fingerprints(inputs: Mapping[str, str | os.PathLike]) -> dict[str, dic
 _MISSING = object()
 
 
-def _schema_default(section: str, key: str):
-    """config.default_config()'s value of `section.key` as the pinned JSON holds it, or _MISSING."""
-    from rhead_jax.config import default_config
-
-    sec = default_config().get(section)
+def _schema_default(defaults, section: str, key: str):
+    """`defaults` (config.default_config())'s value of `section.key` as the pinned JSON holds it, or _MISSING."""
+    sec = defaults.get(section)
     if sec is None or not hasattr(sec, "get") or key not in sec:
         return _MISSING
     value = sec.get(key)
@@ -193,6 +191,9 @@ def config_changes(have: dict, want: dict) -> list[str]:
     """The dotted keys whose pinned values differ between a workdir's pin (`have`) and this run's
     (`want`). A key the workdir's pin lacks is no change when this run holds the schema's default
     for it: a knob added to rhead_jax since, left at the behaviour the workdir was computed with."""
+    from rhead_jax.config import default_config
+
+    defaults = default_config()
     out = []
     for section in sorted(set(have) | set(want)):
         a, b = have.get(section, _MISSING), want.get(section, _MISSING)
@@ -201,7 +202,7 @@ def config_changes(have: dict, want: dict) -> list[str]:
                 out.append(section)
             continue
         for key in sorted(set(a) | set(b)):
-            if key not in a and b[key] == _schema_default(section, key):
+            if key not in a and b[key] == _schema_default(defaults, section, key):
                 continue
             if a.get(key, _MISSING) != b.get(key, _MISSING):
                 out.append(f"{section}.{key}")
