@@ -57,14 +57,16 @@ from absl import logging
 
 from rhead_jax import config as config_lib
 from rhead_jax import captures, diagnosis, io, rounds, scoring, stability
+from rhead_jax.batches import make_batches
 from rhead_jax.checkpoints import LoadedModel
-from rhead_jax.engine import EXTRA_SCORES, Engine, SharedPrefix, make_batches, question_start
+from rhead_jax.engine import EXTRA_SCORES, Engine
 from rhead_jax.models.decoder import LOGIT_TERMS
 from rhead_jax.errors import UserError
 from rhead_jax.models.attention import mass_targets
 from rhead_jax.models.generate import GenerateSpec
 from rhead_jax.needle.prompts import Instance
 from rhead_jax.needle.rouge import keep_test, rouge1_recall
+from rhead_jax.prefix import SharedPrefix, question_start
 from rhead_jax.report import kinds as kinds_lib
 
 

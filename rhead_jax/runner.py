@@ -175,7 +175,7 @@ class Runner:
         """(cache1, starts [batch][, branches, source [batch]]) -> a [batch]-row cache of `size`
         slots taken from the 1-row shared-prefix cache of `prefix_size` slots (row b keeps its
         slots < starts[b]); with `branches` = (rows, slots) of a branch cache, row b takes them from
-        branch row source[b] where source[b] >= 0 (engine.choose_branches)."""
+        branch row source[b] where source[b] >= 0 (prefix.choose_branches)."""
         def make():
             step = partial(_rows, size=size, cfg=self.cfg, ring=self.ring_for(size))
             if self.mesh is None:
