@@ -41,7 +41,7 @@ Extra scores from the same pass (config.sweep.extra_scores), per test and head, 
 
 The mass scores are reduced inside the attention kernels (rhead_jax.models.attention, "span"
 target); the logit scores from each decode step's head outputs and their parts from the needle's
-keys (models.decoder.CaptureSpec.span_outputs), then the generated token's unembedding row
+keys (models.cache.CaptureSpec.span_outputs), then the generated token's unembedding row
 (models.decoder.head_logit_contributions): memory stays O(T), one pass, no T x T map. The copy
 score and head_scores.json are unchanged by any of them.
 """
