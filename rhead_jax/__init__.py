@@ -21,8 +21,8 @@ each other (tests/test_layers.py):
              length), host_memory.py (freed host memory back to the system), runner.py (jitted
              programs on a mesh), plan.py (the needle grid, no jax), results_store.py (atomic
              per-batch results, resume), captures.py, compilation.py
-  base       models/ (config, cache, layers, decoder, attention, generate, mixed), needle/
-             (haystack, needles, prompts, spans, ROUGE) and
+  base       models/ (config, hf_config, cache, layers, decoder, attention, generate, mixed_cache,
+             mixed), needle/ (haystack, needles, prompts, spans, ROUGE) and
              scoring.py, which import nothing of ours but errors; checkpoints/ (safetensors, GGUF,
              orbax), sharding.py, report/ (figures, HTML), rankings.py (any ranking file in one
              shape), stability.py, diagnosis.py, qa.py, config.py (THE config schema), presets.py,

@@ -18,8 +18,9 @@ from safetensors.numpy import load_file, save_file
 
 from rhead_jax.checkpoints.hf import load_config, load_params
 from rhead_jax.checkpoints.safetensors_io import CheckpointError
-from rhead_jax.models.config import ConfigError, ModelConfig
+from rhead_jax.models.config import ModelConfig
 from rhead_jax.models.decoder import forward
+from rhead_jax.models.hf_config import ConfigError
 
 INDEX = "model.safetensors.index.json"
 

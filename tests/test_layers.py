@@ -26,6 +26,9 @@ LAYERS = {
     "commands": {"sweep", "ablate", "analyze", "explore"},
 }
 BOTTOM = {"models": {"errors"}, "needle": {"errors"}, "scoring": set()}   # what they may import of ours
+# the model layer's modules, bottom to top (rhead_jax/models/__init__.py): each imports only modules below it
+MODELS = ("hf_config", "config", "rope", "kernels", "attention", "cache", "layers", "windowed", "decoder", "generate",
+          "mixed_cache", "mixed")
 
 
 def module_imports(package: Path) -> dict[str, set[str]]:
@@ -98,6 +101,17 @@ def check(package: Path, layers: dict[str, set[str]], bottom: dict[str, set[str]
 def test_imports_point_down_and_have_no_circle():
     problems = check(ROOT, LAYERS, BOTTOM)
     assert not problems, "\n".join(problems)
+
+
+def test_the_model_layers_modules_point_down():
+    """Inside rhead_jax.models, a module imports only the modules below it in MODELS; a new module
+    fails here until it is placed."""
+    graph = module_imports(ROOT)
+    rank = {f"{ROOT.name}.models.{m}": i for i, m in enumerate(MODELS)}
+    mods = {m for m in graph if m.startswith(f"{ROOT.name}.models.")}
+    assert mods == set(rank), f"place in MODELS: {sorted(mods - set(rank))}; gone: {sorted(set(rank) - mods)}"
+    upward = sorted(f"{m} imports {d}" for m in mods for d in graph[m] if d in rank and rank[d] >= rank[m])
+    assert not upward, upward
 
 
 def test_every_layered_room_exists():

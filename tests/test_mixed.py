@@ -1,5 +1,5 @@
-"""The mixed KV cache (rhead_jax.models.mixed): full heads equal today's decode, streaming heads equal
-dense attention restricted to sink + recent positions, the memory really shrinks."""
+"""The mixed KV cache (rhead_jax.models.mixed_cache, models.mixed): full heads equal today's decode,
+streaming heads equal dense attention restricted to sink + recent positions, the memory really shrinks."""
 from __future__ import annotations
 
 import jax
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from rhead_jax.checkpoints.hf import load_params
-from rhead_jax.models import mixed
+from rhead_jax.models import mixed, mixed_cache
 from rhead_jax.models.attention import NO_WINDOW, AttentionOptions
 from rhead_jax.models.cache import init_cache
 from rhead_jax.models.generate import GenerateSpec, cache_size_for, greedy_generate, pad_prompts
@@ -88,8 +88,8 @@ def test_streaming_heads_equal_dense_attention_over_sink_and_recent(family, tiny
     full = _mix(cfg, 1)
     tok = np.random.RandomState(3).randint(0, 97, (2, T))
     ref = _reference_logits(params, cfg, tok, full, sink, recent)
-    layout, tables = mixed.head_layout(full, sink=sink, recent=recent)
-    cache = mixed.init_mixed_cache(cfg, layout, 2, 32)
+    layout, tables = mixed_cache.head_layout(full, sink=sink, recent=recent)
+    cache = mixed_cache.init_mixed_cache(cfg, layout, 2, 32)
     assert cache.ring_size == sink + recent
     step = jax.jit(mixed.forward_mixed, static_argnames=("cfg", "layout", "attn"))
     got = []
@@ -111,9 +111,9 @@ def test_groups_layout_equals_one_group(tiny_model_dir):
     outs = []
     for groups, writes in ((1, "scatter"), (2, "scatter"), (2, "tpu")):
         spec = dataclasses.replace(SPEC, attn=dataclasses.replace(SMALL, cache_writes=writes))
-        layout, tables = mixed.head_layout(full, groups=groups, sink=2, recent=6)
+        layout, tables = mixed_cache.head_layout(full, groups=groups, sink=2, recent=6)
         arr, lens = pad_prompts(prompts)
-        cache = mixed.init_mixed_cache(cfg, layout, 2, cache_size_for(arr.shape[1], spec))
+        cache = mixed_cache.init_mixed_cache(cfg, layout, 2, cache_size_for(arr.shape[1], spec))
         gen, _ = mixed.generate_mixed(params, tables, jnp.asarray(arr), jnp.asarray(lens), cache, cfg=cfg,
                                       layout=layout, spec=spec, prefill_width=32)
         outs.append(gen)
@@ -126,20 +126,20 @@ def test_rows_from_a_shared_prefix_equal_their_own_prefill(tiny_model_dir):
     cfg, params = load_params(tiny_model_dir("yi"))
     full = _mix(cfg)
     sink, recent = 2, 6
-    layout, tables = mixed.head_layout(full, sink=sink, recent=recent)
+    layout, tables = mixed_cache.head_layout(full, sink=sink, recent=recent)
     ref_tok = _prompts(40)[0]
     prompts = [ref_tok[:30] + _prompts(11)[0], ref_tok[:17] + _prompts(14)[0]]
     starts = np.array([30, 17], np.int32)
     arr, lens = pad_prompts(prompts)
     S = cache_size_for(arr.shape[1], SPEC)
-    prefix = mixed.init_mixed_cache(cfg, layout, 1, S, ring=S)
+    prefix = mixed_cache.init_mixed_cache(cfg, layout, 1, S, ring=S)
     prefix = mixed.prefill_mixed(params, cfg, layout, tables, jnp.asarray([ref_tok[:30]]),
                                  jnp.arange(30)[None], prefix, chunk=8, attn=SMALL)
-    rows = mixed.rows_from_prefix(prefix, jnp.asarray(starts), S, sink=sink, ring=layout.ring_capacity(S))
+    rows = mixed_cache.rows_from_prefix(prefix, jnp.asarray(starts), S, sink=sink, ring=layout.ring_capacity(S))
     run = lambda cache, width: mixed.generate_mixed(params, tables, jnp.asarray(arr), jnp.asarray(lens), cache,  # noqa
                                                     cfg=cfg, layout=layout, spec=SPEC, prefill_width=width)[0]
     shared = run(rows, 24)
-    own = run(mixed.init_mixed_cache(cfg, layout, 2, S), 40)
+    own = run(mixed_cache.init_mixed_cache(cfg, layout, 2, S), 40)
     np.testing.assert_array_equal(np.asarray(shared.tokens), np.asarray(own.tokens))
     np.testing.assert_array_equal(np.asarray(shared.topk_index), np.asarray(own.topk_index))
     np.testing.assert_allclose(np.asarray(shared.topk_weight), np.asarray(own.topk_weight), atol=1e-5)
@@ -150,24 +150,24 @@ def test_cache_bytes_really_shrink(tiny_model_dir):
     L, K, D = cfg.num_layers, cfg.num_kv_heads, cfg.head_dim
     full = np.zeros((L, K), bool)
     full[1, 0] = True                                               # 1 full head, 5 streaming
-    layout, _ = mixed.head_layout(full, sink=4, recent=12)
+    layout, _ = mixed_cache.head_layout(full, sink=4, recent=12)
     B, S = 3, 512
-    c = mixed.init_mixed_cache(cfg, layout, B, S)
+    c = mixed_cache.init_mixed_cache(cfg, layout, B, S)
     assert c.full_k.shape == (B, 1, 1, S, D) and c.ring_k.shape == (B, 1, 5, 16, D)
-    dense = mixed.cache_nbytes(init_cache(cfg, B, S))
+    dense = mixed_cache.cache_nbytes(init_cache(cfg, B, S))
     assert dense == 2 * L * K * B * S * D * 4 + B * S * 4 + B * 4
-    assert mixed.cache_nbytes(c) == 2 * B * (1 * S + 5 * 16) * D * 4 + B * (S + 16) * 4 + B * 4
-    assert mixed.cache_nbytes(c) < 0.21 * dense   # 1 of 6 heads full + rings
+    assert mixed_cache.cache_nbytes(c) == 2 * B * (1 * S + 5 * 16) * D * 4 + B * (S + 16) * 4 + B * 4
+    assert mixed_cache.cache_nbytes(c) < 0.21 * dense   # 1 of 6 heads full + rings
     # a ring never has more slots than the cache has positions
-    assert mixed.init_mixed_cache(cfg, layout, B, 8).ring_k.shape[3] == 8
+    assert mixed_cache.init_mixed_cache(cfg, layout, B, 8).ring_k.shape[3] == 8
     # group layout: each group's slot axis holds its own heads (the largest group's count)
     full[:, 1] = True
-    layout2, tables2 = mixed.head_layout(full, groups=2, sink=4, recent=12)
+    layout2, tables2 = mixed_cache.head_layout(full, groups=2, sink=4, recent=12)
     assert (layout2.full_slots, layout2.ring_slots) == (3, 2)
     np.testing.assert_array_equal(np.asarray(tables2.pick)[:, 0], [[1], [0], [1]])  # group 0: full only in layer 1
 
 
 def test_ring_slots():
     p = jnp.arange(20)
-    np.testing.assert_array_equal(mixed.ring_slot(p, 3, 8), [0, 1, 2] + [3, 4, 5, 6, 7] * 3 + [3, 4])
-    np.testing.assert_array_equal(mixed.ring_slot(p[:5], 3, 5), [0, 1, 2, 3, 4])
+    np.testing.assert_array_equal(mixed_cache.ring_slot(p, 3, 8), [0, 1, 2] + [3, 4, 5, 6, 7] * 3 + [3, 4])
+    np.testing.assert_array_equal(mixed_cache.ring_slot(p[:5], 3, 5), [0, 1, 2, 3, 4])

@@ -13,9 +13,10 @@ import jax.numpy as jnp
 from rhead_jax.checkpoints.hf import load_params
 from rhead_jax.models.attention import AttentionOptions
 from rhead_jax.models.cache import init_cache
-from rhead_jax.models.config import ConfigError, ModelConfig, RopeConfig
+from rhead_jax.models.config import ModelConfig
 from rhead_jax.models.decoder import forward
 from rhead_jax.models.generate import GenerateSpec, generate, greedy_generate, pad_prompts, cache_size_for
+from rhead_jax.models.hf_config import ConfigError, RopeConfig
 from rhead_jax.runner import _rows
 from tests.hf_tiny import load_torch
 from tests.test_models import _hf_generate, check_prefill_then_decode_matches_full_forward

@@ -15,7 +15,7 @@ from rhead_jax.engine import Engine
 from rhead_jax.models.attention import AttentionOptions
 from rhead_jax.models.cache import init_cache, ring_size_for
 from rhead_jax.models.generate import GenerateSpec, cache_size_for, generate, pad_prompts
-from rhead_jax.models.mixed import cache_nbytes
+from rhead_jax.models.mixed_cache import cache_nbytes
 from tests.helpers.tiny_smol import make_tiny_smol
 
 SMALL = AttentionOptions(q_chunk=8, k_chunk=8)

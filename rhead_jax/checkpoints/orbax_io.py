@@ -46,7 +46,7 @@ def _cfg_to_json(cfg: ModelConfig) -> dict:
 
 
 def _cfg_from_json(d: dict) -> ModelConfig:
-    from rhead_jax.models.config import RopeConfig
+    from rhead_jax.models.hf_config import RopeConfig
 
     d = dict(d)
     d["rope"] = RopeConfig(**d["rope"])

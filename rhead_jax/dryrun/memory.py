@@ -115,9 +115,9 @@ def cache_bytes(cfg, sizes: Mapping[str, int], *, rows: int, cache_size: int, pl
 
 def mixed_cache_bytes(cfg, layout, sizes: Mapping[str, int], *, rows: int, cache_size: int,
                       ring: int | None = None) -> int:
-    """Per-device bytes of a [rows]-row mixed KV cache (rhead_jax.models.mixed) of `cache_size` positions."""
+    """Per-device bytes of a [rows]-row mixed KV cache (rhead_jax.models.mixed_cache) of `cache_size` positions."""
     from rhead_jax.mixedkv.runner import CACHE_AXES as MIXED_AXES
-    from rhead_jax.models.mixed import init_mixed_cache
+    from rhead_jax.models.mixed_cache import init_mixed_cache
 
     mesh_like = SimpleNamespace(shape=dict(sizes))
     shape = jax.eval_shape(lambda: init_mixed_cache(cfg, layout, rows, cache_size, ring=ring))

@@ -3,7 +3,7 @@
 `python -m rhead_jax.mixedkv` is a thin absl entry point (`__main__.py`) over `run_mixedkv`. By concept:
 
   heads.py    which KV heads stay full: rankings (copy scores, gates), random, none, all; fractions
-  runner.py   MixedRunner: the engine's programs over rhead_jax.models.mixed's cache, on a mesh
+  runner.py   MixedRunner: the engine's programs over rhead_jax.models.mixed_cache's cache, on a mesh
   run.py      run_mixedkv: one resumable run per head set, results.json, the table and the plot
 
 results.json (accuracies are mean ROUGE-1 recall, 0-1; bytes are the batch cache arrays' nbytes / rows):

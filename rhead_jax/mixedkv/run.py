@@ -30,7 +30,7 @@ from rhead_jax.errors import UserError
 from rhead_jax.mixedkv.heads import MixedRun, parse_choices, plan_runs
 from rhead_jax.mixedkv.runner import MeasuredRunner, MixedRunner, mixed_layout
 from rhead_jax.models.cache import init_cache
-from rhead_jax.models.mixed import cache_nbytes
+from rhead_jax.models.mixed_cache import cache_nbytes
 from rhead_jax.needle.rouge import rouge1_recall
 from rhead_jax.report.plots import plot_accuracy_vs_kv
 from rhead_jax.report.provenance import file_record

@@ -20,8 +20,9 @@ from jax.sharding import NamedSharding
 
 from rhead_jax import sharding as shd
 from rhead_jax.models.generate import GenerateSpec
-from rhead_jax.models.mixed import (HeadTables, MixedCache, MixedLayout, cache_nbytes, decode_mixed, head_layout,
-                                    init_mixed_cache, prefill_mixed, put_rows, rows_from_prefix, take_rows)
+from rhead_jax.models.mixed import decode_mixed, prefill_mixed
+from rhead_jax.models.mixed_cache import (HeadTables, MixedCache, MixedLayout, cache_nbytes, head_layout,
+                                          init_mixed_cache, put_rows, rows_from_prefix, take_rows)
 from rhead_jax.runner import Runner
 
 CACHE_AXES = {"full_k": ("batch", "kv_heads", None, "cache_seq", "head_dim"),
@@ -100,7 +101,7 @@ class MixedRunner(Runner):
 
     def rows_jit(self, batch: int, size: int, prefix_size: int):
         """(prefix, starts [batch]) -> a [batch]-row cache of `size` positions from the 1-row prefix
-        cache of `prefix_size` positions (models.mixed.rows_from_prefix)."""
+        cache of `prefix_size` positions (models.mixed_cache.rows_from_prefix)."""
         def make():
             step = partial(rows_from_prefix, size=size, sink=self.layout.sink, ring=self.layout.ring_capacity(size))
             if self.mesh is None:

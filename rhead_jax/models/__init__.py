@@ -2,7 +2,8 @@
 
 Read in this order:
 1. `config.py`: `ModelConfig`, one keyword-only dataclass read from a Hugging Face `config.json`
-   (Llama-2/3, Mistral, Mixtral, Yi, Qwen1.5/2/3, SmolLM2, Gemma 1/2/3).
+   (Llama-2/3, Mistral, Mixtral, Yi, Qwen1.5/2/3, SmolLM2, Gemma 1/2/3); `hf_config.py` the pieces
+   it reads beyond the Llama fields (`RopeConfig`, sliding windows, Gemma's fields, `ConfigError`).
 2. `decoder.py`: the parameter tree (`Decoder`, `init_params`) and `forward(params, cfg, tokens,
    positions, cache, ...)`, the layers under `lax.scan`; `cache.py` the KV cache (`KVCache`,
    `init_cache`; a ring per local layer for windowed models) and what a pass captures
@@ -13,7 +14,8 @@ Read in this order:
    (splash on TPU, cuDNN on GPU).
 4. `generate.py`: prefill and the greedy decode loop as one jitted program, capturing each head's
    top-k attended positions at every step (the copy score's input).
-5. `mixed.py`: a mixed KV cache (full heads + streaming sink/recent heads) for rhead_jax.mixedkv.
+5. `mixed_cache.py`: a mixed KV cache (full heads + streaming sink/recent heads: its layout, head
+   tables and rows) for rhead_jax.mixedkv; `mixed.py` the forward, prefill and decode over it.
 
 Nothing here imports rhead_jax above `errors` (tests/test_layers.py).
 """

@@ -187,7 +187,7 @@ def decode_impl(params, first, prompt_lens, cache: KVCache, decode_mask, targets
 
 def decode_loop(step, first, prompt_lens, cache, *, spec: GenerateSpec, num_layers: int, num_heads: int):
     """THE greedy decode loop with capture over any cache (a `lax.while_loop`; the plain and
-    windowed KVCache, models.mixed's MixedCache): the cache holds every prompt token but the last,
+    windowed KVCache, models.mixed_cache's MixedCache): the cache holds every prompt token but the last,
     `first` [B] is that token. step(tok [B, 1], pos [B, 1], cache) -> (logits [B, 1, V], cache,
     topk_index, topk_weight [L, B, H, k] (None without spec.top_k), mass [L, B, H, M] (None
     without spec.decode_masses), terms: nxt [B] -> [L, B, H, 3] logit terms of the generated

@@ -10,7 +10,8 @@ import math
 import jax.numpy as jnp
 import numpy as np
 
-from rhead_jax.models.config import ModelConfig, RopeConfig
+from rhead_jax.models.config import ModelConfig
+from rhead_jax.models.hf_config import RopeConfig
 
 
 def _base_inv_freq(theta: float, dim: int) -> np.ndarray:
