@@ -44,12 +44,11 @@ def native_config(directory: str | Path) -> tuple[Any, dict] | None:
     directory = Path(directory)
     try:
         config = json.loads((directory / "tokenizer_config.json").read_text())
-        raw = json.loads((directory / "tokenizer.json").read_text())
     except (OSError, ValueError):
         return None
     if (config.get("tokenizer_class") not in ("PreTrainedTokenizerFast", "TokenizersBackend")
+            or not (directory / "tokenizer.json").is_file()
             or (directory / "special_tokens_map.json").exists() or (directory / "chat_templates").exists()
-            or raw.get("truncation") or raw.get("padding")
             or config.get("clean_up_tokenization_spaces", False)   # a clean-up pass (default off since transformers 4.45)
             or config.get("split_special_tokens") or config.get("added_tokens_decoder")
             or config.get("additional_special_tokens") or config.get("extra_special_tokens")
@@ -57,7 +56,12 @@ def native_config(directory: str | Path) -> tuple[Any, dict] | None:
         return None
     from tokenizers import Tokenizer
 
-    tok = Tokenizer.from_str(json.dumps(raw))
+    try:
+        tok = Tokenizer.from_file(str(directory / "tokenizer.json"))   # (not through Python's json: its objects
+    except Exception:                                                 # would stay in the heap, ~20 MiB)
+        return None
+    if tok.truncation or tok.padding:
+        return None
     if tok.get_vocab_size(with_added_tokens=False) > 100_000:   # transformers may patch the pre-tokenizer then
         return None
     added = {t.content: t for t in tok.get_added_tokens_decoder().values()}
