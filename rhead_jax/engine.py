@@ -43,7 +43,7 @@ from rhead_jax.batches import round_up
 from rhead_jax.checkpoints import LoadedModel
 from rhead_jax.compilation import COMPILES, count_compiles, enable_compile_cache
 from rhead_jax.errors import UserError
-from rhead_jax.host_memory import host_memory_returns_to_the_system, release_freed_memory
+from rhead_jax.host_memory import host_memory_returns_to_the_system, release_after_compiles, release_freed_memory
 from rhead_jax.models.attention import AttentionOptions, MassTargets
 from rhead_jax.models.generate import GenerateSpec, cache_size_for, pad_prompts
 from rhead_jax.needle.prompts import Instance
@@ -128,6 +128,8 @@ class Engine:
             logging.info("persistent compilation cache: %s", cache)
         self.mesh = mesh_from_config(config)
         self.trim = jax.devices()[0].platform == "cpu" and host_memory_returns_to_the_system()
+        if self.trim:
+            release_after_compiles()
         if model is None:
             model = load_model(config.model.path, dtype=config.model.dtype, mesh=self.mesh)
         elif self.mesh is not None:

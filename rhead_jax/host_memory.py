@@ -1,11 +1,11 @@
 """The host allocator on XLA:CPU: freed buffers go back to the system (glibc), so a sweep's resident
 memory stays that of one batch (docs/performance.md). The engine turns it on when it starts on
-CPU (`Engine.trim`) and releases the freed pages after each batch."""
+CPU (`Engine.trim`) and releases the freed pages after each batch and after each XLA compile."""
 from __future__ import annotations
 
 import ctypes
 
-__all__ = ["M_MMAP_THRESHOLD", "host_memory_returns_to_the_system", "release_freed_memory"]
+__all__ = ["M_MMAP_THRESHOLD", "host_memory_returns_to_the_system", "release_after_compiles", "release_freed_memory"]
 
 
 def _libc():
@@ -36,3 +36,24 @@ def release_freed_memory() -> None:
     libc = _libc()
     if libc:
         libc.malloc_trim(0)
+
+
+_after_compiles = False
+
+
+def release_after_compiles() -> None:
+    """`release_freed_memory` after every XLA compile (or read from the persistent cache) of this
+    process from now on (idempotent; no-op without glibc): XLA:CPU's compiler frees ~50 MiB of
+    working memory per program, which glibc would keep resident under the buffers of the run that
+    follows until the batch ends (a cold sweep's peak; docs/performance.md)."""
+    global _after_compiles
+    if _after_compiles or _libc() is None:
+        return
+    from jax import monitoring
+
+    def on_duration(event: str, seconds: float, **_):
+        if event == "/jax/core/compile/backend_compile_duration":
+            release_freed_memory()
+
+    monitoring.register_event_duration_secs_listener(on_duration)
+    _after_compiles = True

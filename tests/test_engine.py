@@ -2,6 +2,7 @@
 padding rows, and the result store."""
 from __future__ import annotations
 
+import jax
 import numpy as np
 import pytest
 
@@ -87,6 +88,17 @@ def test_cpu_engine_hands_freed_host_memory_back(engine):
     host_memory.release_freed_memory()
     assert before - rss_kib() > 15 << 10                           # >15 of the 30 MiB freed went back
     del blocks
+
+
+def test_cpu_engine_trims_the_heap_after_each_compile(engine, monkeypatch):
+    """The compiler's freed working memory goes back before the program runs
+    (host_memory.release_after_compiles, turned on by the engine on XLA:CPU with glibc)."""
+    if not engine.trim:
+        pytest.skip("glibc on XLA:CPU only")
+    calls = []
+    monkeypatch.setattr(host_memory, "release_freed_memory", lambda: calls.append(1))
+    jax.jit(lambda x: x * 3 + 1)(np.arange(7919, dtype=np.float32)).block_until_ready()   # a new program
+    assert calls
 
 
 def test_rows_do_not_depend_on_the_batch(engine):
