@@ -6,6 +6,16 @@
             (weight bytes + KV bytes read) / the memory bandwidth measured here (a large copy),
             against the time to read the weights once (`x W read`: the M = 1 read floor), and
             against the batch-1 step (`x M=1`: what a row more per step costs);
+  copies    the decode loop as the engine compiles it (models.generate.decode_impl, the cache
+            donated): its optimized HLO's per-layer copies (the `lax.scan` over the stacked layers
+            copies each layer's weights and KV cache out of the stacked arrays for the library
+            dots), in MiB per step against the weights and the cache, and its ms per step
+            against the single forward step above (`--copies`);
+  breakdown one decode step without each of its parts, in CPU ms of this process (steadier than
+            wall time on a shared machine): the LM head (logits="none"), the top-1 capture
+            (top_k=0), the KV cache (a 64-slot cache: what is left is the weights' part), so the
+            step's time splits into layers' weights, LM head, KV attention and capture
+            (`--breakdown`);
   layout    small-M matmuls with the model's weight shapes in both layouts, `x @ W` (W as
             [K, N], the decoder's) and `einsum('mk,nk->mn')` (W as [N, K]): which one XLA:CPU
             runs faster at the sweep's batch sizes (`--layouts`).
@@ -13,6 +23,8 @@
     python -m benchmarks.kernels                       # batch 1, 3, 8; prefill 2048 tokens
     python -m benchmarks.kernels --batches 3 --tokens 2048 --context 2048
     python -m benchmarks.kernels --batches 1,3,9 --no_prefill   # decode steps only
+    python -m benchmarks.kernels --batches 1,3,9 --no_prefill --copies   # + the decode loop's copies
+    python -m benchmarks.kernels --no_prefill --breakdown --shapes 9x576,5x1088,3x2112   # the sweep's steps
 
 The sweep's default batch size comes from these figures (README, "Performance").
 """
@@ -20,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import time
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
@@ -70,6 +83,12 @@ def main() -> int:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--layouts", action="store_true", help="also time small-M matmuls in both weight layouts")
     ap.add_argument("--no_prefill", action="store_true", help="time the decode steps only")
+    ap.add_argument("--breakdown", action="store_true",
+                    help="also split decode steps into weights, LM head, KV attention and capture (CPU ms)")
+    ap.add_argument("--shapes", default="9x576,5x1088,3x2112",
+                    help="BxS decode steps of --breakdown (default: the SmolLM2 sweep's batches on the KJV haystack)")
+    ap.add_argument("--copies", action="store_true",
+                    help="also compile the decode loop and print its per-step copies and ms per step")
     args = ap.parse_args()
 
     import jax
@@ -102,6 +121,7 @@ def main() -> int:
     batches = [int(b) for b in args.batches.split(",")]
     batches = batches if 1 in batches else [1, *batches]   # the M=1 step is every row's yardstick
     one_row = None
+    steps = {}
     w_read = weight_bytes / bw
     print(f"\ndecode: {S}-token context, the weights read once in {1e3 * w_read:.1f} ms (the M = 1 read floor)")
     print(f"{'batch':>5} {'prefill s':>10} {'GFLOP/s':>8} {'of peak':>8} {'decode ms':>10} {'floor ms':>9} "
@@ -134,15 +154,155 @@ def main() -> int:
             return logits
 
         t_dec = best_of(one_step, args.repeats * 3)
+        steps[B] = t_dec
         one_row = one_row or t_dec
         kv_bytes = 2 * L * B * cfg.num_kv_heads * ds * D * 4
         floor = (weight_bytes + kv_bytes) / bw
         print(f"{B:>5} {t_pre:10.2f} {flops / t_pre / 1e9:8.1f} {flops / t_pre / peak:7.0%} {1e3 * t_dec:10.1f} "
               f"{1e3 * floor:9.1f} {t_dec / floor:7.2f}x {t_dec / w_read:8.2f}x {t_dec / one_row:5.2f}x "
               f"{1e3 * t_dec / B:7.1f}")
+    if args.breakdown:
+        breakdown(cfg, params, attn, [tuple(int(v) for v in bs.split("x")) for bs in args.shapes.split(",")],
+                  args.repeats)
+    if args.copies:
+        copies(cfg, params, attn, batches, S, steps, args.repeats)
     if args.layouts:
         layouts(cfg, batches, args.repeats, bw)
     return 0
+
+
+def _copy_bytes(hlo: str, num_layers: int) -> dict[str, int]:
+    """Bytes one decode step copies, from the optimized HLO text of the decode loop: the kLoop
+    fusions that only slice (a dynamic slice, maybe bitcast: the copy XLA:CPU makes of an operand
+    it hands to a library dot) and the plain `copy` ops, by what they copy. A fusion slicing an
+    [L, ...] operand runs once per layer (the layer scan's body), so its bytes count L times."""
+    sizes = {"f32": 4, "s32": 4, "bf16": 2, "f16": 2, "pred": 1}
+
+    def nbytes(shape: str) -> int:
+        m = re.match(r"(\w+)\[([\d,]*)\]", shape)
+        n = 1
+        for dim in filter(None, m.group(2).split(",")):
+            n *= int(dim)
+        return n * sizes.get(m.group(1), 4)
+
+    bodies = {m.group(1): m.group(2) for m in re.finditer(r"^%([\w.\-]+) \((.*?)\) -> ", hlo, re.M)}
+    only_slices = {}
+    for m in re.finditer(r"^%([\w.\-]+) \(.*?\{\n(.*?)\n\}", hlo, re.M | re.S):
+        ops = re.findall(r"= \S+ ([\w-]+)\(", m.group(2))
+        if "dynamic-slice" in ops and set(ops) <= {"parameter", "constant", "bitcast", "dynamic-slice", "copy"}:
+            only_slices[m.group(1)] = bodies.get(m.group(1), "")
+    out = {"weights": 0, "kv cache": 0, "other": 0}
+    for m in re.finditer(r"= (\w+\[[\d,]*\])\S* (fusion|copy)\((.*?)\)(.*)$", hlo, re.M):
+        shape, op, rest = m.group(1), m.group(2), m.group(4)
+        if op == "fusion":
+            called = re.search(r"calls=%([\w.\-]+)", rest)
+            if not called or called.group(1) not in only_slices:
+                continue
+            src = re.search(r"\w+\[([\d,]*)\]", only_slices[called.group(1)]).group(1).split(",")
+            kind = "kv cache" if len(src) == 5 else "weights"
+            out[kind] += nbytes(shape) * (num_layers if src[0] == str(num_layers) else 1)
+        elif nbytes(shape) >= 2 ** 16:
+            out["other"] += nbytes(shape)
+    return out
+
+
+def cpu_best_of(fn, repeats: int) -> float:
+    """Like best_of, in CPU seconds of this process (all its threads)."""
+    import jax
+
+    jax.block_until_ready(fn())
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.process_time()
+        jax.block_until_ready(fn())
+        best = min(best, time.process_time() - t0)
+    return best
+
+
+def breakdown(cfg, params, attn, shapes, repeats: int) -> None:
+    """Decode steps (B rows, S cached tokens; the forward step of `main`) without each part, in
+    CPU ms (best of 3 * repeats, the variants interleaved twice): the parts are the differences."""
+    import jax
+    import jax.numpy as jnp
+
+    from rhead_jax.models.cache import CaptureSpec, init_cache
+    from rhead_jax.models.decoder import forward
+    from rhead_jax.models.generate import cache_slots
+
+    variants = {"step": ("all", 1, True), "no LM head": ("none", 1, True), "no capture": ("all", 0, True),
+                "no KV": ("all", 1, False)}
+    print(f"\ndecode step breakdown (CPU ms of this process; parts = the step without them subtracted)")
+    print(f"{'B x S':>10} {'step':>7} {'weights':>8} {'LM head':>8} {'KV attn':>8} {'capture':>8}")
+    for B, S in shapes:
+        got = {}
+        for _ in range(2):
+            for name, (logits, k, kv) in variants.items():
+                n = S if kv else 0
+                ds = cache_slots(n + 64, attn)
+                cache = init_cache(cfg, B, ds)
+                slot = jnp.arange(ds)[None]
+                cache = cache.replace(pos=jnp.where(slot < n, slot, -1).astype(jnp.int32) * jnp.ones((B, 1), jnp.int32),
+                                      length=jnp.full((B,), n, jnp.int32))
+                step = jax.jit(lambda p, t, q, c, logits=logits, k=k: forward(
+                    p, cfg, t, q, c, capture=CaptureSpec(top_k=k), logits=logits, attn=attn)[1], donate_argnums=(3,))
+                tok, pos, state = jnp.zeros((B, 1), jnp.int32), jnp.full((B, 1), n, jnp.int32), {"c": cache}
+
+                def one():
+                    state["c"] = step(params, tok, pos, state["c"])
+                    return state["c"].k
+
+                got[name] = min(got.get(name, float("inf")), cpu_best_of(one, 3 * repeats))
+        t = got["step"]
+        print(f"{f'{B} x {S}':>10} {1e3 * t:7.1f} {1e3 * (got['no KV'] - (t - got['no LM head'])):8.1f} "
+              f"{1e3 * (t - got['no LM head']):8.1f} {1e3 * (t - got['no KV']):8.1f} {1e3 * (t - got['no capture']):8.1f}")
+
+
+def copies(cfg, params, attn, batches, S: int, steps: dict, repeats: int, n_steps: int = 16) -> None:
+    """The decode loop (models.generate.decode_impl, as the engine jits it: the cache donated) at
+    each batch: what its optimized HLO copies per step (`_copy_bytes`; `x read`: those bytes over
+    the weights' and the cache's, what the step must read), and its ms per step (best loop of
+    n_steps, no stop tokens) against the single forward step (`steps`, s)."""
+    from functools import partial
+
+    import jax
+    import jax.numpy as jnp
+
+    from rhead_jax.models.cache import init_cache
+    from rhead_jax.models.generate import GenerateSpec, cache_slots, decode_impl
+
+    spec = GenerateSpec(max_new_tokens=n_steps, top_k=1, attn=attn)
+    layer_bytes = sum(x.nbytes for x in jax.tree.leaves(params["layers"]))
+    weight_bytes = sum(x.nbytes for x in jax.tree.leaves(params))
+    print(f"\ndecode loop ({n_steps} steps, {S}-token context): per-step copies in its optimized HLO "
+          f"(layer weights {layer_bytes / 2 ** 20:.0f} MiB)")
+    print(f"{'batch':>5} {'compile s':>9} {'weights MiB':>11} {'KV MiB':>7} {'of KV':>6} {'other MiB':>9} "
+          f"{'x read':>7} {'loop ms/step':>12} {'x forward':>9}")
+    for B in batches:
+        ds = cache_slots(S + 64, attn)
+
+        def fresh():
+            cache = init_cache(cfg, B, ds)
+            slot = jnp.arange(ds)[None]
+            return cache.replace(pos=jnp.where(slot < S, slot, -1).astype(jnp.int32) * jnp.ones((B, 1), jnp.int32),
+                                 length=jnp.full((B,), S, jnp.int32))
+
+        first, lens = jnp.zeros((B,), jnp.int32), jnp.full((B,), S + 1, jnp.int32)
+        t0 = time.perf_counter()
+        loop = jax.jit(partial(decode_impl, cfg=cfg, spec=spec), donate_argnums=(3,)).lower(
+            params, first, lens, fresh(), None).compile()
+        t_compile = time.perf_counter() - t0
+        got = _copy_bytes(loop.as_text(), cfg.num_layers)
+        kv = 2 * cfg.num_layers * B * cfg.num_kv_heads * ds * cfg.head_dim * 4
+        best = float("inf")
+        for _ in range(repeats):
+            cache = jax.block_until_ready(fresh())
+            t0 = time.perf_counter()
+            jax.block_until_ready(loop(params, first, lens, cache, None)[0])
+            best = min(best, (time.perf_counter() - t0) / n_steps)
+        moved = got["weights"] + got["kv cache"] + got["other"]
+        print(f"{B:>5} {t_compile:9.1f} {got['weights'] / 2 ** 20:11.0f} {got['kv cache'] / 2 ** 20:7.0f} "
+              f"{got['kv cache'] / kv:5.0%} {got['other'] / 2 ** 20:9.1f} {moved / (weight_bytes + kv):6.2f}x "
+              f"{1e3 * best:12.1f} {best / steps[B]:8.2f}x")
 
 
 def layouts(cfg, batches, repeats: int, bw: float) -> None:
