@@ -79,7 +79,8 @@ def main() -> int:
     from rhead_jax.checkpoints import load_model
     from rhead_jax.config import default_config
     from rhead_jax.models.attention import AttentionOptions
-    from rhead_jax.models.decoder import CaptureSpec, forward, init_cache
+    from rhead_jax.models.cache import CaptureSpec, init_cache
+    from rhead_jax.models.decoder import forward
     from rhead_jax.models.generate import cache_slots, prefill
 
     c = default_config().sweep

@@ -62,7 +62,8 @@ def main(argv) -> None:
     rows.append(("weights + tokenizer (measured)", mib(loaded - runtime),
                  f"params {weight_bytes / 2 ** 20:.0f} MiB, loaded in {time.time() - t:.1f}s"))
 
-    from rhead_jax.engine import Engine, round_up
+    from rhead_jax.batches import round_up
+    from rhead_jax.engine import Engine
     from rhead_jax.models.generate import cache_size_for
 
     engine = Engine(config, model)

@@ -70,8 +70,9 @@ def run_child(T: int, args) -> dict:
     import jax.numpy as jnp
     import numpy as np
 
+    from rhead_jax.models.cache import init_cache
     from rhead_jax.models.config import ModelConfig
-    from rhead_jax.models.decoder import init_cache, init_params
+    from rhead_jax.models.decoder import init_params
     from rhead_jax.models.generate import GenerateSpec, cache_size_for, generate
 
     cfg = ModelConfig(**MODEL)

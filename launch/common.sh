@@ -42,6 +42,19 @@ take() {
   fi
 }
 
+# shared_flag "$@": the flags every script takes (--name --zone --project --ssh_flag --dry_run);
+# when $1 is one of them, sets it, sets SHIFT (how many args it used) and returns 0; else returns 1.
+shared_flag() {
+  case $1 in
+    --name | --name=*) take "$@"; NAME=$VAL ;;
+    --zone | --zone=*) take "$@"; ZONE=$VAL ;;
+    --project | --project=*) take "$@"; PROJECT=$VAL ;;
+    --ssh_flag | --ssh_flag=*) take "$@"; check_gcloud_flag "$VAL" --ssh_flag; SSH_FLAGS+=("$VAL") ;;
+    --dry_run | --dry-run) DRY_RUN=1; SHIFT=1 ;;
+    *) return 1 ;;
+  esac
+}
+
 # require VALUE FLAG [ENV]: die with a clear message when a required setting is empty.
 require() {
   if [[ -z $1 ]]; then

@@ -58,11 +58,9 @@ if [[ -n ${TPU_CREATE_FLAGS:-} ]]; then
 fi
 
 while (($#)); do
+  if shared_flag "$@"; then shift "$SHIFT"; continue; fi
   case $1 in
     -h | --help) usage; exit 0 ;;
-    --name | --name=*) take "$@"; NAME=$VAL; shift "$SHIFT" ;;
-    --zone | --zone=*) take "$@"; ZONE=$VAL; shift "$SHIFT" ;;
-    --project | --project=*) take "$@"; PROJECT=$VAL; shift "$SHIFT" ;;
     --accelerator | --accelerator=* | --accelerator_type | --accelerator_type=* | --accelerator-type | --accelerator-type=*)
       take "$@"; ACCELERATOR=$VAL; shift "$SHIFT" ;;
     --version | --version=* | --runtime_version | --runtime_version=*) take "$@"; VERSION=$VAL; shift "$SHIFT" ;;
@@ -73,8 +71,6 @@ while (($#)); do
     --queued) QUEUED=1; shift ;;
     --wait) WAIT=1; shift ;;
     --create_flag | --create_flag=*) take "$@"; check_gcloud_flag "$VAL" --create_flag; EXTRA+=("$VAL"); shift "$SHIFT" ;;
-    --ssh_flag | --ssh_flag=*) take "$@"; check_gcloud_flag "$VAL" --ssh_flag; SSH_FLAGS+=("$VAL"); shift "$SHIFT" ;;
-    --dry_run | --dry-run) DRY_RUN=1; shift ;;
     --) die "pass gcloud flags with --create_flag FLAG (one per flag)" ;;
     *) die "unknown argument '$1' (gcloud flags go in --create_flag FLAG)" ;;
   esac

@@ -35,17 +35,13 @@ YES=0
 ASYNC=0
 
 while (($#)); do
+  if shared_flag "$@"; then shift "$SHIFT"; continue; fi
   case $1 in
     -h | --help) usage; exit 0 ;;
-    --name | --name=*) take "$@"; NAME=$VAL; shift "$SHIFT" ;;
-    --zone | --zone=*) take "$@"; ZONE=$VAL; shift "$SHIFT" ;;
-    --project | --project=*) take "$@"; PROJECT=$VAL; shift "$SHIFT" ;;
     --qr_id | --qr_id=*) take "$@"; QR_ID=$VAL; shift "$SHIFT" ;;
     --queued) QUEUED=1; shift ;;
     --yes | -y | --quiet) YES=1; shift ;;
     --async) ASYNC=1; shift ;;
-    --ssh_flag | --ssh_flag=*) take "$@"; check_gcloud_flag "$VAL" --ssh_flag; SSH_FLAGS+=("$VAL"); shift "$SHIFT" ;;
-    --dry_run | --dry-run) DRY_RUN=1; shift ;;
     *) die "unknown argument '$1'" ;;
   esac
 done

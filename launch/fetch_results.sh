@@ -44,19 +44,15 @@ REPO_DIR='~/rhead_jax'
 WORKER=0
 
 while (($#)); do
+  if shared_flag "$@"; then shift "$SHIFT"; continue; fi
   case $1 in
     -h | --help) usage; exit 0 ;;
     --workdir | --workdir=*) take "$@"; WORKDIR=$VAL; shift "$SHIFT" ;;
     --dest | --dest=*) take "$@"; DEST=$VAL; shift "$SHIFT" ;;
-    --name | --name=*) take "$@"; NAME=$VAL; shift "$SHIFT" ;;
-    --zone | --zone=*) take "$@"; ZONE=$VAL; shift "$SHIFT" ;;
-    --project | --project=*) take "$@"; PROJECT=$VAL; shift "$SHIFT" ;;
     --remote_dir | --remote_dir=*) take "$@"; REMOTE_DIR=$VAL; shift "$SHIFT" ;;
     --repo_dir | --repo_dir=*) take "$@"; REPO_DIR=$VAL; shift "$SHIFT" ;;
     --worker | --worker=*) take "$@"; WORKER=$VAL; shift "$SHIFT" ;;
     --gsutil) GSUTIL=1; shift ;;
-    --ssh_flag | --ssh_flag=*) take "$@"; check_gcloud_flag "$VAL" --ssh_flag; SSH_FLAGS+=("$VAL"); shift "$SHIFT" ;;
-    --dry_run | --dry-run) DRY_RUN=1; shift ;;
     *) die "unknown argument '$1'" ;;
   esac
 done

@@ -67,11 +67,9 @@ TARBALL=""
 CHECK=1
 
 while (($#)); do
+  if shared_flag "$@"; then shift "$SHIFT"; continue; fi
   case $1 in
     -h | --help) usage; exit 0 ;;
-    --name | --name=*) take "$@"; NAME=$VAL; shift "$SHIFT" ;;
-    --zone | --zone=*) take "$@"; ZONE=$VAL; shift "$SHIFT" ;;
-    --project | --project=*) take "$@"; PROJECT=$VAL; shift "$SHIFT" ;;
     --repo | --repo=*) take "$@"; REPO=$VAL; shift "$SHIFT" ;;
     --ref | --ref=*) take "$@"; REF=$VAL; shift "$SHIFT" ;;
     --worker | --worker=*) take "$@"; WORKER=$VAL; shift "$SHIFT" ;;
@@ -82,8 +80,6 @@ while (($#)); do
     --pip | --pip=*) take "$@"; PIP_EXTRA+=("$VAL"); shift "$SHIFT" ;;
     --tarball | --tarball=*) take "$@"; TARBALL=$VAL; shift "$SHIFT" ;;
     --no_check) CHECK=0; shift ;;
-    --ssh_flag | --ssh_flag=*) take "$@"; check_gcloud_flag "$VAL" --ssh_flag; SSH_FLAGS+=("$VAL"); shift "$SHIFT" ;;
-    --dry_run | --dry-run) DRY_RUN=1; shift ;;
     --) die "pass gcloud flags with --ssh_flag FLAG (one per flag)" ;;
     *) die "unknown argument '$1' (gcloud flags go in --ssh_flag FLAG)" ;;
   esac

@@ -79,11 +79,9 @@ INSTALL=()
 PASS=()
 
 while (($#)); do
+  if shared_flag "$@"; then shift "$SHIFT"; continue; fi
   case $1 in
     -h | --help) usage; exit 0 ;;
-    --name | --name=*) take "$@"; NAME=$VAL; shift "$SHIFT" ;;
-    --zone | --zone=*) take "$@"; ZONE=$VAL; shift "$SHIFT" ;;
-    --project | --project=*) take "$@"; PROJECT=$VAL; shift "$SHIFT" ;;
     --accelerator | --accelerator=*) take "$@"; ACCELERATOR=$VAL; shift "$SHIFT" ;;
     --version | --version=*) take "$@"; VERSION=$VAL; shift "$SHIFT" ;;
     --config | --config=*) take "$@"; CONFIG=$VAL; shift "$SHIFT" ;;
@@ -94,9 +92,7 @@ while (($#)); do
     --poll | --poll=*) take "$@"; POLL=$VAL; shift "$SHIFT" ;;
     --no_spot) SPOT=0; shift ;;
     --create_flag | --create_flag=*) take "$@"; check_gcloud_flag "$VAL" --create_flag; CREATE+=(--create_flag="$VAL"); shift "$SHIFT" ;;
-    --ssh_flag | --ssh_flag=*) take "$@"; check_gcloud_flag "$VAL" --ssh_flag; SSH_FLAGS+=("$VAL"); shift "$SHIFT" ;;
     --install_flag | --install_flag=*) take "$@"; INSTALL+=("$VAL"); shift "$SHIFT" ;;
-    --dry_run | --dry-run) DRY_RUN=1; shift ;;
     --config.*) PASS+=("$1"); shift ;;
     --) shift; PASS+=("$@"); break ;;
     *) die "unknown argument '$1' (flags for $MODULE go after --)" ;;

@@ -74,11 +74,9 @@ LOG_DIR='~/rhead_logs'
 PASS=()
 
 while (($#)); do
+  if shared_flag "$@"; then shift "$SHIFT"; continue; fi
   case $1 in
     -h | --help) usage; exit 0 ;;
-    --name | --name=*) take "$@"; NAME=$VAL; shift "$SHIFT" ;;
-    --zone | --zone=*) take "$@"; ZONE=$VAL; shift "$SHIFT" ;;
-    --project | --project=*) take "$@"; PROJECT=$VAL; shift "$SHIFT" ;;
     --config | --config=*) take "$@"; CONFIG=$VAL; shift "$SHIFT" ;;
     --workdir | --workdir=*) take "$@"; WORKDIR=$VAL; shift "$SHIFT" ;;
     --worker | --worker=*) take "$@"; WORKER=$VAL; shift "$SHIFT" ;;
@@ -92,8 +90,6 @@ while (($#)); do
     --status) STATUS=1; shift ;;
     --distributed) DISTRIBUTED=yes; shift ;;
     --no_distributed) DISTRIBUTED=no; shift ;;
-    --ssh_flag | --ssh_flag=*) take "$@"; check_gcloud_flag "$VAL" --ssh_flag; SSH_FLAGS+=("$VAL"); shift "$SHIFT" ;;
-    --dry_run | --dry-run) DRY_RUN=1; shift ;;
     --config.*) PASS+=("$1"); shift ;;
     --) shift; PASS+=("$@"); break ;;
     *) die "unknown argument '$1' (pass flags for $MODULE after --)" ;;

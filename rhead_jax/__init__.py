@@ -17,9 +17,12 @@ each other (tests/test_layers.py):
   features   detection.py (copy scores) and rounds.py (stop when the ranking is stable), ablation/
              (masking), analysis/ (files, buckets, rankings compared, dynamic activation),
              detectors/, gates/, mixedkv/, dryrun/ (each also a command: its __main__ or cli.py)
-  engine     engine.py -> runner.py (jitted programs on a mesh), plan.py (the needle grid, no jax),
-             results_store.py (atomic per-batch results, resume), compilation.py
-  base       models/ (the decoder), needle/ (haystack, needles, prompts, spans, ROUGE) and
+  engine     engine.py -> prefix.py (the shared prefix and its branches), batches.py (batches of one
+             length), host_memory.py (freed host memory back to the system), runner.py (jitted
+             programs on a mesh), plan.py (the needle grid, no jax), results_store.py (atomic
+             per-batch results, resume), captures.py, compilation.py
+  base       models/ (config, cache, layers, decoder, attention, generate, mixed), needle/
+             (haystack, needles, prompts, spans, ROUGE) and
              scoring.py, which import nothing of ours but errors; checkpoints/ (safetensors, GGUF,
              orbax), sharding.py, report/ (figures, HTML), rankings.py (any ranking file in one
              shape), stability.py, diagnosis.py, qa.py, config.py (THE config schema), presets.py,

@@ -41,7 +41,7 @@ Extra scores from the same pass (config.sweep.extra_scores), per test and head, 
 
 The mass scores are reduced inside the attention kernels (rhead_jax.models.attention, "span"
 target); the logit scores from each decode step's head outputs and their parts from the needle's
-keys (models.decoder.CaptureSpec.span_outputs), then the generated token's unembedding row
+keys (models.cache.CaptureSpec.span_outputs), then the generated token's unembedding row
 (models.decoder.head_logit_contributions): memory stays O(T), one pass, no T x T map. The copy
 score and head_scores.json are unchanged by any of them.
 """
@@ -57,14 +57,16 @@ from absl import logging
 
 from rhead_jax import config as config_lib
 from rhead_jax import captures, diagnosis, io, rounds, scoring, stability
+from rhead_jax.batches import make_batches
 from rhead_jax.checkpoints import LoadedModel
-from rhead_jax.engine import EXTRA_SCORES, Engine, SharedPrefix, make_batches, question_start
+from rhead_jax.engine import EXTRA_SCORES, Engine
 from rhead_jax.models.decoder import LOGIT_TERMS
 from rhead_jax.errors import UserError
 from rhead_jax.models.attention import mass_targets
 from rhead_jax.models.generate import GenerateSpec
 from rhead_jax.needle.prompts import Instance
 from rhead_jax.needle.rouge import keep_test, rouge1_recall
+from rhead_jax.prefix import SharedPrefix, question_start
 from rhead_jax.report import kinds as kinds_lib
 
 

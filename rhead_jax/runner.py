@@ -20,8 +20,8 @@ import numpy as np
 
 from rhead_jax import sharding as shd
 from rhead_jax.models.attention import MassTargets
+from rhead_jax.models.cache import KVCache, init_cache, local_layers, ring_size_for
 from rhead_jax.models.config import ModelConfig
-from rhead_jax.models.decoder import KVCache, init_cache, local_layers, ring_size_for
 from rhead_jax.models.generate import Generation, GenerateSpec, decode_impl, prefill, prefill_block_impl
 
 
@@ -29,7 +29,7 @@ def _rows(cache: KVCache, starts, branches: KVCache | None = None, source=None, 
           cfg: ModelConfig | None = None, ring: int | None = None) -> KVCache:
     """[B]-row cache of `size` slots from a 1-row (plain) cache: row b keeps slots < starts[b]. With
     `branches` (an [R]-row plain cache), row b takes them from branch row source[b] instead where
-    source[b] >= 0. ring: a windowed cache (models.decoder.KVCache) of `ring` ring slots: a local
+    source[b] >= 0. ring: a windowed cache (models.cache.KVCache) of `ring` ring slots: a local
     layer's ring is cut from that layer's every-position slots, row b's last `ring` positions
     before starts[b] (cfg names the local layers)."""
     B = starts.shape[0]
@@ -175,7 +175,7 @@ class Runner:
         """(cache1, starts [batch][, branches, source [batch]]) -> a [batch]-row cache of `size`
         slots taken from the 1-row shared-prefix cache of `prefix_size` slots (row b keeps its
         slots < starts[b]); with `branches` = (rows, slots) of a branch cache, row b takes them from
-        branch row source[b] where source[b] >= 0 (engine.choose_branches)."""
+        branch row source[b] where source[b] >= 0 (prefix.choose_branches)."""
         def make():
             step = partial(_rows, size=size, cfg=self.cfg, ring=self.ring_for(size))
             if self.mesh is None:

@@ -18,8 +18,9 @@ from absl import logging
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 from rhead_jax.errors import UserError
+from rhead_jax.models.cache import KVCache
 from rhead_jax.models.config import ModelConfig
-from rhead_jax.models.decoder import KVCache, param_shapes
+from rhead_jax.models.decoder import param_shapes
 from rhead_jax.models.generate import Generation
 
 MESH_AXES = ("data", "model", "expert")

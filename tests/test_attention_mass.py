@@ -10,8 +10,9 @@ import pytest
 
 from rhead_jax.models.attention import (MASS_TARGETS, NO_WINDOW, AttentionOptions, chunked_attention,
                                         dense_attention, mass_from_probs, mass_targets, target_mask)
+from rhead_jax.models.cache import CaptureSpec, init_cache
 from rhead_jax.models.config import ModelConfig
-from rhead_jax.models.decoder import CaptureSpec, forward, init_cache, init_params
+from rhead_jax.models.decoder import forward, init_params
 
 
 def _tl_patterns(tokens: np.ndarray) -> dict[str, np.ndarray]:

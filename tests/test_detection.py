@@ -204,7 +204,8 @@ def _dense_extra_scores(model, result) -> dict[str, np.ndarray]:
     and the generated tokens but the last: row P - 1 + i is the query of decode step i)."""
     import jax.numpy as jnp
 
-    from rhead_jax.models.decoder import CaptureSpec, forward
+    from rhead_jax.models.cache import CaptureSpec
+    from rhead_jax.models.decoder import forward
 
     prompt, gen = result["prompt_ids"], result["generated"]
     seq = jnp.asarray([prompt + gen[:-1]], jnp.int32)

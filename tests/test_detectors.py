@@ -113,7 +113,8 @@ def test_files_equal_the_dense_reference(tiny_dir, tmp_path):
     """3 samples of 40 x 3 tokens in calls of 2 rows (one padding row), prefilled in pieces of 64 with
     tiles of 32: the files equal the scores of the full probabilities; rankings read them."""
     from rhead_jax.checkpoints import load_model
-    from rhead_jax.models.decoder import CaptureSpec, forward
+    from rhead_jax.models.cache import CaptureSpec
+    from rhead_jax.models.decoder import forward
 
     config = _config(tiny_dir)
     model = load_model(str(tiny_dir))

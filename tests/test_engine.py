@@ -6,8 +6,10 @@ import numpy as np
 import pytest
 
 from rhead_jax import engine as engine_lib
+from rhead_jax import host_memory, prefix
+from rhead_jax.batches import make_batches, round_up
 from rhead_jax.config import default_config, validate
-from rhead_jax.engine import Engine, ResultStore, make_batches
+from rhead_jax.engine import Engine, ResultStore
 from rhead_jax.errors import UserError
 from tests.helpers.tiny_smol import make_tiny_smol
 
@@ -47,7 +49,7 @@ def test_batch_sizes_fit_the_kv_budget(engine):
     spec = engine.spec(capture=True)
     s, c = engine.config.sweep, engine.cfg
     slot = 2 * c.num_layers * c.num_kv_heads * c.head_dim * 4
-    row = {n: slot * engine_lib.cache_size_for(engine_lib.round_up(max(i.num_prompt_tokens for i in inst
+    row = {n: slot * engine_lib.cache_size_for(round_up(max(i.num_prompt_tokens for i in inst
                                                                        if i.length == n), s.pad_multiple), spec)
            for n in (300, 400)}
     assert row[400] > row[300]
@@ -68,7 +70,7 @@ def test_batch_sizes_fit_the_kv_budget(engine):
 
 def test_cpu_engine_hands_freed_host_memory_back(engine):
     """On XLA:CPU with glibc the engine maps blocks of 1 MiB and more on their own and trims the heap
-    after each batch (engine.release_freed_memory): freed pages leave the process's RSS."""
+    after each batch (host_memory.release_freed_memory): freed pages leave the process's RSS."""
     import platform
 
     if platform.libc_ver()[0] != "glibc":
@@ -82,7 +84,7 @@ def test_cpu_engine_hands_freed_host_memory_back(engine):
     blocks = [bytearray(b"x" * (256 << 10)) for _ in range(240)]   # 60 MiB of heap blocks (< 1 MiB each)
     del blocks[::2]                                                # holes between live blocks: not trimmable
     before = rss_kib()                                             # by shrinking the heap's top alone
-    engine_lib.release_freed_memory()
+    host_memory.release_freed_memory()
     assert before - rss_kib() > 15 << 10                           # >15 of the 30 MiB freed went back
     del blocks
 
@@ -125,15 +127,15 @@ def test_choose_branches():
     other = np.concatenate([[1, 2, 8], hay[:200], [9, 9]])       # another needle
     ids = [short, long_, other]
     caps, base = [len(x) - 1 for x in ids], [2, 2, 2]
-    assert engine_lib.choose_branches(ids, caps, base, 0) == ([], base, [-1, -1, -1])
-    branches, starts, source = engine_lib.choose_branches(ids, caps, base, 4)
+    assert prefix.choose_branches(ids, caps, base, 0) == ([], base, [-1, -1, -1])
+    branches, starts, source = prefix.choose_branches(ids, caps, base, 4)
     assert len(branches) == 1 and source[2] == -1 and starts[2] == 2    # one branch; `other` gains nothing
     c, n = branches[0]
     # the short prompt but its last token (decoded, not prefilled); the long one shares it up to the question
     assert c == 0 and source[:2] == [0, 0] and n == 104 and starts[:2] == [104, 103]
     before = sum(cp - b for cp, b in zip(caps, base))
     assert sum(cp - st for cp, st in zip(caps, starts)) + n < before - 64
-    assert engine_lib.choose_branches(ids, caps, base, 4, min_gain=10 ** 6)[0] == []
+    assert prefix.choose_branches(ids, caps, base, 4, min_gain=10 ** 6)[0] == []
 
 
 def test_result_store_pins_its_configuration(tmp_path):

@@ -20,7 +20,8 @@ ROOT = Path(__file__).resolve().parents[1] / "rhead_jax"
 LAYERS = {
     "base": {"errors", "io", "models", "needle", "scoring", "sharding", "presets", "config", "cli", "checkpoints",
              "diagnosis", "stability", "rankings", "qa", "report"},
-    "engine": {"engine", "runner", "plan", "results_store", "compilation", "captures"},
+    "engine": {"engine", "prefix", "batches", "host_memory", "runner", "plan", "results_store", "compilation",
+               "captures"},
     "features": {"detection", "rounds", "ablation", "analysis", "detectors", "gates", "mixedkv", "dryrun", "exploration"},
     "commands": {"sweep", "ablate", "analyze", "explore"},
 }

@@ -74,7 +74,8 @@ def test_logit_terms_match_pytorch(family, tiny_model_dir):
 def test_span_outputs_need_a_span_and_one_token(tiny_model_dir):
     import jax.numpy as jnp
 
-    from rhead_jax.models.decoder import CaptureSpec, forward
+    from rhead_jax.models.cache import CaptureSpec
+    from rhead_jax.models.decoder import forward
 
     cfg, params = load_params(tiny_model_dir("llama2"))
     tok = jnp.zeros((1, 3), jnp.int32)

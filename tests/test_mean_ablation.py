@@ -10,7 +10,8 @@ import jax.numpy as jnp
 
 from rhead_jax.checkpoints.hf import load_params
 from rhead_jax.models.attention import AttentionOptions
-from rhead_jax.models.decoder import CaptureSpec, forward
+from rhead_jax.models.cache import CaptureSpec
+from rhead_jax.models.decoder import forward
 from tests.hf_tiny import load_torch
 
 SMALL = AttentionOptions(q_chunk=8, k_chunk=8)
@@ -97,7 +98,7 @@ def test_mean_ablations_match_pytorch(family, tiny_model_dir):
         assert np.abs(np.asarray(plain)[0] - want).max() > 1e-2, mode                 # the mask changes something
         np.testing.assert_allclose(np.asarray(logits)[0], want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
         # one decode step after a prefill (the dense path) masks the same way
-        from rhead_jax.models.decoder import init_cache
+        from rhead_jax.models.cache import init_cache
         cache = init_cache(cfg, 1, 24)
         _, cache, _ = forward(params, cfg, jnp.asarray([seq[:-1]]), jnp.arange(len(seq) - 1)[None], cache,
                               head_mask=jnp.asarray(mask), mask_mode=mode, attn=SMALL, logits="none")

@@ -10,8 +10,9 @@ import pytest
 from rhead_jax.checkpoints.hf import load_params
 from rhead_jax.models import mixed
 from rhead_jax.models.attention import NO_WINDOW, AttentionOptions
-from rhead_jax.models.decoder import (attention_inputs, attention_output, embed, init_cache, output_logits)
+from rhead_jax.models.cache import init_cache
 from rhead_jax.models.generate import GenerateSpec, cache_size_for, greedy_generate, pad_prompts
+from rhead_jax.models.layers import attention_inputs, attention_output, embed, output_logits
 from rhead_jax.models.rope import rope_cos_sin
 
 SMALL = AttentionOptions(q_chunk=8, k_chunk=8)

@@ -12,7 +12,8 @@ import jax.numpy as jnp
 
 from rhead_jax.checkpoints.hf import load_params
 from rhead_jax.models.attention import AttentionOptions
-from rhead_jax.models.decoder import CaptureSpec, forward, init_cache
+from rhead_jax.models.cache import CaptureSpec, init_cache
+from rhead_jax.models.decoder import forward
 from rhead_jax.models.generate import GenerateSpec, greedy_generate
 from tests.hf_tiny import FAMILIES, load_torch
 
@@ -268,10 +269,10 @@ def test_bf16_forward_close_to_fp32(tiny_model_dir):
 ])
 @pytest.mark.parametrize("B", [1, 4])
 def test_write_rows_is_the_dropping_scatter(T, slots, B):
-    """decoder.write_rows (a select per decode step, dynamic_update_slice for one row, the scatter
+    """cache.write_rows (a select per decode step, dynamic_update_slice for one row, the scatter
     for several) writes exactly what the scatter `buf.at[i, b, :, slots[b] + t].set(new[b, t],
     mode="drop")` wrote, old slots kept."""
-    from rhead_jax.models.decoder import write_rows
+    from rhead_jax.models.cache import write_rows
 
     L, K, S, D = 3, 2, 12, 5
     rng = np.random.default_rng(0)

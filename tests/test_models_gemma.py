@@ -12,8 +12,9 @@ import jax.numpy as jnp
 
 from rhead_jax.checkpoints.hf import load_params
 from rhead_jax.models.attention import AttentionOptions
+from rhead_jax.models.cache import init_cache
 from rhead_jax.models.config import ConfigError, ModelConfig, RopeConfig
-from rhead_jax.models.decoder import forward, init_cache
+from rhead_jax.models.decoder import forward
 from rhead_jax.models.generate import GenerateSpec, generate, greedy_generate, pad_prompts, cache_size_for
 from rhead_jax.runner import _rows
 from tests.hf_tiny import load_torch
@@ -98,7 +99,7 @@ def test_gemma3_multimodal_config_reads_its_text_config():
 
 def test_embedding_scale_is_rounded_like_transformers():
     """sqrt(3072) = 55.4256 is cast to bf16 (55.5) before it multiplies, as transformers does."""
-    from rhead_jax.models.decoder import embed
+    from rhead_jax.models.layers import embed
 
     cfg = ModelConfig.from_hf({**GEMMA3_4B["text_config"], "hidden_size": 3072, "vocab_size": 4}, dtype="bfloat16")
     params = {"embed": jnp.ones((4, 3072), jnp.bfloat16)}

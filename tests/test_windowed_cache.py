@@ -1,4 +1,4 @@
-"""The windowed KV cache (models.decoder.KVCache with rings): a local layer keeps only its window
+"""The windowed KV cache (models.cache.KVCache with rings): a local layer keeps only its window
 of positions, in a ring; exact against the plain (every position) cache through prefill, decode,
 capture (ring slots mapped back to positions), the shared prefix and its branches, row blocks and
 padding rows; the same cache serves Mistral's and Qwen2's sliding windows."""
@@ -13,7 +13,7 @@ from rhead_jax.checkpoints.hf import load_params
 from rhead_jax.config import default_config, validate
 from rhead_jax.engine import Engine
 from rhead_jax.models.attention import AttentionOptions
-from rhead_jax.models.decoder import init_cache, ring_size_for
+from rhead_jax.models.cache import init_cache, ring_size_for
 from rhead_jax.models.generate import GenerateSpec, cache_size_for, generate, pad_prompts
 from rhead_jax.models.mixed import cache_nbytes
 from tests.helpers.tiny_smol import make_tiny_smol
@@ -99,7 +99,8 @@ def test_windowed_cache_carries_every_head_mask_and_capture(family, mode, tiny_m
     mean query ablation included) and the head_sums / span_outputs captures (the logit-contribution
     detectors' inputs) equal the plain cache's, through a prefill several windows long and a decode
     step whose span reaches back past the window."""
-    from rhead_jax.models.decoder import CaptureSpec, forward
+    from rhead_jax.models.cache import CaptureSpec
+    from rhead_jax.models.decoder import forward
 
     cfg, params = load_params(tiny_model_dir(family))
     rng = np.random.RandomState(0)

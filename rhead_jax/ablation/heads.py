@@ -279,12 +279,13 @@ def build_head_mask(cfg, heads: Sequence[Head], means: np.ndarray | None = None)
 def calibration_means(engine, prompts: Sequence[Sequence[int]], mode: str, n: int) -> np.ndarray:
     """[L, H, D] float32: each head's mean, over every token of `n` of the prompts (evenly spaced,
     unmasked), of its query as q_proj gives it ("mean_query", LOCOS's calibration) or of its
-    attention output before o_proj ("mean_output"): models.decoder.CaptureSpec.head_sums, one
+    attention output before o_proj ("mean_output"): models.cache.CaptureSpec.head_sums, one
     plain forward over the prompts padded to one length."""
     import jax
     import jax.numpy as jnp
 
-    from rhead_jax.models.decoder import CaptureSpec, forward
+    from rhead_jax.models.cache import CaptureSpec
+    from rhead_jax.models.decoder import forward
     from rhead_jax.models.generate import pad_prompts
 
     pick = [prompts[int(i)] for i in np.unique(np.linspace(0, len(prompts) - 1, min(n, len(prompts))).round())]

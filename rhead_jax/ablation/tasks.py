@@ -19,7 +19,8 @@ import numpy as np
 
 from rhead_jax import qa
 from rhead_jax.ablation.taxonomy import CATEGORIES, classify_response, haystack_ngrams
-from rhead_jax.engine import Engine, grid_batches, stop_tokens
+from rhead_jax.batches import grid_batches
+from rhead_jax.engine import Engine, stop_tokens
 from rhead_jax.errors import UserError
 from rhead_jax.needle.rouge import keep_test, rouge1_recall
 

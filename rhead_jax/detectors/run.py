@@ -8,9 +8,10 @@ from absl import logging
 from tqdm.auto import tqdm
 
 from rhead_jax import io, scoring
+from rhead_jax.batches import round_up
 from rhead_jax.checkpoints import LoadedModel
 from rhead_jax.detectors.sequences import DETECTORS, detector_targets, query_counts, random_repeats
-from rhead_jax.engine import Engine, round_up
+from rhead_jax.engine import Engine
 from rhead_jax.models.attention import AttentionOptions
 from rhead_jax.models.generate import GenerateSpec
 

@@ -36,7 +36,8 @@ import numpy as np
 
 from rhead_jax import sharding as shd
 from rhead_jax.dryrun.topology import GiB, Topology
-from rhead_jax.models.decoder import init_cache, param_shapes, ring_size_for
+from rhead_jax.models.cache import init_cache, ring_size_for
+from rhead_jax.models.decoder import param_shapes
 
 MARGIN = 0.05          # share of HBM left for the TPU runtime, fragmentation, and estimate error
 
@@ -98,7 +99,7 @@ def params_bytes(cfg, sizes: Mapping[str, int]) -> int:
 def cache_bytes(cfg, sizes: Mapping[str, int], *, rows: int, cache_size: int, plain: bool = False) -> int:
     """Per-device bytes of a [rows]-row KV cache of `cache_size` slots (k, v, pos, length): the
     batch caches' kind (windowed for a model with local layers: their rings hold the window, not
-    the context; models.decoder.ring_size_for), or the plain cache (`plain`: the shared prefix)."""
+    the context; models.cache.ring_size_for), or the plain cache (`plain`: the shared prefix)."""
     mesh_like = SimpleNamespace(shape=dict(sizes))
     ring = None if plain else ring_size_for(cfg, cache_size)
     shape = jax.eval_shape(lambda: init_cache(cfg, rows, cache_size, ring=ring))

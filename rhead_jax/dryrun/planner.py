@@ -44,8 +44,9 @@ from rhead_jax.dryrun.topology import GiB, Topology, family_slices, parse_topolo
 from rhead_jax.engine import extra_score_masses
 from rhead_jax.errors import UserError
 from rhead_jax.models.attention import AttentionOptions, MassTargets
+from rhead_jax.models.cache import init_cache, ring_size_for
 from rhead_jax.models.config import ModelConfig
-from rhead_jax.models.decoder import init_cache, param_shapes, ring_size_for
+from rhead_jax.models.decoder import param_shapes
 from rhead_jax.models.generate import GenerateSpec, cache_size_for, prefill_pieces, prefill_widths
 from rhead_jax.runner import Runner
 

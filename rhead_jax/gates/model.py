@@ -24,7 +24,7 @@ from jax import lax
 from rhead_jax.gates.attention import full_and_streaming
 from rhead_jax.models.attention import NO_WINDOW, AttentionOptions, chunked_attention
 from rhead_jax.models.config import ModelConfig
-from rhead_jax.models.decoder import attention_inputs, attention_output, embed, final_hidden
+from rhead_jax.models.layers import attention_inputs, attention_output, embed, final_hidden
 from rhead_jax.models.rope import rope_cos_sin
 
 

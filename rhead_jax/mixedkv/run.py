@@ -24,11 +24,12 @@ from tqdm.auto import tqdm
 
 from rhead_jax import config as config_lib
 from rhead_jax import io
-from rhead_jax.engine import Engine, grid_batches
+from rhead_jax.batches import grid_batches
+from rhead_jax.engine import Engine
 from rhead_jax.errors import UserError
 from rhead_jax.mixedkv.heads import MixedRun, parse_choices, plan_runs
 from rhead_jax.mixedkv.runner import MeasuredRunner, MixedRunner, mixed_layout
-from rhead_jax.models.decoder import init_cache
+from rhead_jax.models.cache import init_cache
 from rhead_jax.models.mixed import cache_nbytes
 from rhead_jax.needle.rouge import rouge1_recall
 from rhead_jax.report.plots import plot_accuracy_vs_kv

@@ -43,7 +43,7 @@ class AttentionOptions:
     """Static knobs of the attention kernel.
 
     q_chunk / k_chunk: tile sizes of the chunked path (multiples of 8 are friendliest to TPUs).
-    cache_writes: how new keys and values go into the cache (decoder.write_rows; same values either
+    cache_writes: how new keys and values go into the cache (cache.write_rows; same values either
       way): "scatter" (XLA:CPU and GPU update the cache in place) or "tpu" (forms that XLA:TPU
       updates without copying the cache).
     decode_scores: a decode step's scores (`dense_attention`): "cache_left" (`_decode_scores`, 1.6x

@@ -26,9 +26,9 @@ import numpy as np
 from jax import lax
 
 from rhead_jax.models.attention import AttentionOptions, MassTargets
+from rhead_jax.models.cache import CaptureSpec, KVCache, init_cache
 from rhead_jax.models.config import ModelConfig
-from rhead_jax.models.decoder import (CaptureSpec, KVCache, check_head_mask, forward, head_logit_contributions,
-                                     init_cache)
+from rhead_jax.models.decoder import check_head_mask, forward, head_logit_contributions
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -43,7 +43,7 @@ class GenerateSpec:
     mask_mode: decoder.MASK_MODES, for both head masks (see decoder.forward).
     prefill_chunk: tokens per prefill call; bounds activation memory at long contexts.
     attn: attention tile sizes.
-    prefill_masses / decode_masses: attention-mass targets (decoder.CaptureSpec.masses) reduced
+    prefill_masses / decode_masses: attention-mass targets (cache.CaptureSpec.masses) reduced
       during the prefill / at every decode step; () = none, and the programs are those without.
     decode_outputs: each decode step's logit-contribution terms (Generation.logit_terms); the
       decode loop then takes the rows' output spans.
@@ -87,7 +87,7 @@ def cache_slots(n: int, attn: AttentionOptions) -> int:
 def cache_size_for(prompt_len: int, spec: GenerateSpec) -> int:
     """Cache slots for a padded prompt length and its generation (`cache_slots`).
 
-    Padding tokens past the end are dropped by the write into the cache (decoder.write_rows), so only real
+    Padding tokens past the end are dropped by the write into the cache (cache.write_rows), so only real
     tokens need a slot.
     """
     return cache_slots(prompt_len + spec.max_new_tokens, spec.attn)

@@ -51,8 +51,8 @@ from jax import lax
 from rhead_jax.models.attention import NEG_INF, NO_WINDOW, AttentionOptions, chunked_attention, dense_attention, \
     visible
 from rhead_jax.models.config import ModelConfig
-from rhead_jax.models.decoder import attention_inputs, attention_output, embed, output_logits
 from rhead_jax.models.generate import Generation, GenerateSpec, decode_loop, prefill_loop
+from rhead_jax.models.layers import attention_inputs, attention_output, embed, output_logits
 from rhead_jax.models.rope import rope_cos_sin
 
 
