@@ -12,8 +12,13 @@
              executables, its temporary buffers and the allocator's slack.
 
 Prints a table (MiB and share of the peak) for docs/performance.md. Use the venv without torch
-(.venv-user) to measure what a user's process holds: with torch installed, transformers' tokenizer
-imports it (~240 MiB).
+(.venv-user) to measure what a user's process holds (the default model's tokenizer no longer
+imports transformers, but other tokenizers do, and with torch installed transformers imports it).
+
+--timeline: also where the peak is. A thread reads VmRSS every 5 ms, and the runner's calls
+(cache set-up, prefill, rows from the shared prefix, decode) are marked; prints each mark's RSS,
+the highest RSS since the mark before, and the bytes of the live JAX arrays (params, caches) at
+the mark: the top marks say which call the peak belongs to and how much of it is arrays.
 """
 from __future__ import annotations
 
@@ -26,6 +31,7 @@ from absl import flags, logging
 from rhead_jax import cli
 
 FLAGS = flags.FLAGS
+flags.DEFINE_bool("timeline", False, "Also mark the runner's calls and print the highest RSS by call (docstring).")
 
 
 def status_kib(field: str) -> int:
@@ -41,10 +47,56 @@ def mib(kib: float) -> float:
     return kib / 1024
 
 
+class Timeline:
+    """VmRSS sampled every 5 ms by a thread; `mark(label)` closes an interval (its highest RSS)."""
+
+    def __init__(self):
+        import threading
+
+        self.marks: list[tuple[float, str, float, float]] = []   # (seconds, label, RSS now, max since last)
+        self.t0, self.high, self.running = time.time(), 0, True
+        threading.Thread(target=self._sample, daemon=True).start()
+
+    def _sample(self):
+        while self.running:
+            self.high = max(self.high, status_kib("VmRSS"))
+            time.sleep(0.005)
+
+    def mark(self, label: str) -> None:
+        now = status_kib("VmRSS")
+        self.marks.append((time.time() - self.t0, label, mib(now), mib(max(self.high, now))))
+        self.high = now
+
+    def wrap_runner(self) -> None:
+        """Mark before and after each runner call (outputs waited for) with the live arrays' MiB."""
+        import jax
+
+        from rhead_jax.runner import Runner
+
+        def wrapped(name, f):
+            def call(runner, *args, **kwargs):
+                self.mark(f"before {name}")
+                out = jax.block_until_ready(f(runner, *args, **kwargs))
+                live = sum(x.nbytes for x in jax.live_arrays()) / 2 ** 20
+                self.mark(f"after {name} (live arrays {live:.0f} MiB)")
+                return out
+            return call
+
+        for name in ("prefix_cache", "branch_cache", "init_cache", "prefill", "prefill_block", "rows", "decode"):
+            setattr(Runner, name, wrapped(name, getattr(Runner, name)))
+
+    def report(self, top: int = 8) -> None:
+        self.running = False
+        print(f"\nthe {top} highest intervals (RSS MiB: the highest since the mark before, the mark's own)")
+        for t, label, now, high in sorted(self.marks, key=lambda m: -m[3])[:top]:
+            print(f"  {t:7.1f}s  {high:6.0f}  {now:6.0f}  {label}")
+
+
 def main(argv) -> None:
     del argv
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
     config = cli.get_config()
+    timeline = Timeline() if FLAGS.timeline else None
     rows: list[tuple[str, float, str]] = []
     rss = status_kib("VmRSS")
     import jax
@@ -52,6 +104,8 @@ def main(argv) -> None:
     jax.devices()
     runtime = status_kib("VmRSS")
     rows.append(("python + JAX runtime (measured)", mib(runtime), f"{jax.__version__}, {jax.devices()[0].platform}"))
+    if timeline:
+        timeline.wrap_runner()
 
     from rhead_jax.checkpoints import load_model
 
@@ -114,6 +168,8 @@ def main(argv) -> None:
     print(f"{'part':<72} {'MiB':>7} {'of peak':>8}  note")
     for name, m, note in rows:
         print(f"{name:<72} {m:7.0f} {m / mib(peak):7.0%}  {note}")
+    if timeline:
+        timeline.report()
 
 
 if __name__ == "__main__":

@@ -3,19 +3,20 @@
 `load_tokenizer` returns a :class:`FastTokenizer` for the checkpoints whose tokenizer is a plain
 `tokenizer.json` (`"tokenizer_class": "PreTrainedTokenizerFast"`: the embedded SmolLM2) when
 `native_config` finds nothing that transformers' `PreTrainedTokenizerFast` would change beyond what
-is mirrored here. Importing transformers and building its tokenizer cost ~70 MiB of resident memory
-and ~2 s of start-up on a machine without torch (docs/performance.md, "Peak RSS"); the needle
-prompts, the stop tokens and the decoded answers only need the Rust tokenizer and the chat
-template's Jinja environment.
+is mirrored here. Importing transformers and building its tokenizer cost +71 MiB of resident
+memory and ~2.5 s after `import jax` on a machine without torch; this costs +33 MiB and 0.16 s
+(loaded machine; docs/performance.md, "Peak RSS"). The needle prompts, the stop tokens and the
+decoded answers only need the Rust tokenizer and the chat template's Jinja environment.
 
-What transformers (5.x) does to the Rust tokenizer of such a checkpoint, and so does this:
-no truncation; where the file has no post-processor, the template that adds BOS / EOS as
-`add_bos_token` / `add_eos_token` say; special tokens are never split. Calls: `tokenizer(text, add_special_tokens=, return_offsets_mapping=)`,
-`decode`, `batch_decode`, `convert_ids_to_tokens` / `convert_tokens_to_ids`, `get_vocab`,
-`get_added_vocab`, `len()`, `vocab_size`, the special tokens and their ids, `apply_chat_template`
-(the template rendered in transformers' sandboxed Jinja environment, then encoded without special
-tokens). Any other attribute is read from transformers' own tokenizer of the same directory,
-built on first use (so the rest of transformers' interface still works, at its import cost).
+What transformers (5.x) does to the Rust tokenizer of such a checkpoint, and so does this: no
+truncation; where the file has no post-processor, the template that adds BOS / EOS as
+`add_bos_token` / `add_eos_token` say; special tokens are never split. Calls: `tokenizer(text,
+add_special_tokens=, return_offsets_mapping=)`, `decode`, `batch_decode`, `convert_ids_to_tokens` /
+`convert_tokens_to_ids`, `get_vocab`, `get_added_vocab`, `len()`, `vocab_size`, the special tokens
+and their ids, `apply_chat_template` (the template rendered in transformers' sandboxed Jinja
+environment, then encoded without special tokens). Any other attribute is read from transformers'
+own tokenizer of the same directory, built on first use (so the rest of transformers' interface
+still works, at its import cost).
 `tests/test_fast_tokenizer.py` checks the outputs against transformers' on the sweep's prompts.
 """
 from __future__ import annotations
