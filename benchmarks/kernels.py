@@ -38,15 +38,17 @@ import time
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 
-def best_of(fn, repeats: int) -> float:
+def best_of(fn, repeats: int, clock=time.perf_counter) -> float:
+    """The best of `repeats` timed calls of fn (after one call that compiles and warms up), in
+    seconds of `clock`: wall time, or time.process_time for CPU seconds of this process."""
     import jax
 
     jax.block_until_ready(fn())  # compile + warm up
     best = float("inf")
     for _ in range(repeats):
-        t0 = time.perf_counter()
+        t0 = clock()
         jax.block_until_ready(fn())
-        best = min(best, time.perf_counter() - t0)
+        best = min(best, clock() - t0)
     return best
 
 
@@ -208,15 +210,7 @@ def _copy_bytes(hlo: str, num_layers: int) -> dict[str, int]:
 
 def cpu_best_of(fn, repeats: int) -> float:
     """Like best_of, in CPU seconds of this process (all its threads)."""
-    import jax
-
-    jax.block_until_ready(fn())
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.process_time()
-        jax.block_until_ready(fn())
-        best = min(best, time.process_time() - t0)
-    return best
+    return best_of(fn, repeats, clock=time.process_time)
 
 
 def breakdown(cfg, params, attn, shapes, repeats: int) -> None:
