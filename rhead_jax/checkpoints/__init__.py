@@ -57,14 +57,14 @@ def load_tokenizer(directory: str | Path):
     transformers import (+33 MiB and 0.16 s instead of +71 MiB and ~2.5 s), where that gives
     transformers' outputs (SmolLM2's), else as transformers' `PreTrainedTokenizerFast`; every other
     class goes through AutoTokenizer."""
-    from rhead_jax.checkpoints.fast_tokenizer import FastTokenizer
+    from rhead_jax.checkpoints.fast_tokenizer import PLAIN_CLASSES, FastTokenizer
 
-    plain = _tokenizer_class(directory) in ("PreTrainedTokenizerFast", "TokenizersBackend")
-    if plain:
-        tok = FastTokenizer.load(directory)
-        if tok is not None:
-            return tok
+    tok = FastTokenizer.load(directory)   # None unless a plain tokenizer.json it gives transformers' outputs for
+    if tok is not None:
+        return tok
     import transformers
+
+    plain = _tokenizer_class(directory) in PLAIN_CLASSES
 
     try:
         if plain:

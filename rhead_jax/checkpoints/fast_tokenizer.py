@@ -27,6 +27,9 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, Sequence
 
+PLAIN_CLASSES = ("PreTrainedTokenizerFast", "TokenizersBackend")
+"""tokenizer_config.json's tokenizer_class of a plain tokenizer.json ("TokenizersBackend": its name in
+files transformers 5 saves)."""
 SPECIAL_NAMES = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
 _GENERATION_TAG = re.compile(r"\{%-?\s*generation\s*-?%\}")
 
@@ -47,7 +50,7 @@ def native_config(directory: str | Path) -> tuple[Any, dict] | None:
         config = json.loads((directory / "tokenizer_config.json").read_text())
     except (OSError, ValueError):
         return None
-    if (config.get("tokenizer_class") not in ("PreTrainedTokenizerFast", "TokenizersBackend")
+    if (config.get("tokenizer_class") not in PLAIN_CLASSES
             or not (directory / "tokenizer.json").is_file()
             or (directory / "special_tokens_map.json").exists() or (directory / "chat_templates").exists()
             or config.get("clean_up_tokenization_spaces", False)   # a clean-up pass (default off since transformers 4.45)
