@@ -16,6 +16,10 @@
             (top_k=0), the KV cache (a 64-slot cache: what is left is the weights' part), so the
             step's time splits into layers' weights, LM head, KV attention and capture
             (`--breakdown`);
+  profile   the same decode loop traced with jax.profiler at each --shapes B x S: XLA:CPU's
+            thread time a step by kind of op (weight copies out of the scan's stacked arrays, the
+            weight matmuls, KV copies, attention, LM head, runtime), against reading the weights
+            and the cache once (`--profile`);
   layout    small-M matmuls with the model's weight shapes in both layouts, `x @ W` (W as
             [K, N], the decoder's) and `einsum('mk,nk->mn')` (W as [N, K]): which one XLA:CPU
             runs faster at the sweep's batch sizes (`--layouts`).
@@ -25,6 +29,7 @@
     python -m benchmarks.kernels --batches 1,3,9 --no_prefill   # decode steps only
     python -m benchmarks.kernels --batches 1,3,9 --no_prefill --copies   # + the decode loop's copies
     python -m benchmarks.kernels --no_prefill --breakdown --shapes 9x576,5x1088,3x2112   # the sweep's steps
+    python -m benchmarks.kernels --batches 1 --no_prefill --profile   # where a step's time goes, by op
 
 The sweep's default batch size comes from these figures (README, "Performance").
 """
@@ -89,6 +94,8 @@ def main() -> int:
                     help="also split decode steps into weights, LM head, KV attention and capture (CPU ms)")
     ap.add_argument("--shapes", default="9x576,5x1088,3x2112",
                     help="BxS decode steps of --breakdown (default: the SmolLM2 sweep's batches on the KJV haystack)")
+    ap.add_argument("--profile", action="store_true",
+                    help="also profile the decode loop at --shapes: XLA:CPU thread time a step by kind of op")
     ap.add_argument("--copies", action="store_true",
                     help="also compile the decode loop and print its per-step copies and ms per step")
     args = ap.parse_args()
@@ -168,6 +175,9 @@ def main() -> int:
                   args.repeats)
     if args.copies:
         copies(cfg, params, attn, batches, S, steps, args.repeats)
+    if args.profile:
+        profile_decode(cfg, params, attn, [tuple(int(v) for v in bs.split("x")) for bs in args.shapes.split(",")],
+                       bw)
     if args.layouts:
         layouts(cfg, batches, args.repeats, bw)
     return 0
@@ -297,6 +307,73 @@ def copies(cfg, params, attn, batches, S: int, steps: dict, repeats: int, n_step
         print(f"{B:>5} {t_compile:9.1f} {got['weights'] / 2 ** 20:11.0f} {got['kv cache'] / 2 ** 20:7.0f} "
               f"{got['kv cache'] / kv:5.0%} {got['other'] / 2 ** 20:9.1f} {moved / (weight_bytes + kv):6.2f}x "
               f"{1e3 * best:12.1f} {best / steps[B]:8.2f}x")
+
+
+def decode_kind(name: str, op: str) -> str:
+    """The decode profile's row of one XLA:CPU thunk (its HLO name and op_name)."""
+    if name.startswith(("ThunkExecutor", "Slinky")):
+        return "runtime: thunk executor, thread-pool waits"
+    if "dynamic_slice" in op:   # a kLoop fusion that only slices: the copy made for a library dot
+        return ("layer weights copied out of the stacked arrays (the scan)" if "dynamic_index_in_dim" in op
+                else "KV cache copied out (each layer's K and V)")
+    if "dot_general" in op and any(e in op for e in ("btd,d", "btf,fd", "btj,jm")):
+        return "weight matmuls (q, k, v, o, gate, up, down; the library packs W each call)"
+    if "dot_general" in op and "closed_call" not in op:
+        return "LM head (tied embedding)"
+    if "dot_general" in op:
+        return "attention matmuls (scores, values)"
+    if "scatter" in name or "scatter" in op:
+        return "cache writes"
+    if any(e in op for e in ("top_k", "reduce_max", "exp", "select_n", "reduce_sum", "div")):
+        return "attention: mask, softmax, top-1"
+    return "other: norms, RoPE, SiLU, residual, argmax, loop"
+
+
+def profile_decode(cfg, params, attn, shapes, bw: float, n_steps: int = 16) -> None:
+    """The decode loop (models.generate.decode_impl, compiled as the runner compiles it) traced with
+    jax.profiler at each B x S: XLA:CPU's thread time a step by `decode_kind` (both worker
+    threads: twice the wall at full use), against the weights' and the cache's read time."""
+    import tempfile
+    from functools import partial
+
+    import jax
+    import jax.numpy as jnp
+
+    from benchmarks.prefill_cpu import op_names, thread_time
+    from rhead_jax.models.cache import init_cache
+    from rhead_jax.models.generate import GenerateSpec, cache_slots, decode_impl
+    from rhead_jax.runner import CPU_COMPILER_OPTIONS
+
+    spec = GenerateSpec(max_new_tokens=n_steps, top_k=1, attn=attn)
+    weight_bytes = sum(x.nbytes for x in jax.tree.leaves(params))
+    for B, S in shapes:
+        ds = cache_slots(S + 64, attn)
+
+        def fresh():
+            cache = init_cache(cfg, B, ds)
+            slot = jnp.arange(ds)[None]
+            return cache.replace(pos=jnp.where(slot < S, slot, -1).astype(jnp.int32) * jnp.ones((B, 1), jnp.int32),
+                                 length=jnp.full((B,), S, jnp.int32))
+
+        first, lens = jnp.zeros((B,), jnp.int32), jnp.full((B,), S + 1, jnp.int32)
+        loop = jax.jit(partial(decode_impl, cfg=cfg, spec=spec), donate_argnums=(3,),
+                       compiler_options=CPU_COMPILER_OPTIONS).lower(params, first, lens, fresh(), None).compile()
+        jax.block_until_ready(loop(params, first, lens, fresh(), None)[0])
+        cache = jax.block_until_ready(fresh())
+        with tempfile.TemporaryDirectory() as tmp:
+            jax.profiler.start_trace(tmp)
+            t0 = time.perf_counter()
+            jax.block_until_ready(loop(params, first, lens, cache, None)[0])
+            wall = (time.perf_counter() - t0) / n_steps
+            jax.profiler.stop_trace()
+            by = thread_time(tmp, op_names(loop.as_text()), decode_kind)
+        kv = 2 * cfg.num_layers * B * cfg.num_kv_heads * ds * cfg.head_dim * 4
+        total = sum(by.values()) / n_steps
+        print(f"\ndecode loop profile, {B} x {S} ({ds} slots): {1e3 * wall:.1f} ms a step traced, {1e3 * total:.1f} ms "
+              f"of XLA:CPU thread time a step; reading the weights and the cache once: "
+              f"{1e3 * (weight_bytes + kv) / bw:.1f} ms")
+        for kind, t in sorted(by.items(), key=lambda kv_: -kv_[1]):
+            print(f"  {1e3 * t / n_steps:7.1f} ms {t / n_steps / total:6.1%}  {kind}")
 
 
 def layouts(cfg, batches, repeats: int, bw: float) -> None:

@@ -86,9 +86,9 @@ def kind_of(name: str, op: str) -> str:
     return "other: norms, RoPE, SiLU, residual, layouts, loops"
 
 
-def thread_time(trace_dir: str, names: dict) -> dict:
+def thread_time(trace_dir: str, names: dict, kind=kind_of) -> dict:
     """{kind: seconds}: the exclusive time of each thunk on XLA:CPU's worker threads in a
-    jax.profiler trace (nested events subtracted), summed by `kind_of`."""
+    jax.profiler trace (nested events subtracted), summed by kind(thunk name, op_name) (`kind_of`)."""
     import collections
     import glob
 
@@ -106,8 +106,8 @@ def thread_time(trace_dir: str, names: dict) -> dict:
                 while stack and stack[-1][1] <= start:
                     stack.pop()
                 if stack:
-                    by[kind_of(stack[-1][2], names.get(stack[-1][2], ""))] -= (end - start) / 1e9
-                by[kind_of(name, names.get(name, ""))] += (end - start) / 1e9
+                    by[kind(stack[-1][2], names.get(stack[-1][2], ""))] -= (end - start) / 1e9
+                by[kind(name, names.get(name, ""))] += (end - start) / 1e9
                 stack.append((start, end, name))
     return dict(by)
 

@@ -28,14 +28,16 @@ os.wait4), in this order:
   4. warm      `python -m rhead_jax.sweep` again, a fresh workdir, the cache the cold run filled
 Every side gets the same config, overrides and instances; the benchmark checks that the two
 baselines give identical generations and head_scores.json, that ours agrees with the baseline, and
-prints the ratios baseline / ours. Where our time goes is in the sweep's own log (engine: planning,
-time to the first batch, shared prefix, batches; compiled programs), kept with `--logs DIR`.
+prints the ratios baseline / ours, then where each run's wall time went (prefill, decode, the rest)
+from the runs' own logs. More of where our time goes is in the sweep's log (engine: planning, time
+to the first batch, shared prefix, batches; compiled programs), kept with `--logs DIR`.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import re
 import shutil
 import statistics
 import subprocess
@@ -70,6 +72,57 @@ def agreement(hf_dir: Path, ours_dir: Path) -> dict:
     diff = max((abs(x - y) for k in a for x, y in zip(a[k], b[k])), default=0.0)
     return {"tests": len(hf), "identical_tokens": tokens, "same_heads_and_tests": a.keys() == b.keys() and all(
         len(a[k]) == len(b[k]) for k in a), "max_score_diff": diff}
+
+
+_OURS_PHASES = re.compile(r"time in shared prefix ([\d.]+)s, prefill ([\d.]+)s, decode ([\d.]+)s for (\d+) steps "
+                          r"\((\d+) row-steps\)")
+_HF_PHASES = re.compile(r"prefill ([\d.]+)s, decode ([\d.]+)s, copy test ([\d.]+)s")
+
+
+def phases(log_text: str, wall_s: float) -> dict | None:
+    """Where a run's wall time went, from its own log: {"prefill", "decode", "rest"} seconds (rest:
+    start-up, planning, compiles outside the phases, scoring, writing), plus "steps" and
+    "row_steps" of our decode loop; None when the log has no phase line. Ours logs `time in shared
+    prefix A s, prefill B s, decode C s for N steps (M row-steps)` (rhead_jax.engine; the shared
+    prefix counts as prefill here); the baseline `prefill B s, decode C s, copy test D s`
+    (benchmarks.hf_baseline: one row a step, so its steps are its row-steps)."""
+    m = _OURS_PHASES.search(log_text)
+    if m:
+        pre, dec = float(m.group(1)) + float(m.group(2)), float(m.group(3))
+        got = {"prefill": pre, "decode": dec, "steps": int(m.group(4)), "row_steps": int(m.group(5))}
+    else:
+        m = _HF_PHASES.search(log_text)
+        if not m:
+            return None
+        pre, dec = float(m.group(1)), float(m.group(2))
+        got = {"prefill": pre, "decode": dec, "steps": None, "row_steps": None}
+    return {**got, "rest": wall_s - pre - dec}
+
+
+def median_phases(runs: list[dict | None]) -> dict | None:
+    """The per-key median of several runs' `phases` (None if any run lacks them)."""
+    if not runs or any(r is None for r in runs):
+        return None
+    return {k: (statistics.median(r[k] for r in runs) if runs[0][k] is not None else None) for k in runs[0]}
+
+
+def print_phases(names: list[str], got: dict[str, dict | None]) -> None:
+    """The phase table: seconds per phase of each run and the baseline's over ours."""
+    base = got.get(names[0])
+    rows = [n for n in names if got.get(n)]
+    if not base or len(rows) < 2:
+        return
+    print("\nwhere the wall time went (from each run's log; prefill includes our shared prefix; rest = start-up, "
+          "planning, scoring, writing, and compiles outside the phases)")
+    print(f"{'':>10} " + " ".join(f"{n:>14}" for n in rows))
+    for key in ("prefill", "decode", "rest"):
+        cells = [f"{got[n][key]:7.1f} s" + (f" {base[key] / got[n][key]:4.1f}x" if n != names[0] and got[n][key] > 0
+                                            else " " * 6) for n in rows]
+        print(f"{key:>10} " + " ".join(f"{c:>14}" for c in cells))
+    ours = next((got[n] for n in rows if got[n]["steps"]), None)
+    if ours:
+        print(f"decode loop: ours {ours['steps']} steps for {ours['row_steps']} row-steps "
+              f"({1e3 * ours['decode'] / ours['steps']:.0f} ms a step); the baseline one row a step")
 
 
 def same_scores(a_dir: Path, b_dir: Path) -> bool:
@@ -124,6 +177,7 @@ def main() -> int:
                     ("warm", [args.ours_python, "-m", "rhead_jax.sweep", *common, f"--workdir={d / 'warm'}"], jax_env)):
                 log = d / f"{name.replace(' ', '_')}.log"
                 r = timed(cmd, e, log)
+                r["phases"] = phases(log.read_text(errors="replace"), r["wall_s"])
                 rows[name].append(r)
                 if args.logs:
                     Path(args.logs).mkdir(parents=True, exist_ok=True)
@@ -133,7 +187,7 @@ def main() -> int:
             agree = agreement(d / f"hf_{attns[0]}", d / "cold")
             baselines_agree = all(same_scores(d / f"hf_{attns[0]}", d / f"hf_{a}") for a in attns[1:])
             assert (d / "cold" / "head_scores.json").read_bytes() == (d / "warm" / "head_scores.json").read_bytes()
-    med = {n: {k: statistics.median(r[k] for r in rs) for k in rs[0]} for n, rs in rows.items()}
+    med = {n: {k: statistics.median(r[k] for r in rs) for k in rs[0] if k != "phases"} for n, rs in rows.items()}
     b = med["baseline"]
     print(f"\nSmolLM2 sweep vs the original method in PyTorch ({args.runs} run(s), medians; {agree['tests']} tests; "
           f"haystack {args.haystack or 'bundled'}; load {os.getloadavg()[0]:.1f} at the end)\n"
@@ -145,6 +199,7 @@ def main() -> int:
               f"{b['wall_s'] / m['wall_s']:8.2f}x {m['peak_rss_gib'] / b['peak_rss_gib']:9.2f}x")
     print(f"agreement: {agree['identical_tokens']}/{agree['tests']} identical generations, same heads and kept "
           f"tests: {agree['same_heads_and_tests']}, max per-test score difference {agree['max_score_diff']:g}")
+    print_phases(names, {n: median_phases([r["phases"] for r in rs]) for n, rs in rows.items()})
     if len(attns) > 1:
         print(f"HF baselines {' / '.join(attns)}: identical generations and head_scores.json: {baselines_agree}")
     if args.json:
