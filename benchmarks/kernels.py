@@ -261,11 +261,11 @@ def breakdown(cfg, params, attn, shapes, repeats: int) -> None:
               f"{1e3 * (t - got['no LM head']):8.1f} {1e3 * (t - got['no KV']):8.1f} {1e3 * (t - got['no capture']):8.1f}")
 
 
-def copies(cfg, params, attn, batches, S: int, steps: dict, repeats: int, n_steps: int = 16) -> None:
-    """The decode loop (models.generate.decode_impl, as the engine jits it: the cache donated) at
-    each batch: what its optimized HLO copies per step (`_copy_bytes`; `x read`: those bytes over
-    the weights' and the cache's, what the step must read), and its ms per step (best loop of
-    n_steps, no stop tokens) against the single forward step (`steps`, s)."""
+def decode_loop(cfg, params, attn, B: int, S: int, n_steps: int):
+    """The decode loop (models.generate.decode_impl) compiled as the runner compiles it (its CPU
+    compiler options, the cache donated) for B rows on S cached tokens, n_steps steps, no stop
+    tokens: (compiled loop, compile seconds, fresh() -> a new cache holding S tokens a row, its
+    slots, the loop's other arguments (first token, prompt lengths))."""
     from functools import partial
 
     import jax
@@ -273,8 +273,30 @@ def copies(cfg, params, attn, batches, S: int, steps: dict, repeats: int, n_step
 
     from rhead_jax.models.cache import init_cache
     from rhead_jax.models.generate import GenerateSpec, cache_slots, decode_impl
+    from rhead_jax.runner import CPU_COMPILER_OPTIONS
 
     spec = GenerateSpec(max_new_tokens=n_steps, top_k=1, attn=attn)
+    ds = cache_slots(S + 64, attn)
+
+    def fresh():
+        cache = init_cache(cfg, B, ds)
+        slot = jnp.arange(ds)[None]
+        return cache.replace(pos=jnp.where(slot < S, slot, -1).astype(jnp.int32) * jnp.ones((B, 1), jnp.int32),
+                             length=jnp.full((B,), S, jnp.int32))
+
+    args = (jnp.zeros((B,), jnp.int32), jnp.full((B,), S + 1, jnp.int32))
+    t0 = time.perf_counter()
+    loop = jax.jit(partial(decode_impl, cfg=cfg, spec=spec), donate_argnums=(3,),
+                   compiler_options=CPU_COMPILER_OPTIONS).lower(params, *args, fresh(), None).compile()
+    return loop, time.perf_counter() - t0, fresh, ds, args
+
+
+def copies(cfg, params, attn, batches, S: int, steps: dict, repeats: int, n_steps: int = 16) -> None:
+    """The decode loop (`decode_loop`: as the runner compiles it) at each batch: what its optimized HLO copies per step (`_copy_bytes`; `x read`: those bytes over
+    the weights' and the cache's, what the step must read), and its ms per step (best loop of
+    n_steps, no stop tokens) against the single forward step (`steps`, s)."""
+    import jax
+
     layer_bytes = sum(x.nbytes for x in jax.tree.leaves(params["layers"]))
     weight_bytes = sum(x.nbytes for x in jax.tree.leaves(params))
     print(f"\ndecode loop ({n_steps} steps, {S}-token context): per-step copies in its optimized HLO "
@@ -282,19 +304,7 @@ def copies(cfg, params, attn, batches, S: int, steps: dict, repeats: int, n_step
     print(f"{'batch':>5} {'compile s':>9} {'weights MiB':>11} {'KV MiB':>7} {'of KV':>6} {'other MiB':>9} "
           f"{'x read':>7} {'loop ms/step':>12} {'x forward':>9}")
     for B in batches:
-        ds = cache_slots(S + 64, attn)
-
-        def fresh():
-            cache = init_cache(cfg, B, ds)
-            slot = jnp.arange(ds)[None]
-            return cache.replace(pos=jnp.where(slot < S, slot, -1).astype(jnp.int32) * jnp.ones((B, 1), jnp.int32),
-                                 length=jnp.full((B,), S, jnp.int32))
-
-        first, lens = jnp.zeros((B,), jnp.int32), jnp.full((B,), S + 1, jnp.int32)
-        t0 = time.perf_counter()
-        loop = jax.jit(partial(decode_impl, cfg=cfg, spec=spec), donate_argnums=(3,)).lower(
-            params, first, lens, fresh(), None).compile()
-        t_compile = time.perf_counter() - t0
+        loop, t_compile, fresh, ds, (first, lens) = decode_loop(cfg, params, attn, B, S, n_steps)
         got = _copy_bytes(loop.as_text(), cfg.num_layers)
         kv = 2 * cfg.num_layers * B * cfg.num_kv_heads * ds * cfg.head_dim * 4
         best = float("inf")
@@ -317,7 +327,7 @@ def decode_kind(name: str, op: str) -> str:
         return ("layer weights copied out of the stacked arrays (the scan)" if "dynamic_index_in_dim" in op
                 else "KV cache copied out (each layer's K and V)")
     if "dot_general" in op and any(e in op for e in ("btd,d", "btf,fd", "btj,jm")):
-        return "weight matmuls (q, k, v, o, gate, up, down; the library packs W each call)"
+        return "weight matmuls (q, k, v, o, gate, up, down)"
     if "dot_general" in op and "closed_call" not in op:
         return "LM head (tied embedding)"
     if "dot_general" in op:
@@ -334,30 +344,14 @@ def profile_decode(cfg, params, attn, shapes, bw: float, n_steps: int = 16) -> N
     jax.profiler at each B x S: XLA:CPU's thread time a step by `decode_kind` (both worker
     threads: twice the wall at full use), against the weights' and the cache's read time."""
     import tempfile
-    from functools import partial
 
     import jax
-    import jax.numpy as jnp
 
     from benchmarks.prefill_cpu import op_names, thread_time
-    from rhead_jax.models.cache import init_cache
-    from rhead_jax.models.generate import GenerateSpec, cache_slots, decode_impl
-    from rhead_jax.runner import CPU_COMPILER_OPTIONS
 
-    spec = GenerateSpec(max_new_tokens=n_steps, top_k=1, attn=attn)
     weight_bytes = sum(x.nbytes for x in jax.tree.leaves(params))
     for B, S in shapes:
-        ds = cache_slots(S + 64, attn)
-
-        def fresh():
-            cache = init_cache(cfg, B, ds)
-            slot = jnp.arange(ds)[None]
-            return cache.replace(pos=jnp.where(slot < S, slot, -1).astype(jnp.int32) * jnp.ones((B, 1), jnp.int32),
-                                 length=jnp.full((B,), S, jnp.int32))
-
-        first, lens = jnp.zeros((B,), jnp.int32), jnp.full((B,), S + 1, jnp.int32)
-        loop = jax.jit(partial(decode_impl, cfg=cfg, spec=spec), donate_argnums=(3,),
-                       compiler_options=CPU_COMPILER_OPTIONS).lower(params, first, lens, fresh(), None).compile()
+        loop, _, fresh, ds, (first, lens) = decode_loop(cfg, params, attn, B, S, n_steps)
         jax.block_until_ready(loop(params, first, lens, fresh(), None)[0])
         cache = jax.block_until_ready(fresh())
         with tempfile.TemporaryDirectory() as tmp:
