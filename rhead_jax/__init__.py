@@ -23,8 +23,9 @@ each other (tests/test_layers.py):
              per-batch results, resume), captures.py, compilation.py
   base       models/ (config, hf_config, cache, layers, decoder, attention, generate, mixed_cache,
              mixed), needle/ (haystack, needles, prompts, spans, ROUGE) and
-             scoring.py, which import nothing of ours but errors; checkpoints/ (safetensors, GGUF,
+             scoring.py, which import nothing of ours but errors (needle/ also jsonl.py, the one
+             reader of the JSONL files users give); checkpoints/ (safetensors, GGUF,
              orbax), sharding.py, report/ (figures, HTML), rankings.py (any ranking file in one
              shape), stability.py, diagnosis.py, qa.py, config.py (THE config schema), presets.py,
-             cli.py, errors.py, io.py
+             cli.py, errors.py, jsonl.py, io.py
 """

@@ -21,13 +21,13 @@ Metrics:
 from __future__ import annotations
 
 import collections
-import json
 import math
 import re
 import string
 from pathlib import Path
 from typing import Any, Sequence
 
+from rhead_jax import jsonl
 from rhead_jax.errors import MissingFileError, UserError
 from rhead_jax.needle.chat import chat_prompt
 from rhead_jax.needle.haystack import DATA_DIR
@@ -70,20 +70,9 @@ def load_tasks(path: str | Path, kind: str) -> list[dict]:
                                f"(one object per line with {', '.join(_FIELDS[kind])})")
     items = []
     with p.open(encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, start=1):
-            if not line.strip():
-                continue
+        for lineno, rec in jsonl.objects(fh, where=f"{kind} task file {p}", fields=_FIELDS[kind],
+                                         fix=f"{kind} tasks need {', '.join(_FIELDS[kind])}"):
             where = f"{p}, line {lineno}"
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise UserError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
-            if not isinstance(rec, dict):
-                raise UserError(f"{where}: expected a JSON object, got {type(rec).__name__}")
-            missing = [f for f in _FIELDS[kind] if f not in rec]
-            if missing:
-                raise UserError(f"{where}: missing field(s) {', '.join(missing)} "
-                                 f"({kind} tasks need {', '.join(_FIELDS[kind])})")
             for f in ("context", "question"):
                 if f in _FIELDS[kind] and (not isinstance(rec[f], str) or not rec[f].strip()):
                     raise UserError(f"{where}: field {f} must be a non-empty string")

@@ -96,10 +96,10 @@ def test_bad_results_file_is_a_user_error_naming_it(tmp_path):
         dynamic.load_results(tmp_path / "results.jsonl")
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"scores": [[1]], "needle_index": 0, "length": 1, "depth": 0}\n{oops\n')
-    with pytest.raises(UserError, match="line 2 is not valid JSON"):
+    with pytest.raises(UserError, match="line 2: not valid JSON"):
         dynamic.load_results(bad)
     bad.write_text('{"scores": [[1]], "length": 1}\n')
-    with pytest.raises(UserError, match="line 1 lacks needle_index, depth"):
+    with pytest.raises(UserError, match=r"line 1: missing field\(s\) needle_index, depth"):
         dynamic.load_results(bad)
     bad.write_text("\n")
     with pytest.raises(UserError, match="no records"):

@@ -2,7 +2,8 @@
 
 An AST walk of rhead_jax/ (every `import`, at module level or inside a function): each room (a
 top-level module or subpackage) sits in one layer of LAYERS, and a room imports only rooms of its
-own layer or below; the bottom rooms (models, needle, scoring) import nothing of ours but errors;
+own layer or below; the bottom rooms (models, needle, scoring, jsonl) import nothing of ours but errors
+(needle also the JSONL reader);
 the module graph has no cycle (graphlib names one when it finds it). A new room fails here until
 it is placed in a layer.
 """
@@ -18,14 +19,14 @@ ROOT = Path(__file__).resolve().parents[1] / "rhead_jax"
 
 # bottom to top (docs/architecture.md, rhead_jax/__init__.py)
 LAYERS = {
-    "base": {"errors", "io", "models", "needle", "scoring", "sharding", "presets", "config", "cli", "checkpoints",
+    "base": {"errors", "jsonl", "io", "models", "needle", "scoring", "sharding", "presets", "config", "cli", "checkpoints",
              "diagnosis", "stability", "rankings", "qa", "report"},
     "engine": {"engine", "prefix", "batches", "host_memory", "runner", "plan", "results_store", "compilation",
                "captures"},
     "features": {"detection", "rounds", "ablation", "analysis", "detectors", "gates", "mixedkv", "dryrun", "exploration"},
     "commands": {"sweep", "ablate", "analyze", "explore"},
 }
-BOTTOM = {"models": {"errors"}, "needle": {"errors"}, "scoring": set()}   # what they may import of ours
+BOTTOM = {"models": {"errors"}, "needle": {"errors", "jsonl"}, "jsonl": {"errors"}, "scoring": set()}   # what they may import of ours
 # the model layer's modules, bottom to top (rhead_jax/models/__init__.py): each imports only modules below it
 MODELS = ("hf_config", "config", "rope", "kernels", "attention", "cache", "layers", "windowed", "decoder", "generate",
           "mixed_cache", "mixed")

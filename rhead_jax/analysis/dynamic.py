@@ -3,12 +3,11 @@ which retrieval heads are always on and which depend on the context (dynamic.jso
 """
 from __future__ import annotations
 
-import json
 import os
 
 import numpy as np
 
-from rhead_jax import io
+from rhead_jax import io, jsonl
 from rhead_jax.errors import UserError
 from rhead_jax.scoring import RETRIEVAL_THRESHOLD
 
@@ -27,19 +26,8 @@ def load_results(path: str | os.PathLike) -> list[dict]:
         raise UserError(f"results file {path} is a directory: give the results.jsonl in it") from None
     except UnicodeDecodeError as e:
         raise UserError(f"results file {path} is not text ({e}): give a sweep's results.jsonl") from None
-    out = []
-    for n, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise UserError(f"{path} line {n} is not valid JSON ({e}); --results takes a sweep's "
-                            "results.jsonl (one JSON object per line)") from None
-        missing = [k for k in RESULT_FIELDS if not isinstance(rec, dict) or k not in rec]
-        if missing:
-            raise UserError(f"{path} line {n} lacks {', '.join(missing)}: --results takes a sweep's results.jsonl")
-        out.append(rec)
+    out = [rec for _, rec in jsonl.objects(lines, where=f"results file {path}", fields=RESULT_FIELDS,
+                                           fix="--results takes a sweep's results.jsonl (one JSON object per line)")]
     if not out:
         raise UserError(f"{path} has no records: --results takes a sweep's results.jsonl")
     return out

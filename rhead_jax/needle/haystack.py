@@ -6,11 +6,11 @@ the bundled needles are our own, written in the original's style and with its fi
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import List, Optional, Union
 
+from rhead_jax import jsonl
 from rhead_jax.errors import MissingFileError, UserError
 
 PathLike = Union[str, Path]
@@ -105,23 +105,7 @@ def load_needles(path: Optional[PathLike] = None) -> List[Needle]:
         raise UserError(f"needles path {p} is not a file; {_NEEDLES_FIX}")
     needles: List[Needle] = []
     with p.open(encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, start=1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise UserError(f"needles file {p}, line {lineno}: not valid JSON ({e.msg} at column "
-                                f"{e.colno}); {_NEEDLES_FIX}") from None
-            if not isinstance(rec, dict):
-                raise UserError(f"needles file {p}, line {lineno}: expected a JSON object, got "
-                                f"{type(rec).__name__}; {_NEEDLES_FIX}")
-            missing = [k for k in NEEDLE_FIELDS if k not in rec]
-            if missing:
-                raise UserError(
-                    f"needles file {p}, line {lineno}: missing field(s) {', '.join(missing)} "
-                    f"(each line needs {', '.join(NEEDLE_FIELDS)}); add them"
-                )
+        for lineno, rec in jsonl.objects(fh, where=f"needles file {p}", fields=NEEDLE_FIELDS, fix=_NEEDLES_FIX):
             bad = [k for k in NEEDLE_FIELDS if not isinstance(rec[k], str) or not rec[k].strip()]
             if bad:
                 raise UserError(f"needles file {p}, line {lineno}: field(s) {', '.join(bad)} must be "
