@@ -147,10 +147,7 @@ def main() -> int:
             cache0 = init_cache(cfg, B, size)
             t_pre = best_of(lambda: pf(params, toks, pos, cache0), args.repeats)
         # one decode step at context S: all weights (incl. the vocab projection) + the KV cache read
-        ds = cache_slots(S + 64, attn)
-        dcache = init_cache(cfg, B, ds)
-        dcache = dcache.replace(pos=jnp.where(jnp.arange(ds)[None] < S, jnp.arange(ds)[None], -1).astype(jnp.int32)
-                                * jnp.ones((B, 1), jnp.int32), length=jnp.full((B,), S, jnp.int32))
+        dcache, ds = held_cache(cfg, B, S, attn)
         # as the engine's decode loop runs it: the cache donated and carried (written in place)
         step = jax.jit(lambda p, t, q, cache: forward(p, cfg, t, q, cache, capture=CaptureSpec(top_k=1),
                                                       logits="all", attn=attn)[:2], donate_argnums=(3,))
@@ -181,6 +178,22 @@ def main() -> int:
     if args.layouts:
         layouts(cfg, batches, args.repeats, bw)
     return 0
+
+
+def held_cache(cfg, B: int, n: int, attn):
+    """A zeroed [B]-row cache of `cache_slots(n + 64)` slots whose rows hold n tokens each (slot =
+    position < n), as a decode step at context n finds it: (cache, its slots)."""
+    import jax.numpy as jnp
+
+    from rhead_jax.models.cache import init_cache
+    from rhead_jax.models.generate import cache_slots
+
+    ds = cache_slots(n + 64, attn)
+    slot = jnp.arange(ds)[None]
+    cache = init_cache(cfg, B, ds).replace(
+        pos=jnp.where(slot < n, slot, -1).astype(jnp.int32) * jnp.ones((B, 1), jnp.int32),
+        length=jnp.full((B,), n, jnp.int32))
+    return cache, ds
 
 
 def _copy_bytes(hlo: str, num_layers: int) -> dict[str, int]:
@@ -229,9 +242,8 @@ def breakdown(cfg, params, attn, shapes, repeats: int) -> None:
     import jax
     import jax.numpy as jnp
 
-    from rhead_jax.models.cache import CaptureSpec, init_cache
+    from rhead_jax.models.cache import CaptureSpec
     from rhead_jax.models.decoder import forward
-    from rhead_jax.models.generate import cache_slots
 
     variants = {"step": ("all", 1, True), "no LM head": ("none", 1, True), "no capture": ("all", 0, True),
                 "no KV": ("all", 1, False)}
@@ -242,11 +254,7 @@ def breakdown(cfg, params, attn, shapes, repeats: int) -> None:
         for _ in range(2):
             for name, (logits, k, kv) in variants.items():
                 n = S if kv else 0
-                ds = cache_slots(n + 64, attn)
-                cache = init_cache(cfg, B, ds)
-                slot = jnp.arange(ds)[None]
-                cache = cache.replace(pos=jnp.where(slot < n, slot, -1).astype(jnp.int32) * jnp.ones((B, 1), jnp.int32),
-                                      length=jnp.full((B,), n, jnp.int32))
+                cache, _ = held_cache(cfg, B, n, attn)
                 step = jax.jit(lambda p, t, q, c, logits=logits, k=k: forward(
                     p, cfg, t, q, c, capture=CaptureSpec(top_k=k), logits=logits, attn=attn)[1], donate_argnums=(3,))
                 tok, pos, state = jnp.zeros((B, 1), jnp.int32), jnp.full((B, 1), n, jnp.int32), {"c": cache}
@@ -271,30 +279,23 @@ def decode_loop(cfg, params, attn, B: int, S: int, n_steps: int):
     import jax
     import jax.numpy as jnp
 
-    from rhead_jax.models.cache import init_cache
-    from rhead_jax.models.generate import GenerateSpec, cache_slots, decode_impl
+    from rhead_jax.models.generate import GenerateSpec, decode_impl
     from rhead_jax.runner import CPU_COMPILER_OPTIONS
 
     spec = GenerateSpec(max_new_tokens=n_steps, top_k=1, attn=attn)
-    ds = cache_slots(S + 64, attn)
-
-    def fresh():
-        cache = init_cache(cfg, B, ds)
-        slot = jnp.arange(ds)[None]
-        return cache.replace(pos=jnp.where(slot < S, slot, -1).astype(jnp.int32) * jnp.ones((B, 1), jnp.int32),
-                             length=jnp.full((B,), S, jnp.int32))
-
+    cache, ds = held_cache(cfg, B, S, attn)
     args = (jnp.zeros((B,), jnp.int32), jnp.full((B,), S + 1, jnp.int32))
     t0 = time.perf_counter()
     loop = jax.jit(partial(decode_impl, cfg=cfg, spec=spec), donate_argnums=(3,),
-                   compiler_options=CPU_COMPILER_OPTIONS).lower(params, *args, fresh(), None).compile()
-    return loop, time.perf_counter() - t0, fresh, ds, args
+                   compiler_options=CPU_COMPILER_OPTIONS).lower(params, *args, cache, None).compile()
+    return loop, time.perf_counter() - t0, lambda: held_cache(cfg, B, S, attn)[0], ds, args
 
 
 def copies(cfg, params, attn, batches, S: int, steps: dict, repeats: int, n_steps: int = 16) -> None:
-    """The decode loop (`decode_loop`: as the runner compiles it) at each batch: what its optimized HLO copies per step (`_copy_bytes`; `x read`: those bytes over
-    the weights' and the cache's, what the step must read), and its ms per step (best loop of
-    n_steps, no stop tokens) against the single forward step (`steps`, s)."""
+    """The decode loop (`decode_loop`: as the runner compiles it) at each batch: what its optimized
+    HLO copies per step (`_copy_bytes`; `x read`: those bytes over the weights' and the cache's,
+    what the step must read), and its ms per step (best loop of n_steps, no stop tokens) against
+    the single forward step (`steps`, s)."""
     import jax
 
     layer_bytes = sum(x.nbytes for x in jax.tree.leaves(params["layers"]))
