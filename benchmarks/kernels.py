@@ -42,6 +42,8 @@ import time
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
+from benchmarks import int_items  # noqa: E402  (no jax import)
+
 
 def best_of(fn, repeats: int, clock=time.perf_counter) -> float:
     """The best of `repeats` timed calls of fn (after one call that compiles and warms up), in
@@ -99,6 +101,9 @@ def main() -> int:
     ap.add_argument("--copies", action="store_true",
                     help="also compile the decode loop and print its per-step copies and ms per step")
     args = ap.parse_args()
+    batches = int_items(args.batches, "--batches")
+    shapes = int_items(args.shapes, "--shapes", sep="x", parts=(2,),
+                       form="comma-separated BxS pairs, e.g. 9x576,3x2112")
 
     import jax
     import jax.numpy as jnp
@@ -127,7 +132,6 @@ def main() -> int:
 
     T, S = args.tokens, args.context
     L, H, D = cfg.num_layers, cfg.num_heads, cfg.head_dim
-    batches = [int(b) for b in args.batches.split(",")]
     batches = batches if 1 in batches else [1, *batches]   # the M=1 step is every row's yardstick
     one_row = None
     steps = {}
@@ -168,13 +172,11 @@ def main() -> int:
               f"{1e3 * floor:9.1f} {t_dec / floor:7.2f}x {t_dec / w_read:8.2f}x {t_dec / one_row:5.2f}x "
               f"{1e3 * t_dec / B:7.1f}")
     if args.breakdown:
-        breakdown(cfg, params, attn, [tuple(int(v) for v in bs.split("x")) for bs in args.shapes.split(",")],
-                  args.repeats)
+        breakdown(cfg, params, attn, shapes, args.repeats)
     if args.copies:
         copies(cfg, params, attn, batches, S, steps, args.repeats)
     if args.profile:
-        profile_decode(cfg, params, attn, [tuple(int(v) for v in bs.split("x")) for bs in args.shapes.split(",")],
-                       bw)
+        profile_decode(cfg, params, attn, shapes, bw)
     if args.layouts:
         layouts(cfg, batches, args.repeats, bw)
     return 0

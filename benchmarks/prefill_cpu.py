@@ -35,6 +35,8 @@ import time
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
+from benchmarks import int_items  # noqa: E402  (no jax import)
+
 
 def round_robin(cases: dict, repeats: int) -> dict:
     """{name: (best wall seconds, best CPU seconds of this process)}: every case compiled and warmed
@@ -127,6 +129,11 @@ def main() -> int:
     ap.add_argument("--profile", action="store_true",
                     help="also profile the engine's calls (jax.profiler): XLA:CPU thread time by kind of op")
     args = ap.parse_args()
+    rows_at = int_items(args.rows_at, "--rows_at", sep="@", parts=(1, 2),
+                        form="comma-separated T or T@start, e.g. 1100,40@1856")
+    tiles_at = (int_items(args.tiles, "--tiles", sep="x", parts=(2,), form="q_chunk x k_chunk pairs, e.g. 512x512")
+                if args.tiles else [])
+    min_widths = int_items(args.min_widths, "--min_widths") if args.min_widths else []
 
     import dataclasses
 
@@ -147,8 +154,7 @@ def main() -> int:
     chunk = args.chunk or s.prefill_chunk
     attn0 = AttentionOptions.for_platform(jax.devices()[0].platform, s.attention, q_chunk=s.q_chunk,
                                           k_chunk=s.k_chunk)
-    tiles = ([tuple(int(x) for x in t.split("x")) for t in args.tiles.split(",")] if args.tiles
-             else [(attn0.q_chunk, attn0.k_chunk)])
+    tiles = tiles_at or [(attn0.q_chunk, attn0.k_chunk)]
     model = load_model("default")
     cfg, params = model.cfg, model.params
     L, d, H, K, G, D = cfg.num_layers, cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.group_size, cfg.head_dim
@@ -164,7 +170,7 @@ def main() -> int:
     sq_f = jax.jit(lambda a: a @ a)
     square = lambda: sq_f(sq)  # noqa: E731  the peak, timed with the rest (its rate: the GFLOP/s column)
 
-    min_widths = [int(w) for w in args.min_widths.split(",")] if args.min_widths else [prefill_widths(chunk)[-1]]
+    min_widths = min_widths or [prefill_widths(chunk)[-1]]
 
     def calls_of(T, start, min_width):
         """[(start slot, width, real tokens)] of the calls for T tokens after `start`: the engine's,
@@ -300,9 +306,8 @@ def main() -> int:
         for kind, t in sorted(by.items(), key=lambda kv: -kv[1]):
             print(f"  {t:7.3f} s {t / total:6.1%}  {kind}")
 
-    for row in args.rows_at.split(","):
-        T, _, start = row.partition("@")
-        T, start = int(T), int(start or 0)
+    for row in rows_at:
+        T, start = (*row, 0)[:2]
         calls = calls_of(T, start, min_widths[0])
         size = cache_size_for(-(-(start + T + 1) // s.pad_multiple) * s.pad_multiple,
                               GenerateSpec(attn=attn0))
